@@ -1,0 +1,12 @@
+# Pinned versions of the local control plane and where their binaries are cached.
+# Sourced by hack/*.sh; change a version here and the cache key changes with it.
+K8S_VERSION=${K8S_VERSION:-1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-3.6.16}
+KWOK_VERSION=${KWOK_VERSION:-0.8.0}
+HELM_VERSION=${HELM_VERSION:-3.19.0}
+MB_CACHE=${MB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/modelbudget}
+
+k8s_bin()  { echo "$MB_CACHE/k8s-v$K8S_VERSION/bin"; }
+etcd_bin() { echo "$MB_CACHE/etcd-v$ETCD_VERSION/bin"; }
+kwok_bin() { echo "$MB_CACHE/kwok-v$KWOK_VERSION/bin"; }
+helm_bin() { echo "$MB_CACHE/helm-v$HELM_VERSION/bin"; }

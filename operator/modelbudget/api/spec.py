@@ -1,0 +1,399 @@
+"""The ModelBudget spec: what the owner of a model-serving Deployment asks of the operator.
+
+Field names are snake_case in Python and camelCase on the wire (``by_alias``); the CRD's
+OpenAPI schema is generated from these classes (``modelbudget crd``), so a description or a
+bound written here is what ``kubectl explain`` shows and what the apiserver enforces.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from modelbudget.api.rules import CrossFieldRule, RuleCheckedModel, cross_field_rules
+
+GROUP = "modelbudget.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ModelBudget"
+PLURAL = "modelbudgets"
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+PromQL = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class ApiModel(RuleCheckedModel):
+    """Base of every spec/status model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_enum_values=False,
+    )
+
+
+class Mode(StrEnum):
+    ENFORCE = "Enforce"
+    RECOMMEND = "Recommend"
+
+
+class Period(StrEnum):
+    HOUR = "Hour"
+    DAY = "Day"
+    MONTH = "Month"
+
+
+class CapacityType(StrEnum):
+    SPOT = "Spot"
+    ON_DEMAND = "OnDemand"
+
+
+class FallbackAction(StrEnum):
+    HOLD = "Hold"
+    SCALE_TO = "ScaleTo"
+
+
+class TargetRef(ApiModel):
+    """The workload serving the model; scaled through its ``/scale`` subresource."""
+
+    api_version: Literal["apps/v1"] = "apps/v1"
+    kind: Literal["Deployment"] = "Deployment"
+    name: Name
+
+
+class CurveSample(ApiModel):
+    tokens: float = Field(gt=0, description="Tokens per request (the limit) at which performance was measured.")
+    performance: float = Field(description="Measured performance (score, usually in [0, 1]).")
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="self.minTokens < self.maxTokens",
+        message="curve.minTokens must be less than curve.maxTokens",
+        check=lambda c: c.min_tokens < c.max_tokens,
+    ),
+    CrossFieldRule(
+        cel="has(self.slope) == has(self.intercept)",
+        message="curve.intercept and curve.slope must be given together",
+        check=lambda c: (c.slope is None) == (c.intercept is None),
+    ),
+    CrossFieldRule(
+        cel="has(self.slope) != has(self.samples)",
+        message="curve needs either intercept and slope, or samples to fit (not both)",
+        check=lambda c: (c.slope is None) != (c.samples is None),
+    ),
+)
+class Curve(ApiModel):
+    """Token-performance curve ``perf(t) = intercept + slope * ln(t)`` on ``[minTokens, maxTokens]``."""
+
+    intercept: float | None = Field(default=None, ge=-1000, le=1000, description="a in a + b*ln(t).")
+    slope: float | None = Field(
+        default=None, gt=0, le=1000, description="b in a + b*ln(t): performance gained per e-fold of tokens."
+    )
+    samples: list[CurveSample] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=256,
+        description="Measured (tokens, performance) points; the operator fits intercept and slope itself.",
+    )
+    min_tokens: int = Field(ge=1, le=10_000_000, description="Smallest token limit the curve is valid for.")
+    max_tokens: int = Field(ge=1, le=10_000_000, description="Largest token limit the curve is valid for.")
+
+
+class Ceiling(ApiModel):
+    amount: float = Field(gt=0, le=1e9, description="Dollar ceiling for one period.")
+    currency: Literal["USD"] = "USD"
+    period: Period = Field(
+        default=Period.HOUR,
+        description="Hour: a hard cap on the hourly spend rate. Day/Month: a budget for the calendar "
+        "period (UTC), paced so that it lasts until the period ends.",
+    )
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="has(self.valuePerPoint) != has(self.minGainPerDollar)",
+        message="budget needs exactly one of valuePerPoint or minGainPerDollar",
+        check=lambda b: (b.value_per_point is None) != (b.min_gain_per_dollar is None),
+    ),
+)
+class Budget(ApiModel):
+    ceiling: Ceiling
+    value_per_point: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        description="Dollars one performance point is worth on one request. Tokens are added while the "
+        "performance they buy is worth more than they cost.",
+    )
+    min_gain_per_dollar: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e9,
+        description="Alternative to valuePerPoint: the least performance (points summed over requests) "
+        "one extra dollar must buy. Equivalent to valuePerPoint = 1 / minGainPerDollar.",
+    )
+    burst_factor: float = Field(
+        default=1.5,
+        ge=1,
+        le=10,
+        description="Day/Month ceilings: how far above the even pace (remaining budget / remaining "
+        "time) the hourly rate may go.",
+    )
+
+    @property
+    def value_of_point(self) -> float:
+        """Dollars per performance point per request, whichever way the owner stated it."""
+        if self.value_per_point is not None:
+            return self.value_per_point
+        assert self.min_gain_per_dollar is not None  # guaranteed by the cross-field rule
+        return 1.0 / self.min_gain_per_dollar
+
+
+class ProviderKind(StrEnum):
+    KARPENTER_NODE_POOL = "NodePool"
+    MACHINE_DEPLOYMENT = "MachineDeployment"
+    KWOK_NODE_POOL = "KwokNodePool"
+
+
+class ProviderRef(ApiModel):
+    """The object that sizes this pool in the cluster.
+
+    ``NodePool`` (karpenter.sh): the operator sets ``spec.limits["nvidia.com/gpu"]``.
+    ``MachineDeployment`` (cluster.x-k8s.io): the operator sets ``spec.replicas``.
+    ``KwokNodePool`` (testbed.modelbudget.dev): the local testbed's pool, ``spec.replicas``.
+    """
+
+    kind: ProviderKind
+    name: Name
+    namespace: Name | None = Field(default=None, description="For namespaced kinds (MachineDeployment).")
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="self.minNodes <= self.maxNodes",
+        message="nodePools[].minNodes must not exceed maxNodes",
+        check=lambda p: p.min_nodes <= p.max_nodes,
+    ),
+)
+class NodePool(ApiModel):
+    """One GPU offering: a price, a shape and a throughput, as data (the planner does the arithmetic)."""
+
+    name: Name
+    gpu_type: str = Field(min_length=1, max_length=63, description="e.g. nvidia-a100-80gb.")
+    price_per_gpu_hour: float = Field(gt=0, le=10_000, description="Dollars per GPU-hour.")
+    capacity_type: CapacityType = CapacityType.ON_DEMAND
+    gpus_per_node: int = Field(ge=1, le=64)
+    min_nodes: int = Field(default=0, ge=0, le=10_000)
+    max_nodes: int = Field(ge=0, le=10_000)
+    tokens_per_second_per_replica: float = Field(
+        gt=0, le=1e7, description="Generated tokens/s one replica sustains on this pool at target utilisation."
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None,
+        max_length=16,
+        description="Labels that identify this pool's nodes (default: modelbudget.dev/pool=<name>).",
+    )
+    provider_ref: ProviderRef | None = Field(
+        default=None, description="What resizes the pool; without it the pool is observed but never resized."
+    )
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="self.min <= self.max",
+        message="replicas.min must not exceed replicas.max",
+        check=lambda r: r.min <= r.max,
+    ),
+)
+class Replicas(ApiModel):
+    min: int = Field(default=1, ge=0, le=100_000)
+    max: int = Field(ge=0, le=100_000)
+    gpus_per_replica: int = Field(default=1, ge=1, le=64)
+
+
+class ConfigMapTarget(ApiModel):
+    name: Name | None = Field(default=None, description="Default: <targetRef.name>-token-limit.")
+    key: str = Field(default="max_tokens", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class TokenLimitPublish(ApiModel):
+    """Where the per-request token limit is published for the model server (or its gateway) to read."""
+
+    config_map: ConfigMapTarget = Field(default_factory=ConfigMapTarget)
+    pod_template_annotation: bool = Field(
+        default=False,
+        description="Also set annotation modelbudget.dev/max-tokens on the pod template. Changing it "
+        "rolls the Deployment, so it is off by default.",
+    )
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="!has(self.min) || !has(self.max) || self.min <= self.max",
+        message="tokenLimits.min must not exceed tokenLimits.max",
+        check=lambda t: t.min is None or t.max is None or t.min <= t.max,
+    ),
+)
+class TokenLimits(ApiModel):
+    min: int | None = Field(default=None, ge=1, le=10_000_000, description="Default: curve.minTokens.")
+    max: int | None = Field(default=None, ge=1, le=10_000_000, description="Default: curve.maxTokens.")
+    max_step_up_factor: float = Field(
+        default=2.0, ge=1.0, le=100, description="The limit rises at most this factor per reconcile."
+    )
+    publish: TokenLimitPublish = Field(default_factory=TokenLimitPublish)
+
+
+class SecretKeyRef(ApiModel):
+    name: Name
+    key: str = Field(min_length=1, max_length=253)
+
+
+class PrometheusAuth(ApiModel):
+    bearer_token_secret_ref: SecretKeyRef | None = None
+    basic_auth_secret_ref: Name | None = Field(
+        default=None, description="A Secret with keys 'username' and 'password'."
+    )
+
+
+DEFAULT_SELECTOR = 'namespace="$namespace"'
+
+
+class Queries(ApiModel):
+    """PromQL for each observed quantity. ``$selector`` and ``$window`` are substituted.
+
+    Defaults follow vLLM's metric names; any server exporting the same series works.
+    """
+
+    request_rate: PromQL = "sum(rate(vllm:request_success_total{$selector}[$window]))"
+    truncated_request_rate: PromQL = (
+        'sum(rate(vllm:request_success_total{$selector,finished_reason="length"}[$window]))'
+    )
+    prompt_tokens_rate: PromQL = "sum(rate(vllm:prompt_tokens_total{$selector}[$window]))"
+    generation_tokens_rate: PromQL = "sum(rate(vllm:generation_tokens_total{$selector}[$window]))"
+    generation_tokens_histogram: PromQL = (
+        "sum by (le) (rate(vllm:request_generation_tokens_bucket{$selector}[$window]))"
+    )
+    requests_running: PromQL = "sum(vllm:num_requests_running{$selector})"
+    requests_waiting: PromQL = "sum(vllm:num_requests_waiting{$selector})"
+    latency_p95: PromQL = (
+        "histogram_quantile(0.95, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{$selector}[$window])))"
+    )
+
+
+class Metrics(ApiModel):
+    prometheus_url: str = Field(
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090.",
+    )
+    auth: PrometheusAuth | None = None
+    ca_secret_ref: SecretKeyRef | None = Field(default=None, description="CA bundle for https.")
+    insecure_skip_verify: bool = False
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    selector: str = Field(
+        default=DEFAULT_SELECTOR,
+        max_length=1024,
+        description="PromQL label matchers for this model's series; $namespace is this object's namespace.",
+    )
+    window: str = Field(default="2m", pattern=r"^[0-9]+(s|m|h)$", max_length=16)
+    max_staleness_seconds: float = Field(
+        default=120, gt=0, le=86_400, description="Older samples count as missing."
+    )
+    queries: Queries = Field(default_factory=Queries)
+
+
+class Slo(ApiModel):
+    latency_seconds: float = Field(default=30.0, gt=0, le=86_400, description="End-to-end latency target.")
+    percentile: float = Field(default=95, gt=0, lt=100)
+
+
+class ScaleUp(ApiModel):
+    max_replicas_per_period: int = Field(default=4, ge=1, le=100_000)
+    max_percent_per_period: float = Field(default=100, gt=0, le=10_000)
+    period_seconds: int = Field(default=60, ge=1, le=3600)
+
+
+class ScaleDown(ApiModel):
+    stabilization_window_seconds: int = Field(default=300, ge=0, le=86_400)
+
+
+class NodeScaleDown(ApiModel):
+    stabilization_window_seconds: int = Field(default=600, ge=0, le=86_400)
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="self.action != 'ScaleTo' || has(self.replicas)",
+        message="behavior.fallback.replicas is required when action is ScaleTo",
+        check=lambda f: f.action != FallbackAction.SCALE_TO or f.replicas is not None,
+    ),
+)
+class Fallback(ApiModel):
+    """What to do once metrics have been missing for ``afterSeconds``. Never a scale-up."""
+
+    after_seconds: int = Field(default=120, ge=0, le=86_400)
+    action: FallbackAction = FallbackAction.HOLD
+    replicas: int | None = Field(
+        default=None, ge=0, le=100_000, description="ScaleTo: scale down to this many (never up)."
+    )
+
+
+class Behavior(ApiModel):
+    scale_up: ScaleUp = Field(default_factory=ScaleUp)
+    scale_down: ScaleDown = Field(default_factory=ScaleDown)
+    node_scale_down: NodeScaleDown = Field(default_factory=NodeScaleDown)
+    fallback: Fallback = Field(default_factory=Fallback)
+    queue_drain_seconds: float = Field(
+        default=60, gt=0, le=3600, description="Waiting requests are planned to drain within this time."
+    )
+
+
+@cross_field_rules(
+    CrossFieldRule(
+        cel="self.nodePools.all(p, p.gpusPerNode >= self.replicas.gpusPerReplica)",
+        message="every node pool needs gpusPerNode >= replicas.gpusPerReplica (a replica must fit on a node)",
+        check=lambda s: all(p.gpus_per_node >= s.replicas.gpus_per_replica for p in s.node_pools),
+    ),
+    CrossFieldRule(
+        cel="self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
+        message="nodePools[].name must be unique",
+        check=lambda s: len({p.name for p in s.node_pools}) == len(s.node_pools),
+    ),
+)
+class ModelBudgetSpec(ApiModel):
+    mode: Mode = Field(default=Mode.ENFORCE, description="Recommend: compute and report, change nothing.")
+    target_ref: TargetRef
+    curve: Curve
+    budget: Budget
+    replicas: Replicas
+    node_pools: list[NodePool] = Field(min_length=1, max_length=16)
+    token_limits: TokenLimits = Field(default_factory=TokenLimits)
+    metrics: Metrics
+    slo: Slo = Field(default_factory=Slo)
+    behavior: Behavior = Field(default_factory=Behavior)
+
+    def pool(self, name: str) -> NodePool:
+        return next(p for p in self.node_pools if p.name == name)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+    generation: int | None = None
+
+
+class ModelBudget(BaseModel):
+    """A whole manifest, as read from a file or the apiserver (status ignored)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    api_version: Literal["modelbudget.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["ModelBudget"]
+    metadata: ObjectMeta
+    spec: ModelBudgetSpec

@@ -1,0 +1,148 @@
+"""The ModelBudget status, the plan the core returns, and the controller state it carries.
+
+The plan and the controller state are part of the status on purpose: state that must survive
+an operator restart (the spend ledger, scale-down recommendations, scale-up history, how long
+metrics have been missing) lives in the object, never only in memory.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from modelbudget.api.spec import ApiModel
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    METRICS_AVAILABLE = "MetricsAvailable"
+    CURVE_FITTED = "CurveFitted"
+    BUDGET_LIMITED = "BudgetLimited"
+    DEGRADED = "Degraded"
+
+
+class Condition(ApiModel):
+    type: str = Field(max_length=64)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=64, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(default="", max_length=4096)
+    observed_generation: int | None = None
+    last_transition_time: datetime
+
+
+class Knob(StrEnum):
+    REPLICAS = "Replicas"
+    NODES = "Nodes"
+    TOKEN_LIMIT = "TokenLimit"
+    ADMITTED_RATE = "AdmittedRate"
+
+
+class PlanReason(ApiModel):
+    """A bound that held a knob back, or a rule that chose its value; ``reason`` is stable."""
+
+    knob: Knob
+    reason: str = Field(max_length=64)
+    message: str = Field(max_length=1024)
+
+
+class PoolAllocation(ApiModel):
+    pool: str
+    nodes: int
+    replicas: int
+    spend_per_hour: float
+
+
+class Ledger(ApiModel):
+    """Spend integrated from what was actually running, for the current budget period."""
+
+    period_start: datetime
+    spent: float = Field(ge=0, description="Dollars spent since periodStart.")
+    accrued_at: datetime = Field(description="Time up to which spend has been integrated.")
+    rate_per_hour: float = Field(ge=0, description="Spend rate of the nodes running at accruedAt.")
+
+
+class Recommendation(ApiModel):
+    at: datetime
+    replicas: int
+    nodes: dict[str, int] = Field(default_factory=dict)
+
+
+class ScaleUpEvent(ApiModel):
+    at: datetime
+    added: int
+
+
+class ControllerState(ApiModel):
+    ledger: Ledger | None = None
+    recommendations: list[Recommendation] = Field(default_factory=list, max_length=2048)
+    scale_ups: list[ScaleUpEvent] = Field(default_factory=list, max_length=2048)
+    metrics_missing_since: datetime | None = None
+    token_limit: int | None = None
+
+
+class Plan(ApiModel):
+    """What ``decide`` wants: every knob, what it costs, what it buys, and why."""
+
+    replicas: int
+    pools: list[PoolAllocation]
+    token_limit: int
+    admitted_requests_per_second: float | None = Field(
+        default=None, description="Admission cap when even the smallest token limit does not fit; none = all."
+    )
+    demand_requests_per_second: float | None = None
+    expected_spend_per_hour: float
+    allowed_spend_per_hour: float
+    expected_performance: float = Field(description="Mean score per request, dropped requests counting 0.")
+    metrics_available: bool
+    reasons: list[PlanReason] = Field(default_factory=list)
+    decided_at: datetime
+    next_state: ControllerState = Field(
+        default_factory=ControllerState, exclude=True, description="The state the caller persists."
+    )
+
+    def nodes_by_pool(self) -> dict[str, int]:
+        return {a.pool: a.nodes for a in self.pools}
+
+    def has_reason(self, reason: str) -> bool:
+        return any(r.reason == reason for r in self.reasons)
+
+
+class SpendStatus(ApiModel):
+    current_per_hour: float = Field(description="Spend rate of the nodes running now.")
+    allowed_per_hour: float = Field(description="The rate the ceiling (and pacing) allows now.")
+    ceiling: str = Field(description="The ceiling as stated, e.g. '40 USD/Hour'.")
+    period_start: datetime
+    period_to_date: float
+    projected_period_end: float = Field(description="Period-to-date plus the current rate until the period ends.")
+    utilization: float = Field(description="current / allowed.")
+
+
+class DemandStatus(ApiModel):
+    requests_per_second: float | None = None
+    prompt_tokens_per_request: float | None = None
+    generated_tokens_per_request: float | None = None
+    waiting_requests: float | None = None
+    latency_p95_seconds: float | None = None
+    observed_at: datetime | None = None
+
+
+class CurveStatus(ApiModel):
+    intercept: float
+    slope: float
+    min_tokens: int
+    max_tokens: int
+    r_squared: float | None = None
+    source: Literal["Spec", "Fitted"]
+
+
+class ModelBudgetStatus(ApiModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    spend: SpendStatus | None = None
+    demand: DemandStatus | None = None
+    plan: Plan | None = None
+    curve: CurveStatus | None = None
+    controller_state: ControllerState = Field(default_factory=ControllerState)

@@ -1,0 +1,85 @@
+"""One observed snapshot, and the verdict on whether its metrics can be trusted.
+
+Cluster facts (replica counts, nodes per pool, the published token limit) come from the
+apiserver and are always present.  Demand metrics come from Prometheus and may be missing,
+stale, NaN or absurd: the verdict turns each of those into an explicit "unknown" with a
+reason, so the planner never scales up on data it should not believe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from modelbudget.api.spec import ModelBudgetSpec
+from modelbudget.core.generation import GenerationProfile
+
+# Beyond these, a number is a broken query or exporter, not demand.
+ABSURD_REQUESTS_PER_SECOND = 1e6
+ABSURD_TOKENS_FACTOR = 100.0  # generated tokens per request vs the curve's maxTokens
+
+
+@dataclass(frozen=True)
+class Observation:
+    current_replicas: int
+    ready_replicas: int
+    current_nodes: Mapping[str, int] = field(default_factory=dict)
+    current_token_limit: int | None = None
+    metrics_at: datetime | None = None
+    request_rate: float | None = None
+    prompt_tokens_per_request: float | None = None
+    generated_tokens_per_request: float | None = None
+    generation: GenerationProfile | None = None
+    requests_waiting: float | None = None
+    requests_running: float | None = None
+    latency_p95_seconds: float | None = None
+    metrics_error: str | None = None  # what the metrics source said went wrong
+
+
+@dataclass(frozen=True)
+class MetricsVerdict:
+    ok: bool
+    reason: str  # stable CamelCase: MetricsOK, MetricsUnreachable, MetricsStale, MetricsMissing, MetricsAbsurd
+    message: str
+    profile: GenerationProfile | None = None
+
+
+def _bad(x: float | None) -> bool:
+    return x is None or not math.isfinite(x)
+
+
+def assess(obs: Observation, spec: ModelBudgetSpec, now: datetime) -> MetricsVerdict:
+    if obs.metrics_error is not None:
+        return MetricsVerdict(False, "MetricsUnreachable", obs.metrics_error)
+    if obs.metrics_at is None:
+        return MetricsVerdict(False, "MetricsMissing", "no metrics sample")
+    age = (now - obs.metrics_at).total_seconds()
+    if age > spec.metrics.max_staleness_seconds:
+        return MetricsVerdict(
+            False, "MetricsStale",
+            f"newest sample is {age:.0f}s old (maxStalenessSeconds={spec.metrics.max_staleness_seconds:g})",
+        )
+    rate = obs.request_rate
+    if _bad(rate):
+        return MetricsVerdict(False, "MetricsMissing", "request rate query returned no finite value")
+    assert rate is not None
+    if rate < 0 or rate > ABSURD_REQUESTS_PER_SECOND:
+        return MetricsVerdict(False, "MetricsAbsurd", f"request rate {rate:g}/s is not plausible")
+    waiting = obs.requests_waiting
+    if waiting is not None and (not math.isfinite(waiting) or waiting < 0):
+        return MetricsVerdict(False, "MetricsAbsurd", f"waiting requests {waiting:g} is not plausible")
+    limit_cap = ABSURD_TOKENS_FACTOR * spec.curve.max_tokens
+    gen = obs.generated_tokens_per_request
+    if gen is not None and math.isfinite(gen) and not 0 <= gen <= limit_cap:
+        return MetricsVerdict(False, "MetricsAbsurd", f"{gen:g} generated tokens per request is not plausible")
+    profile = obs.generation
+    if profile is None and not _bad(gen):
+        assert gen is not None
+        profile = GenerationProfile.from_mean(gen, obs.current_token_limit)
+    if profile is None:
+        if rate > 0:
+            return MetricsVerdict(False, "MetricsMissing", "no generated-token figures for a non-zero request rate")
+        profile = GenerationProfile.from_mean(1.0, None)
+    return MetricsVerdict(True, "MetricsOK", f"{rate:.3g} req/s observed", profile)

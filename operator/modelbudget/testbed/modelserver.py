@@ -1,0 +1,441 @@
+"""Synthetic vLLM-like model server for the testbed.
+
+Runs the serving model (``serving``) against demand (``demand``) on a fixed tick, with the
+ready pods of a real Deployment as its replicas and the per-pod token limit read from a
+ConfigMap, and exports vLLM-compatible metrics for Prometheus to scrape.
+
+One process plays the whole fleet: the pods are kwok fakes that run nothing, so a single
+aggregate exporter stands in for them and exports one series per simulated pod (labels
+``model_name``, ``namespace``, ``pod``), which is what Prometheus would hold after scraping
+real vLLM pods with pod relabelling. Queries that ``sum by (namespace, model_name)`` see the
+same numbers either way. The queue is shared (see ``serving``), so ``num_requests_waiting``
+is spread evenly over the ready pods; while none is ready it is exported with ``pod=""``
+so the backlog stays visible.
+
+The pods and the ConfigMap are polled (default every second) rather than watched: it is a
+handful of objects on a local apiserver, and polling is level-triggered with no reconnect
+logic. If the apiserver is unreachable, the last known state is kept.
+
+HTTP on one port: ``GET /metrics``, ``GET /state`` (JSON), ``POST /control`` with JSON
+``{"rps": 40}`` or ``{"rateCurve": "0:2,60:10"}`` (the new curve starts now), ``GET /healthz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from urllib3.exceptions import HTTPError
+
+from modelbudget.testbed.demand import (
+    Demand,
+    LognormalSizes,
+    RateDemand,
+    TokenSizes,
+    TraceDemand,
+    TraceSizes,
+    parse_rate_curve,
+    read_trace,
+)
+from modelbudget.testbed.serving import ServingModel, TickResult, spread
+
+log = logging.getLogger("modelserver")
+
+# vLLM's buckets (vllm/engine/metrics.py): 1-2-5 token buckets up to 20000, and its latency buckets.
+TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+E2E_BUCKETS += [120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+TTFT_BUCKETS += [20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+OBSERVED_RATE_WINDOW = 10.0  # seconds of arrivals behind the observed req/s in /state
+
+
+class VllmMetrics:
+    """The vLLM metric families, one series per (model, namespace, pod)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, namespace: str) -> None:
+        self.base = (model_name, namespace)
+        labels = ["model_name", "namespace", "pod"]
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generation tokens processed.", labels, registry=registry
+        )
+        self.success = Counter(
+            "vllm:request_success", "Finished requests.", [*labels, "finished_reason"], registry=registry
+        )
+        self.running = Gauge("vllm:num_requests_running", "Requests in the batch.", labels, registry=registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests queued.", labels, registry=registry)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end latency.",
+            labels,
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.generation_hist = Histogram(
+            "vllm:request_generation_tokens",
+            "Generated tokens per request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_hist = Histogram(
+            "vllm:request_prompt_tokens",
+            "Prompt tokens per request.",
+            labels,
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+        # Not a vLLM metric: vLLM never sees requests a gateway times out, but tests need the count.
+        self.dropped = Counter(
+            "modelserver_requests_dropped",
+            "Requests dropped after the queue timeout.",
+            ["model_name", "namespace"],
+            registry=registry,
+        )
+        self._per_pod = [self.prompt_tokens, self.generation_tokens, self.running, self.waiting]
+        self._per_pod += [self.e2e, self.ttft, self.generation_hist, self.prompt_hist]
+        self._pods: set[str] = set()
+
+    def record(self, result: TickResult) -> None:
+        for pod, request in result.started:
+            self.prompt_tokens.labels(*self.base, pod).inc(request.prompt_tokens)
+            self.prompt_hist.labels(*self.base, pod).observe(request.prompt_tokens)
+        for pod, tokens in result.generated.items():
+            self.generation_tokens.labels(*self.base, pod).inc(tokens)
+        for f in result.finished:
+            self.success.labels(*self.base, f.pod, f.finished_reason).inc()
+            self.e2e.labels(*self.base, f.pod).observe(f.e2e_latency)
+            self.ttft.labels(*self.base, f.pod).observe(f.time_to_first_token)
+            self.generation_hist.labels(*self.base, f.pod).observe(f.generated_tokens)
+        if result.dropped:
+            self.dropped.labels(*self.base).inc(result.dropped)
+
+    def set_queue(self, running: dict[str, int], waiting: int) -> None:
+        pods = sorted(running)
+        self._forget(self._pods - set(pods) - {""})
+        self._pods = set(pods)
+        for pod, n in running.items():
+            self.running.labels(*self.base, pod).set(n)
+        for pod, n in (spread(waiting, pods) if pods else {"": waiting}).items():
+            self.waiting.labels(*self.base, pod).set(n)
+        if pods:
+            self._forget({""})
+
+    def _forget(self, pods: set[str]) -> None:
+        # A pod that is gone stops being a series, as it would when Prometheus loses its target.
+        for pod in pods:
+            for metric in self._per_pod:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*self.base, pod)
+            for reason in ("stop", "length"):
+                with contextlib.suppress(KeyError):
+                    self.success.remove(*self.base, pod, reason)
+
+
+class ClusterView:
+    """Reads the Deployment's ready pods and the token-limit ConfigMap."""
+
+    def __init__(
+        self, api: client.ApiClient, namespace: str, deployment: str, configmap: str, key: str
+    ) -> None:
+        self.apps, self.core = client.AppsV1Api(api), client.CoreV1Api(api)
+        self.namespace, self.deployment, self.configmap, self.key = namespace, deployment, configmap, key
+
+    def ready_pods(self) -> list[str]:
+        dep = self.apps.read_namespaced_deployment(self.deployment, self.namespace)
+        selector = ",".join(f"{k}={v}" for k, v in (dep.spec.selector.match_labels or {}).items())
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        return sorted(p.metadata.name for p in pods if _serving(p))
+
+    def token_limit(self) -> int | None:
+        try:
+            cm = self.core.read_namespaced_config_map(self.configmap, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        value = (cm.data or {}).get(self.key)
+        if value is None:
+            return None
+        try:
+            limit = int(value)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            log.warning("ignoring token limit %r in ConfigMap %s key %s", value, self.configmap, self.key)
+            return None
+        return limit
+
+
+def _serving(pod: Any) -> bool:
+    if pod.metadata.deletion_timestamp or pod.status.phase != "Running":
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+class ModelServer:
+    """Ties the model, the demand, the cluster view and the metrics together on a fixed tick."""
+
+    def __init__(
+        self,
+        model: ServingModel,
+        demand: Demand,
+        sizes: TokenSizes,
+        cluster: ClusterView | None,
+        metrics: VllmMetrics,
+        *,
+        tick_seconds: float,
+        poll_seconds: float,
+        reasoning_factor: float,
+        poisson: bool,
+        rng: np.random.Generator,
+    ) -> None:
+        self.model, self.demand, self.sizes, self.cluster, self.metrics = (
+            model,
+            demand,
+            sizes,
+            cluster,
+            metrics,
+        )
+        self.tick_seconds, self.poll_seconds = tick_seconds, poll_seconds
+        self.reasoning_factor, self.poisson, self.rng = reasoning_factor, poisson, rng
+        self.lock = threading.Lock()
+        self.now = 0.0
+        self.totals = {"arrived": 0, "finished": 0, "dropped": 0, "generatedTokens": 0.0}
+        self._recent: deque[tuple[float, int]] = deque()  # (tick time, arrivals) for the observed rate
+
+    def poll(self) -> None:
+        if self.cluster is None:
+            return
+        try:
+            pods, limit = self.cluster.ready_pods(), self.cluster.token_limit()
+        except (ApiException, HTTPError) as e:
+            log.warning("cluster poll failed, keeping the last known state: %s", e)
+            return
+        with self.lock:
+            self.model.set_ready_pods(pods)
+            self.model.set_token_limit(limit)
+
+    def step(self) -> None:
+        with self.lock:
+            start, end = self.now, self.now + self.tick_seconds
+            arrivals = self.demand.arrivals(start, end)
+            self.model.submit(arrivals)
+            # Requests start at the tick boundary after they arrive (latency is quantised to a tick).
+            result = self.model.tick(end, self.tick_seconds)
+            self.now = end
+            self.metrics.record(result)
+            self.metrics.set_queue(self.model.running(), self.model.waiting)
+            self.totals["arrived"] += len(arrivals)
+            self.totals["finished"] += len(result.finished)
+            self.totals["dropped"] += result.dropped
+            self.totals["generatedTokens"] += sum(result.generated.values())
+            self._recent.append((end, len(arrivals)))
+            while self._recent and self._recent[0][0] <= end - OBSERVED_RATE_WINDOW:
+                self._recent.popleft()
+
+    def control(self, body: dict[str, Any]) -> None:
+        if "rps" in body:
+            points = [(0.0, float(body["rps"]))]
+            if points[0][1] < 0:
+                raise ValueError("rps must be >= 0")
+        elif "rateCurve" in body:
+            points = parse_rate_curve(str(body["rateCurve"]))
+        else:
+            raise ValueError('expected {"rps": N} or {"rateCurve": "t:rps,..."}')
+        with self.lock:
+            self.demand = RateDemand(
+                points, self.now, self.sizes, self.reasoning_factor, self.rng, self.poisson
+            )
+
+    def state(self) -> dict[str, Any]:
+        with self.lock:
+            window = min(self.now, OBSERVED_RATE_WINDOW) or 1.0
+            return {
+                "time": self.now,
+                "rps": self.demand.rate(self.now),
+                "observedRps": sum(n for _, n in self._recent) / window,
+                "readyPods": self.model.ready_pods,
+                "tokenLimit": self.model.token_limit,
+                "queue": self.model.waiting,
+                "running": self.model.running(),
+                **self.totals,
+            }
+
+    def run(self, stop: threading.Event) -> None:
+        # Fixed steps on the monotonic clock: a late tick is caught up, never stretched, so
+        # the model time tracks wall time and runs are reproducible for a given pod history.
+        t0 = time.monotonic()
+        next_poll = 0.0
+        while not stop.is_set():
+            if self.now >= next_poll:
+                self.poll()
+                next_poll = self.now + self.poll_seconds
+            self.step()
+            stop.wait(max(0.0, t0 + self.now - time.monotonic()))
+
+
+def _handler(server: ModelServer, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif self.path == "/state":
+                self._send(200, json.dumps(server.state()).encode())
+            elif self.path == "/healthz":
+                self._send(200, b"ok\n", "text/plain")
+            else:
+                self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self) -> None:
+            if self.path != "/control":
+                self._send(404, b'{"error": "not found"}')
+                return
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                server.control(body)
+            except (ValueError, TypeError) as e:
+                self._send(400, json.dumps({"error": str(e)}).encode())
+                return
+            self._send(200, json.dumps(server.state()).encode())
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug(format, *args)
+
+    return Handler
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m modelbudget.testbed.modelserver", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--deployment", required=True, help="Deployment whose ready pods serve")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--model-name", help="model_name label (default: the Deployment name)")
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--no-cluster", action="store_true", help="serve with --pods fake pods, no apiserver")
+    p.add_argument("--pods", type=int, default=1, help="number of fake ready pods with --no-cluster")
+    p.add_argument(
+        "--listen", default=os.environ.get("MB_MODELSERVER_ADDR", "127.0.0.1:19400"), help="host:port"
+    )
+    p.add_argument("--token-limit-configmap", help="default: <deployment>-token-limit")
+    p.add_argument("--token-limit-key", default="max_tokens")
+    demand = p.add_argument_group("demand")
+    demand.add_argument("--trace", help="trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
+    demand.add_argument("--time-scale", type=float, default=1.0, help="trace time * this = wall time")
+    demand.add_argument("--loop", action="store_true", help="restart the trace when it ends")
+    demand.add_argument(
+        "--rate-curve", help='piecewise-linear req/s, "0:2,60:10,120:30"; sizes from --trace if given'
+    )
+    demand.add_argument("--arrivals", choices=["poisson", "even"], default="poisson")
+    demand.add_argument("--reasoning-factor", type=float, default=1.0, help="wanted tokens = generated * F")
+    demand.add_argument("--prompt-tokens-mean", type=float, default=1000.0)
+    demand.add_argument("--generated-tokens-mean", type=float, default=200.0)
+    demand.add_argument("--tokens-sigma", type=float, default=0.8, help="lognormal sigma of sizes (0: fixed)")
+    serving = p.add_argument_group("serving model")
+    serving.add_argument("--tokens-per-second-per-replica", type=float, default=2000.0)
+    serving.add_argument("--max-concurrency", type=int, default=32)
+    serving.add_argument(
+        "--queue-timeout", type=float, default=60.0, help="seconds before a queued request drops"
+    )
+    serving.add_argument("--tick", type=float, default=0.25, help="seconds per model step")
+    serving.add_argument("--poll-interval", type=float, default=1.0, help="seconds between cluster polls")
+    serving.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
+    rows = read_trace(args.trace) if args.trace else None
+    sizes: TokenSizes = (
+        TraceSizes(rows)
+        if rows
+        else LognormalSizes(args.prompt_tokens_mean, args.generated_tokens_mean, args.tokens_sigma)
+    )
+    rng = np.random.default_rng(args.seed)
+    demand: Demand
+    if rows and not args.rate_curve:
+        demand = TraceDemand(rows, 0.0, args.time_scale, args.reasoning_factor, args.loop)
+    else:
+        points = parse_rate_curve(args.rate_curve or "0:0")
+        demand = RateDemand(points, 0.0, sizes, args.reasoning_factor, rng, args.arrivals == "poisson")
+    model = ServingModel(args.tokens_per_second_per_replica, args.max_concurrency, args.queue_timeout)
+    cluster = None
+    if args.no_cluster:
+        model.set_ready_pods(f"{args.deployment}-{i}" for i in range(args.pods))
+    else:
+        api = config.new_client_from_config(config_file=args.kubeconfig)
+        configmap = args.token_limit_configmap or f"{args.deployment}-token-limit"
+        cluster = ClusterView(api, args.namespace, args.deployment, configmap, args.token_limit_key)
+    registry = CollectorRegistry()
+    metrics = VllmMetrics(registry, args.model_name or args.deployment, args.namespace)
+    server = ModelServer(
+        model,
+        demand,
+        sizes,
+        cluster,
+        metrics,
+        tick_seconds=args.tick,
+        poll_seconds=args.poll_interval,
+        reasoning_factor=args.reasoning_factor,
+        poisson=args.arrivals == "poisson",
+        rng=rng,
+    )
+    return server, registry
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    disable_created_metrics()  # vLLM's own exporter has no *_created series either
+    server, registry = build(args)
+    host, _, port = args.listen.rpartition(":")
+    httpd = ThreadingHTTPServer((host, int(port)), _handler(server, registry))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    log.info("serving %s/%s on http://%s", args.namespace, args.deployment, args.listen)
+    try:
+        server.run(threading.Event())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.shutdown()
+
+
+if __name__ == "__main__":
+    main()
