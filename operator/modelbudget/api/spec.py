@@ -192,7 +192,9 @@ class NodePool(ApiModel):
     min_nodes: int = Field(default=0, ge=0, le=10_000)
     max_nodes: int = Field(ge=0, le=10_000)
     tokens_per_second_per_replica: float = Field(
-        gt=0, le=1e7, description="Generated tokens/s one replica sustains on this pool at target utilisation."
+        gt=0,
+        le=1e7,
+        description="Generated tokens/s one replica sustains on this pool at target utilisation.",
     )
     node_selector: dict[str, str] | None = Field(
         default=None,
@@ -302,9 +304,7 @@ class Metrics(ApiModel):
         description="PromQL label matchers for this model's series; $namespace is this object's namespace.",
     )
     window: str = Field(default="2m", pattern=r"^[0-9]+(s|m|h)$", max_length=16)
-    max_staleness_seconds: float = Field(
-        default=120, gt=0, le=86_400, description="Older samples count as missing."
-    )
+    max_staleness_seconds: float = Field(default=120, gt=0, le=86_400, description="Older samples count as missing.")
     queries: Queries = Field(default_factory=Queries)
 
 

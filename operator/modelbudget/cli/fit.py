@@ -49,10 +49,18 @@ def run(args: argparse.Namespace) -> int:
     except CurveFitError as exc:
         raise CliError(str(exc)) from exc
     print(f"perf(t) = {curve.intercept:.4f} + {curve.slope:.4f} * ln(t)    R^2 = {curve.r_squared:.4f}")
-    print(f"each doubling of tokens buys {curve.slope * math.log(2):.4f} points; "
-          f"valid on [{curve.min_tokens}, {curve.max_tokens}] tokens")
+    print(
+        f"each doubling of tokens buys {curve.slope * math.log(2):.4f} points; "
+        f"valid on [{curve.min_tokens}, {curve.max_tokens}] tokens"
+    )
     print("\n# paste into your ModelBudget spec:")
-    snippet = {"curve": {"intercept": round(curve.intercept, 6), "slope": round(curve.slope, 6),
-                         "minTokens": curve.min_tokens, "maxTokens": curve.max_tokens}}
+    snippet = {
+        "curve": {
+            "intercept": round(curve.intercept, 6),
+            "slope": round(curve.slope, 6),
+            "minTokens": curve.min_tokens,
+            "maxTokens": curve.max_tokens,
+        }
+    }
     print(yaml.safe_dump(snippet, sort_keys=False), end="")
     return 0

@@ -33,8 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plan", help="compute one plan for a ModelBudget and an observed demand")
     p.add_argument("-f", "--file", required=True, help="a ModelBudget manifest")
     p.add_argument("--demand-rps", type=float, required=True, help="observed requests per second")
-    p.add_argument("--observed", action="append", default=[], metavar="KEY=VALUE",
-                   help="more observed facts: " + "; ".join(f"{k}: {v}" for k, v in OBSERVED_KEYS.items()))
+    p.add_argument(
+        "--observed",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more observed facts: " + "; ".join(f"{k}: {v}" for k, v in OBSERVED_KEYS.items()),
+    )
     p.add_argument("--at", default=None, help="decision time, ISO 8601 (default: now, UTC)")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(func=run)
@@ -53,8 +58,12 @@ def _parse_observed(items: list[str]) -> dict[str, float]:
     return out
 
 
-def build_inputs(spec: ModelBudgetSpec, demand: float, observed: dict[str, float], now: datetime,
-                 ) -> tuple[Observation, ControllerState]:
+def build_inputs(
+    spec: ModelBudgetSpec,
+    demand: float,
+    observed: dict[str, float],
+    now: datetime,
+) -> tuple[Observation, ControllerState]:
     replicas = int(observed.get("replicas", spec.replicas.min))
     nodes = {p.name: int(observed.get(f"nodes.{p.name}", p.min_nodes)) for p in spec.node_pools}
     unknown = {k[6:] for k in observed if k.startswith("nodes.")} - set(nodes)
@@ -79,8 +88,9 @@ def build_inputs(spec: ModelBudgetSpec, demand: float, observed: dict[str, float
     state = ControllerState()
     if "spent" in observed:
         start, _ = period_bounds(spec.budget.ceiling.period, now)
-        state = ControllerState(ledger=Ledger(period_start=start, spent=observed["spent"], accrued_at=now,
-                                              rate_per_hour=0.0))
+        state = ControllerState(
+            ledger=Ledger(period_start=start, spent=observed["spent"], accrued_at=now, rate_per_hour=0.0)
+        )
     return obs, state
 
 
@@ -123,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan.model_dump(mode="json", by_alias=True), indent=2))
     else:
         if "meanWantedTokens" not in " ".join(args.observed):
-            Console(stderr=True).print("[dim]assuming every request uses the whole token limit "
-                                       "(give --observed meanWantedTokens=N for a distribution)[/dim]")
+            Console(stderr=True).print(
+                "[dim]assuming every request uses the whole token limit "
+                "(give --observed meanWantedTokens=N for a distribution)[/dim]"
+            )
         render(plan, manifest.metadata.name, Console())
     return 0

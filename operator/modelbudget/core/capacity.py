@@ -71,9 +71,7 @@ class CapacityLadder:
             if n_free:
                 free.append(_Block(p.name, n_free, p.tokens_per_second_per_replica, rpn, node_price(p), False))
             if n_all > n_free:
-                paid.append(
-                    _Block(p.name, n_all - n_free, p.tokens_per_second_per_replica, rpn, node_price(p), True)
-                )
+                paid.append(_Block(p.name, n_all - n_free, p.tokens_per_second_per_replica, rpn, node_price(p), True))
         # Free slots with the most throughput first: they cost nothing at the margin.
         free.sort(key=lambda b: -b.throughput)
         self._blocks = free + paid

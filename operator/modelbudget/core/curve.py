@@ -39,7 +39,9 @@ class LogCurve:
 
 
 def fit_curve(
-    tokens: Sequence[float], performance: Sequence[float], min_tokens: int | None = None,
+    tokens: Sequence[float],
+    performance: Sequence[float],
+    min_tokens: int | None = None,
     max_tokens: int | None = None,
 ) -> LogCurve:
     """Least-squares fit of ``a + b ln t``; the valid range defaults to the sampled range."""
@@ -66,8 +68,8 @@ def fit_curve(
     residual = y - (a + b * x)
     total = float(np.sum((y - y.mean()) ** 2))
     r_squared = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0
-    lo = int(math.floor(t.min())) if min_tokens is None else min_tokens
-    hi = int(math.ceil(t.max())) if max_tokens is None else max_tokens
+    lo = math.floor(t.min()) if min_tokens is None else min_tokens
+    hi = math.ceil(t.max()) if max_tokens is None else max_tokens
     return LogCurve(float(a), float(b), max(lo, 1), hi, r_squared)
 
 

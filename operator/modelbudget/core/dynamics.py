@@ -40,7 +40,12 @@ def stabilised_replicas(
 
 
 def stabilised_nodes(
-    pool: str, desired: int, current: int, recs: Sequence[Recommendation], now: datetime, window_seconds: float
+    pool: str,
+    desired: int,
+    current: int,
+    recs: Sequence[Recommendation],
+    now: datetime,
+    window_seconds: float,
 ) -> int:
     if desired >= current:
         return desired

@@ -35,13 +35,15 @@ class GenerationProfile:
         return float(np.minimum(self.wanted, limit).mean())
 
     def mean_generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return np.minimum(self.wanted[None, :], limits[:, None]).mean(axis=1)
+        means: npt.NDArray[np.float64] = np.minimum(self.wanted[None, :], limits[:, None]).mean(axis=1)
+        return means
 
     def mean_score_many(self, curve: LogCurve, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``E[clamp(a + b ln min(W, L), 0, 1)]`` for each limit: the benchmark's per-request score."""
         used = np.maximum(np.minimum(self.wanted[None, :], limits[:, None]), 1.0)
         scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
-        return scores.mean(axis=1)
+        means: npt.NDArray[np.float64] = scores.mean(axis=1)
+        return means
 
     def truncated_fraction(self, limit: float) -> float:
         return float(np.mean(self.wanted > limit))
@@ -56,9 +58,7 @@ class GenerationProfile:
         return GenerationProfile(np.quantile(w, q))
 
     @staticmethod
-    def from_histogram(
-        buckets: Sequence[tuple[float, float]], truncated_fraction: float = 0.0
-    ) -> GenerationProfile:
+    def from_histogram(buckets: Sequence[tuple[float, float]], truncated_fraction: float = 0.0) -> GenerationProfile:
         """From cumulative Prometheus buckets ``(le, count)`` of generated tokens per request.
 
         The top ``truncated_fraction`` of requests (those stopped by the limit) become ``inf``;
@@ -86,6 +86,6 @@ class GenerationProfile:
         wanted = np.full(QUANTILES, max(mean_generated, 1.0))
         f = min(max(truncated_fraction, 0.0), 1.0)
         if f > 0 and limit is not None:
-            n = int(math.ceil(f * QUANTILES))
+            n = math.ceil(f * QUANTILES)
             wanted[QUANTILES - n :] = np.inf
         return GenerationProfile(np.sort(wanted))

@@ -58,7 +58,8 @@ def assess(obs: Observation, spec: ModelBudgetSpec, now: datetime) -> MetricsVer
     age = (now - obs.metrics_at).total_seconds()
     if age > spec.metrics.max_staleness_seconds:
         return MetricsVerdict(
-            False, "MetricsStale",
+            False,
+            "MetricsStale",
             f"newest sample is {age:.0f}s old (maxStalenessSeconds={spec.metrics.max_staleness_seconds:g})",
         )
     rate = obs.request_rate

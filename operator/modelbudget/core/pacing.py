@@ -47,11 +47,19 @@ def accrue(ledger: Ledger | None, running_per_hour: float, now: datetime, period
     rate = max(ledger.rate_per_hour, running_per_hour)
     if ledger.period_start < start:  # the period rolled over since the last accrual
         since = max(start, ledger.accrued_at)
-        return Ledger(period_start=start, spent=rate * _hours(now - since), accrued_at=now,
-                      rate_per_hour=running_per_hour)
+        return Ledger(
+            period_start=start,
+            spent=rate * _hours(now - since),
+            accrued_at=now,
+            rate_per_hour=running_per_hour,
+        )
     spent = ledger.spent + rate * _hours(now - ledger.accrued_at)
-    return Ledger(period_start=ledger.period_start, spent=spent, accrued_at=max(now, ledger.accrued_at),
-                  rate_per_hour=running_per_hour)
+    return Ledger(
+        period_start=ledger.period_start,
+        spent=spent,
+        accrued_at=max(now, ledger.accrued_at),
+        rate_per_hour=running_per_hour,
+    )
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,7 @@ class Allowance:
     def explain(self) -> str:
         if not self.paced:
             return f"hourly ceiling ${self.per_hour:.2f}/h"
-        return (
-            f"paced budget: ${self.remaining:.2f} left for {self.hours_left:.2f} h "
-            f"-> ${self.per_hour:.2f}/h allowed"
-        )
+        return f"paced budget: ${self.remaining:.2f} left for {self.hours_left:.2f} h -> ${self.per_hour:.2f}/h allowed"
 
 
 def allowed_rate(budget: Budget, ledger: Ledger, now: datetime) -> Allowance:

@@ -3,7 +3,8 @@
 Order of the rules, each one only ever narrowing what the previous allowed:
 
 1. Ledger and allowance: integrate spend, derive the allowed rate (hourly cap or paced budget).
-2. Economic target (trusted metrics only): for each token limit ``L`` on a log grid, the
+2. Economic target (trusted metrics only): for each token limit ``L`` on a log grid (plus the
+   marginal-rule optimum ``L* = v*b/c`` of each pool), the
    replicas that serve the demand (``lambda * G(L)`` tokens/s, queue drained in
    ``queueDrainSeconds``) on the cheapest-per-token ladder, and the net value
    ``v * lambda * score(L) - spend``.  The best feasible ``L`` wins; if none is feasible even at
@@ -35,14 +36,15 @@ from modelbudget.api.status import (
     Recommendation,
     ScaleUpEvent,
 )
-from modelbudget.core.capacity import CapacityLadder, node_price, spend_of
+from modelbudget.core.capacity import CapacityLadder, cost_per_token, node_price, spend_of
 from modelbudget.core.curve import LogCurve, resolve_curve
 from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised_replicas
 from modelbudget.core.generation import GenerationProfile
 from modelbudget.core.observation import Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 
-GRID_POINTS = 49  # token limits tried between the bounds (about 12 per doubling over 16x)
+GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
+GRID_MAX_POINTS = 161
 _EPS = 1e-6
 
 
@@ -53,8 +55,11 @@ def token_bounds(spec: ModelBudgetSpec, curve: LogCurve) -> tuple[int, int]:
     return lo, max(hi, lo)
 
 
-def token_grid(lo: int, hi: int) -> npt.NDArray[np.float64]:
-    return np.unique(np.round(np.geomspace(lo, hi, GRID_POINTS))).astype(float)
+def token_grid(lo: int, hi: int, anchors: tuple[float, ...] = ()) -> npt.NDArray[np.float64]:
+    """Log-spaced limits in ``[lo, hi]`` plus ``anchors`` (the marginal-rule optima), as integers."""
+    points = min(GRID_MAX_POINTS, max(2, round(np.log2(hi / lo) * GRID_STEPS_PER_DOUBLING) + 1))
+    grid = np.concatenate([np.geomspace(lo, hi, points), np.clip(anchors, lo, hi)])
+    return np.unique(np.round(grid)).astype(float)
 
 
 @dataclass
@@ -121,31 +126,48 @@ def _economic_target(
     limit = int(grid[i])
     reasons: list[PlanReason] = []
     if n > min_replicas and n == affordable and n < rmax:
-        reasons.append(PlanReason(knob=Knob.REPLICAS, reason="BudgetLimited",
-                                  message=f"{n} replicas is all the allowance buys"))
+        reasons.append(
+            PlanReason(knob=Knob.REPLICAS, reason="BudgetLimited", message=f"{n} replicas is all the allowance buys")
+        )
     if n == min_replicas and min_replicas > 0:
-        reasons.append(PlanReason(knob=Knob.REPLICAS, reason="MinReplicas",
-                                  message=f"demand needs fewer, replicas.min is {min_replicas}"))
+        reasons.append(
+            PlanReason(
+                knob=Knob.REPLICAS,
+                reason="MinReplicas",
+                message=f"demand needs fewer, replicas.min is {min_replicas}",
+            )
+        )
     if i == grid.size - 1:
-        reasons.append(PlanReason(knob=Knob.TOKEN_LIMIT, reason="MaxTokens",
-                                  message=f"at the upper bound {limit} of the token limit"))
+        reasons.append(
+            PlanReason(
+                knob=Knob.TOKEN_LIMIT,
+                reason="MaxTokens",
+                message=f"at the upper bound {limit} of the token limit",
+            )
+        )
     else:
         better = [(j, need, why) for j, need, why in blocked if j > i and value_per_hour[j] > value_per_hour[i]]
         if better:
             j, need, why = better[0]
-            reasons.append(PlanReason(
-                knob=Knob.TOKEN_LIMIT, reason=why,
-                message=f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, spec)}",
-            ))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.TOKEN_LIMIT,
+                    reason=why,
+                    message=f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, spec)}",
+                )
+            )
         else:
             j = i + 1
             gain = value_per_hour[j] - value_per_hour[i]
             need_next = ladder.replicas_for((demand + drain) * tokens[j]) or n
             cost = ladder.spend(max(need_next, min_replicas)) - ladder.spend(n)
-            reasons.append(PlanReason(
-                knob=Knob.TOKEN_LIMIT, reason="MarginalValue",
-                message=f"raising the limit to {int(grid[j])} adds ${gain:.2f}/h of value for ${cost:.2f}/h",
-            ))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.TOKEN_LIMIT,
+                    reason="MarginalValue",
+                    message=f"raising the limit to {int(grid[j])} adds ${gain:.2f}/h of value for ${cost:.2f}/h",
+                )
+            )
     return _Target(n, limit, None, reasons)
 
 
@@ -160,7 +182,13 @@ def _held_message(why: str, replicas: int, spec: ModelBudgetSpec) -> str:
 def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now: datetime) -> Plan:
     curve = resolve_curve(spec.curve)
     lo, hi = token_bounds(spec, curve)
-    grid = token_grid(lo, hi)
+    g = spec.replicas.gpus_per_replica
+    # L* = v*b/c per pool: where a token's marginal value meets its marginal cost.
+    grid = token_grid(
+        lo,
+        hi,
+        tuple(spec.budget.value_of_point * curve.slope / cost_per_token(p, g) for p in spec.node_pools),
+    )
     behavior = spec.behavior
     reasons: list[PlanReason] = []
 
@@ -169,17 +197,23 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
     ladder = CapacityLadder(spec)
     if ladder.base_spend > allowance.per_hour + _EPS:
         ladder = CapacityLadder(spec, honour_min_nodes=False)
-        reasons.append(PlanReason(
-            knob=Knob.NODES, reason="CeilingBelowMinimum",
-            message=f"minNodes cost ${CapacityLadder(spec).base_spend:.2f}/h, over the {allowance.explain()}",
-        ))
+        reasons.append(
+            PlanReason(
+                knob=Knob.NODES,
+                reason="CeilingBelowMinimum",
+                message=f"minNodes cost ${CapacityLadder(spec).base_spend:.2f}/h, over the {allowance.explain()}",
+            )
+        )
     affordable = min(spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance.per_hour))
     min_replicas = min(spec.replicas.min, affordable)
     if min_replicas < spec.replicas.min:
-        reasons.append(PlanReason(
-            knob=Knob.REPLICAS, reason="CeilingBelowMinimum",
-            message=f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}",
-        ))
+        reasons.append(
+            PlanReason(
+                knob=Knob.REPLICAS,
+                reason="CeilingBelowMinimum",
+                message=f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}",
+            )
+        )
 
     current = obs.current_replicas
     previous_limit = state.token_limit or obs.current_token_limit
@@ -199,20 +233,31 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
         if replicas > current:
             cap = scale_up_cap(current, state.scale_ups, now, behavior.scale_up)
             if replicas > cap:
-                reasons.append(PlanReason(
-                    knob=Knob.REPLICAS, reason="ScaleUpLimit",
-                    message=f"wants {replicas}, scale-up limited to {cap} per {behavior.scale_up.period_seconds}s",
-                ))
+                reasons.append(
+                    PlanReason(
+                        knob=Knob.REPLICAS,
+                        reason="ScaleUpLimit",
+                        message=f"wants {replicas}, scale-up limited to {cap} per {behavior.scale_up.period_seconds}s",
+                    )
+                )
                 replicas = cap
         elif replicas < current:
-            held = stabilised_replicas(replicas, current, state.recommendations, now,
-                                       behavior.scale_down.stabilization_window_seconds)
+            held = stabilised_replicas(
+                replicas,
+                current,
+                state.recommendations,
+                now,
+                behavior.scale_down.stabilization_window_seconds,
+            )
             if held > replicas:
-                reasons.append(PlanReason(
-                    knob=Knob.REPLICAS, reason="ScaleDownStabilization",
-                    message=f"wants {replicas}, holding {held} for the "
-                    f"{behavior.scale_down.stabilization_window_seconds}s stabilisation window",
-                ))
+                reasons.append(
+                    PlanReason(
+                        knob=Knob.REPLICAS,
+                        reason="ScaleDownStabilization",
+                        message=f"wants {replicas}, holding {held} for the "
+                        f"{behavior.scale_down.stabilization_window_seconds}s stabilisation window",
+                    )
+                )
                 replicas = held
     else:
         missing_since = state.metrics_missing_since or now
@@ -223,21 +268,32 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
         if blind_for >= fallback.after_seconds and fallback.action is FallbackAction.SCALE_TO:
             assert fallback.replicas is not None
             replicas = raw_replicas = min(current, fallback.replicas)
-            reasons.append(PlanReason(
-                knob=Knob.REPLICAS, reason="FallbackScaleTo",
-                message=f"metrics missing for {blind_for:.0f}s: fallback to {replicas} (never above current)",
-            ))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.REPLICAS,
+                    reason="FallbackScaleTo",
+                    message=f"metrics missing for {blind_for:.0f}s: fallback to {replicas} (never above current)",
+                )
+            )
         else:
-            reasons.append(PlanReason(
-                knob=Knob.REPLICAS, reason=verdict.reason,
-                message=f"holding {current} replicas and limit {limit}: {verdict.message}",
-            ))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.REPLICAS,
+                    reason=verdict.reason,
+                    message=f"holding {current} replicas and limit {limit}: {verdict.message}",
+                )
+            )
 
     # The ceiling holds whatever came before it.
     if replicas > affordable:
         why = "BudgetLimited" if affordable == ladder.max_affordable(allowance.per_hour) else "MaxReplicas"
-        reasons.append(PlanReason(knob=Knob.REPLICAS, reason=why,
-                                  message=f"cut from {replicas} to {affordable}: {_held_message(why, replicas, spec)}"))
+        reasons.append(
+            PlanReason(
+                knob=Knob.REPLICAS,
+                reason=why,
+                message=f"cut from {replicas} to {affordable}: {_held_message(why, replicas, spec)}",
+            )
+        )
         replicas = affordable
 
     allocation = ladder.allocation(replicas)
@@ -245,25 +301,44 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
 
     if verdict.ok:
         assert profile is not None
-        limit = _fast_limit(limit, grid, profile, demand + waiting / behavior.queue_drain_seconds,
-                            ladder.throughput(min(obs.ready_replicas, replicas)), obs, replicas, reasons)
+        limit = _fast_limit(
+            limit,
+            grid,
+            profile,
+            demand + waiting / behavior.queue_drain_seconds,
+            ladder.throughput(min(obs.ready_replicas, replicas)),
+            obs,
+            replicas,
+            reasons,
+        )
         if previous_limit is not None and limit > previous_limit * spec.token_limits.max_step_up_factor:
             stepped = max(int(previous_limit * spec.token_limits.max_step_up_factor), lo)
-            reasons.append(PlanReason(knob=Knob.TOKEN_LIMIT, reason="TokenStepUpLimit",
-                                      message=f"wants {limit}, rising from {previous_limit} to {stepped} this step"))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.TOKEN_LIMIT,
+                    reason="TokenStepUpLimit",
+                    message=f"wants {limit}, rising from {previous_limit} to {stepped} this step",
+                )
+            )
             limit = stepped
     limit = min(max(limit, lo), hi)
 
     spend = spend_of(nodes, spec)
-    performance = _expected_performance(curve, profile, limit, demand, admitted,
-                                        ladder.throughput(replicas), verdict.ok)
-    next_state = _next_state(state, ledger, now, current, replicas, raw_replicas, allocation.nodes,
-                             missing_since, limit, spec)
+    performance = _expected_performance(
+        curve, profile, limit, demand, admitted, ladder.throughput(replicas), verdict.ok
+    )
+    next_state = _next_state(
+        state, ledger, now, current, replicas, raw_replicas, allocation.nodes, missing_since, limit, spec
+    )
     return Plan(
         replicas=replicas,
         pools=[
-            PoolAllocation(pool=p.name, nodes=nodes[p.name], replicas=allocation.replicas[p.name],
-                           spend_per_hour=nodes[p.name] * node_price(p))
+            PoolAllocation(
+                pool=p.name,
+                nodes=nodes[p.name],
+                replicas=allocation.replicas[p.name],
+                spend_per_hour=nodes[p.name] * node_price(p),
+            )
             for p in spec.node_pools
         ],
         token_limit=limit,
@@ -280,8 +355,13 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
 
 
 def _stabilise_nodes(
-    wanted: dict[str, int], obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now: datetime,
-    allowance: Allowance, reasons: list[PlanReason],
+    wanted: dict[str, int],
+    obs: Observation,
+    spec: ModelBudgetSpec,
+    state: ControllerState,
+    now: datetime,
+    allowance: Allowance,
+    reasons: list[PlanReason],
 ) -> dict[str, int]:
     """Keep recently wanted nodes through the node window, as far as the allowance pays for them."""
     nodes = dict(wanted)
@@ -291,33 +371,50 @@ def _stabilise_nodes(
         held = stabilised_nodes(pool.name, nodes[pool.name], current, state.recommendations, now, window)
         held = min(held, pool.max_nodes)
         if held > nodes[pool.name] and spend_of({**nodes, pool.name: held}, spec) <= allowance.per_hour + _EPS:
-            reasons.append(PlanReason(
-                knob=Knob.NODES, reason="NodeScaleDownStabilization",
-                message=f"pool {pool.name}: wants {nodes[pool.name]} nodes, holding {held} for {window}s",
-            ))
+            reasons.append(
+                PlanReason(
+                    knob=Knob.NODES,
+                    reason="NodeScaleDownStabilization",
+                    message=f"pool {pool.name}: wants {nodes[pool.name]} nodes, holding {held} for {window}s",
+                )
+            )
             nodes[pool.name] = held
     return nodes
 
 
 def _fast_limit(
-    limit: int, grid: npt.NDArray[np.float64], profile: GenerationProfile, demand: float, serving_capacity: float,
-    obs: Observation, replicas: int, reasons: list[PlanReason],
+    limit: int,
+    grid: npt.NDArray[np.float64],
+    profile: GenerationProfile,
+    demand: float,
+    serving_capacity: float,
+    obs: Observation,
+    replicas: int,
+    reasons: list[PlanReason],
 ) -> int:
     """The largest limit, up to the target, that the replicas serving now can carry."""
     if demand * profile.mean_generated(limit) <= serving_capacity + _EPS:
         return limit
     fits = [g for g in grid if g <= limit and demand * profile.mean_generated(g) <= serving_capacity + _EPS]
     lowered = int(fits[-1]) if fits else int(grid[0])
-    reasons.append(PlanReason(
-        knob=Knob.TOKEN_LIMIT, reason="CapacityCatchingUp",
-        message=f"{obs.ready_replicas} of {replicas} replicas ready: limit {lowered} instead of {limit} until they are",
-    ))
+    reasons.append(
+        PlanReason(
+            knob=Knob.TOKEN_LIMIT,
+            reason="CapacityCatchingUp",
+            message=f"{obs.ready_replicas} of {replicas} replicas ready: limit {lowered} (not {limit}) until they are",
+        )
+    )
     return lowered
 
 
 def _expected_performance(
-    curve: LogCurve, profile: GenerationProfile | None, limit: int, demand: float, admitted: float | None,
-    throughput: float, metrics_ok: bool,
+    curve: LogCurve,
+    profile: GenerationProfile | None,
+    limit: int,
+    demand: float,
+    admitted: float | None,
+    throughput: float,
+    metrics_ok: bool,
 ) -> float:
     if profile is None or not metrics_ok:
         return min(max(curve.performance(limit), 0.0), 1.0)
@@ -330,12 +427,24 @@ def _expected_performance(
 
 
 def _next_state(
-    state: ControllerState, ledger: Ledger, now: datetime, current: int, replicas: int, raw_replicas: int,
-    raw_nodes: dict[str, int], missing_since: datetime | None, limit: int, spec: ModelBudgetSpec,
+    state: ControllerState,
+    ledger: Ledger,
+    now: datetime,
+    current: int,
+    replicas: int,
+    raw_replicas: int,
+    raw_nodes: dict[str, int],
+    missing_since: datetime | None,
+    limit: int,
+    spec: ModelBudgetSpec,
 ) -> ControllerState:
     behavior = spec.behavior
-    keep = timedelta(seconds=max(behavior.scale_down.stabilization_window_seconds,
-                                 behavior.node_scale_down.stabilization_window_seconds))
+    keep = timedelta(
+        seconds=max(
+            behavior.scale_down.stabilization_window_seconds,
+            behavior.node_scale_down.stabilization_window_seconds,
+        )
+    )
     recs = [r for r in state.recommendations if now - r.at < keep]
     recs.append(Recommendation(at=now, replicas=raw_replicas, nodes=raw_nodes))
     period = timedelta(seconds=behavior.scale_up.period_seconds)
@@ -349,4 +458,3 @@ def _next_state(
         metrics_missing_since=missing_since,
         token_limit=limit,
     )
-

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (README: `make test`):
+#   set-up -> control-plane build in the background -> lint + unit tier -> wait for the build
+#   -> testbed up -> e2e tier -> testbed down.
+# Set MB_SKIP_E2E=1 for the unit tier only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "[test $(date +%H:%M:%S)] $*" >&2; }
+start=$SECONDS
+
+hack/setup.sh
+PY=${VENV:-.venv}/bin
+
+mkdir -p .local/logs
+build_pid=
+if [ "${MB_SKIP_E2E:-0}" != 1 ]; then
+  log "building the control plane in the background (log: .local/logs/build-binaries.log)"
+  hack/build-binaries.sh > .local/logs/build-binaries.log 2>&1 &
+  build_pid=$!
+fi
+
+log "lint: ruff, mypy"
+"$PY/ruff" check operator tests bench
+"$PY/ruff" format --check operator tests bench
+"$PY/mypy"
+"$PY/modelbudget" crd --out-dir crds --check
+
+log "unit tier"
+"$PY/pytest" tests/unit -q -p no:cacheprovider
+log "unit tier passed ($((SECONDS - start)) s so far)"
+
+[ -n "$build_pid" ] || exit 0
+if ! wait "$build_pid"; then
+  tail -40 .local/logs/build-binaries.log >&2
+  log "control-plane build failed"; exit 1
+fi
+log "control plane built ($((SECONDS - start)) s so far)"
+
+trap 'hack/testbed.sh down >/dev/null 2>&1 || true' EXIT
+hack/testbed.sh up
+log "e2e tier"
+CI=${CI:-1} "$PY/pytest" tests/e2e -m e2e -q -p no:cacheprovider
+log "all tiers passed in $((SECONDS - start)) s"

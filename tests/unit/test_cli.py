@@ -1,0 +1,116 @@
+"""The CLI: crd regeneration, fit, plan -- including the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modelbudget.api.crd import CRD_FILE
+from modelbudget.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_crd_regenerates_byte_identically(tmp_path):
+    assert main(["crd", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / CRD_FILE).read_bytes() == (ROOT / "crds" / CRD_FILE).read_bytes()
+    assert main(["crd", "--out-dir", str(ROOT / "crds"), "--check"]) == 0
+
+
+def test_crd_check_fails_when_stale(tmp_path, capsys):
+    (tmp_path / CRD_FILE).write_text("stale")
+    assert main(["crd", "--out-dir", str(tmp_path), "--check"]) == 2
+    assert "out of date" in capsys.readouterr().err
+
+
+def test_fit_prints_curve_and_snippet(tmp_path, capsys):
+    csv = tmp_path / "s.csv"
+    csv.write_text("tokens,performance\n128,0.49\n512,0.60\n2048,0.71\n8192,0.82\n")
+    assert main(["fit", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "R^2" in out and "slope: 0.079" in out and "minTokens: 128" in out
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("tokens,performance\n1,0.1\n2,0.2\n", "at least 3 samples"),
+        ("tok,perf\n1,0.1\n", "no column(s)"),
+        ("tokens,performance\n1,abc\n", "not a number"),
+    ],
+)
+def test_fit_errors(tmp_path, capsys, content, error):
+    csv = tmp_path / "s.csv"
+    csv.write_text(content)
+    assert main(["fit", str(csv)]) == 2
+    assert error in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_plan_on_examples(example, capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "-f",
+                str(example),
+                "--demand-rps",
+                "10",
+                "--observed",
+                "meanWantedTokens=2000",
+                "--at",
+                "2026-11-23T12:00:00Z",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "token limit" in out and "replicas" in out
+
+
+def test_plan_json(capsys):
+    assert (
+        main(
+            [
+                "plan",
+                "-f",
+                str(ROOT / "examples/single-pool-hourly.yaml"),
+                "--demand-rps",
+                "200",
+                "--output",
+                "json",
+                "--at",
+                "2026-11-23T12:00:00Z",
+                "--observed",
+                "replicas=32",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["expectedSpendPerHour"] <= plan["allowedSpendPerHour"] == 96
+    assert {r["reason"] for r in plan["reasons"]} & {"BudgetLimited", "MaxReplicas", "MaxNodes"}
+    assert "nextState" not in plan
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--observed", "bogus=1"], "expected KEY=VALUE"),
+        (["--observed", "nodes.nope=1"], "no node pool named nope"),
+        (["--at", "yesterday"], "not an ISO 8601 time"),
+    ],
+)
+def test_plan_errors(capsys, args, error):
+    assert main(["plan", "-f", str(ROOT / "examples/local-demo.yaml"), "--demand-rps", "1", *args]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_plan_rejects_invalid_manifest(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    text = (ROOT / "examples/local-demo.yaml").read_text().replace("min: 1\n", "min: 50\n", 1)
+    bad.write_text(text)
+    assert main(["plan", "-f", str(bad), "--demand-rps", "1"]) == 2
+    assert "replicas.min must not exceed replicas.max" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""Property tests of the safety rules over random specs and observation sequences."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelbudget.api import ControllerState, ModelBudgetSpec
+from modelbudget.core import Observation, decide
+from modelbudget.core.capacity import spend_of
+from modelbudget.core.curve import resolve_curve
+from modelbudget.core.planner import token_bounds
+from tests.builders import NOW, exponential_profile
+
+pools = st.lists(
+    st.fixed_dictionaries(
+        {
+            "gpuType": st.just("gpu"),
+            "pricePerGpuHour": st.floats(0.1, 20),
+            "capacityType": st.sampled_from(["Spot", "OnDemand"]),
+            "gpusPerNode": st.sampled_from([1, 2, 4, 8]),
+            "minNodes": st.integers(0, 3),
+            "maxNodes": st.integers(3, 20),
+            "tokensPerSecondPerReplica": st.floats(50, 5000),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+).map(lambda ps: [{**p, "name": f"pool-{i}"} for i, p in enumerate(ps)])
+
+
+@st.composite
+def specs(draw):
+    lo = draw(st.integers(16, 512))
+    period = draw(st.sampled_from(["Hour", "Day", "Month"]))
+    rmin = draw(st.integers(0, 4))
+    return ModelBudgetSpec.model_validate(
+        {
+            "targetRef": {"name": "llm"},
+            "curve": {
+                "intercept": draw(st.floats(-0.5, 0.5)),
+                "slope": draw(st.floats(0.01, 0.2)),
+                "minTokens": lo,
+                "maxTokens": lo * draw(st.integers(2, 256)),
+            },
+            "budget": {
+                "ceiling": {"amount": draw(st.floats(1, 5000)), "period": period},
+                "valuePerPoint": draw(st.floats(1e-5, 0.1)),
+                "burstFactor": draw(st.floats(1, 3)),
+            },
+            "replicas": {"min": rmin, "max": rmin + draw(st.integers(0, 60)), "gpusPerReplica": 1},
+            "nodePools": draw(pools),
+            "metrics": {"prometheusUrl": "http://p:9090"},
+            "behavior": {
+                "fallback": {
+                    "afterSeconds": draw(st.integers(0, 300)),
+                    "action": "ScaleTo",
+                    "replicas": draw(st.integers(0, 10)),
+                }
+            },
+        }
+    )
+
+
+bad_number = st.sampled_from([None, math.nan, math.inf, -1.0, 1e12])
+rate = st.one_of(st.floats(0, 500), bad_number)
+
+
+@st.composite
+def observations(draw, spec: ModelBudgetSpec):
+    replicas = draw(st.integers(0, 80))
+    metrics_ok = draw(st.booleans())
+    return Observation(
+        current_replicas=replicas,
+        ready_replicas=draw(st.integers(0, replicas)),
+        current_nodes={p.name: draw(st.integers(0, p.max_nodes + 2)) for p in spec.node_pools},
+        current_token_limit=draw(st.one_of(st.none(), st.integers(1, 10**6))),
+        metrics_at=NOW if metrics_ok else draw(st.one_of(st.none(), st.just(NOW - timedelta(hours=1)))),
+        request_rate=draw(st.floats(0, 500)) if metrics_ok else draw(rate),
+        generation=exponential_profile(draw(st.floats(1, 20000))) if draw(st.booleans()) else None,
+        generated_tokens_per_request=draw(st.one_of(st.floats(1, 20000), bad_number)),
+        requests_waiting=draw(st.one_of(st.floats(0, 1000), bad_number)),
+        metrics_error=None if metrics_ok or draw(st.booleans()) else "connection refused",
+    )
+
+
+def check_invariants(plan, obs, spec, state):
+    lo, hi = token_bounds(spec, resolve_curve(spec.curve))
+    # 1. the plan's spend never exceeds the allowed rate
+    assert plan.expected_spend_per_hour <= plan.allowed_spend_per_hour + 1e-6
+    assert spend_of(plan.nodes_by_pool(), spec) == plan.expected_spend_per_hour
+    # token limit within bounds; replicas and nodes within the spec's limits
+    assert lo <= plan.token_limit <= hi
+    assert plan.replicas <= spec.replicas.max
+    for alloc in plan.pools:
+        assert 0 <= alloc.nodes <= spec.pool(alloc.pool).max_nodes
+    # 2. metrics that cannot be trusted never raise replicas
+    if not plan.metrics_available:
+        assert plan.replicas <= obs.current_replicas
+        previous = state.token_limit or obs.current_token_limit
+        if previous is not None:
+            assert plan.token_limit <= max(min(previous, hi), lo)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_safety_rules_hold_for_one_decision(data):
+    spec = data.draw(specs())
+    obs = data.draw(observations(spec))
+    plan = decide(obs, spec, ControllerState(), NOW)
+    check_invariants(plan, obs, spec, ControllerState())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_safety_rules_hold_over_a_sequence(data):
+    spec = data.draw(specs())
+    state = ControllerState()
+    now = NOW
+    for _ in range(data.draw(st.integers(2, 12))):
+        now += timedelta(seconds=data.draw(st.sampled_from([1, 15, 60, 900])))
+        obs = data.draw(observations(spec))
+        obs = Observation(**{**obs.__dict__, "metrics_at": now if obs.metrics_at == NOW else obs.metrics_at})
+        plan = decide(obs, spec, state, now)
+        check_invariants(plan, obs, spec, state)
+        assert plan.next_state.ledger is not None and plan.next_state.ledger.spent >= 0
+        state = plan.next_state
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_decide_is_deterministic(data):
+    spec = data.draw(specs())
+    obs = data.draw(observations(spec))
+    first = decide(obs, spec, ControllerState(), NOW)
+    second = decide(obs, spec, ControllerState(), NOW)
+    assert first.model_dump() == second.model_dump()
+    assert first.next_state == second.next_state
