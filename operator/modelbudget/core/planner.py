@@ -395,8 +395,8 @@ def _fast_limit(
     """The largest limit, up to the target, that the replicas serving now can carry."""
     if demand * profile.mean_generated(limit) <= serving_capacity + _EPS:
         return limit
-    fits = [g for g in grid if g <= limit and demand * profile.mean_generated(g) <= serving_capacity + _EPS]
-    lowered = int(fits[-1]) if fits else int(grid[0])
+    fits = grid[(grid <= limit) & (demand * profile.mean_generated_many(grid) <= serving_capacity + _EPS)]
+    lowered = int(fits[-1]) if fits.size else int(grid[0])
     reasons.append(
         PlanReason(
             knob=Knob.TOKEN_LIMIT,
