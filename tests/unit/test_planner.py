@@ -37,7 +37,7 @@ def reasons(plan):
             {"replicas": {"min": 1, "max": 32}},
             {"rps": 0.5, "replicas": 2},
             None,
-            lambda p: p.replicas <= 2,
+            lambda p: p.replicas == 4 and p.nodes_by_pool()["pool-a"] == 1,  # fills the paid node
         ),
         # node pool maxNodes
         (
@@ -244,3 +244,9 @@ def test_recommend_and_enforce_plan_alike():
     enforce = decide(observe(rps=3), make_spec(mode="Enforce"), STEADY, NOW)
     recommend = decide(observe(rps=3), make_spec(mode="Recommend"), STEADY, NOW)
     assert enforce.model_dump() == recommend.model_dump()
+
+
+def test_free_slots_on_paid_nodes_are_filled():
+    # 5 replicas' worth of demand needs 2 four-GPU nodes; the 3 other slots on them cost nothing.
+    plan = decide(observe(rps=2.2, replicas=8, nodes={"pool-a": 2}, mean_wanted=1e9), make_spec(), STEADY, NOW)
+    assert plan.nodes_by_pool()["pool-a"] * 4 == plan.replicas

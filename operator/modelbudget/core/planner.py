@@ -7,7 +7,7 @@ Order of the rules, each one only ever narrowing what the previous allowed:
    marginal-rule optimum ``L* = v*b/c`` of each pool), the
    replicas that serve the demand (``lambda * G(L)`` tokens/s, queue drained in
    ``queueDrainSeconds``) on the cheapest-per-token ladder, and the net value
-   ``v * lambda * score(L) - spend``.  The best feasible ``L`` wins; if none is feasible even at
+   ``v * lambda * score(L) - spend``; free slots on nodes paid anyway are filled.  The best feasible ``L`` wins; if none is feasible even at
    the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
 3. Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
    fallback, which can only scale down.
@@ -168,6 +168,10 @@ def _economic_target(
                     message=f"raising the limit to {int(grid[j])} adds ${gain:.2f}/h of value for ${cost:.2f}/h",
                 )
             )
+    # Slots on nodes that are paid anyway (minNodes, the rest of a node) cost nothing: fill them.
+    # They are headroom for the next burst while new pods and nodes take a minute or more.
+    while n < min(affordable, rmax) and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
+        n += 1
     return _Target(n, limit, None, reasons)
 
 
