@@ -1,0 +1,109 @@
+"""One benchmark: every policy on the same trace and spec, scored side by side, with ratios.
+
+``run_benchmark`` is what the CLI and ``bench/simulate.py`` call; ``table_rows`` turns its results
+into the rows both print (ratios to the oracle and to the HPA-style policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from modelbudget.api.spec import ModelBudgetSpec, Period
+from modelbudget.sim.run import POLICIES, PolicyRun, SimConfig, Workload, run_policy
+from modelbudget.sim.score import PolicyResult, score
+from modelbudget.sim.trace import Trace
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    spec_name: str
+    trace: Trace
+    reasoning_factor: float
+    config: SimConfig
+    runs: dict[str, PolicyRun]
+    results: dict[str, PolicyResult]
+
+    def describe(self, spec: ModelBudgetSpec) -> list[str]:
+        """What was simulated, in the words the report prints above the table."""
+        c, ceiling = self.config, spec.budget.ceiling
+        breach = (
+            "the hourly ceiling"
+            if ceiling.period is Period.HOUR
+            else f"the paced allowance (burst {spec.budget.burst_factor:g} x remaining / time left, "
+            "from the policy's own spend)"
+        )
+        lines = [
+            f"{self.spec_name} on {self.trace.name}: {len(self.trace)} requests over "
+            f"{self.trace.span / 60:.0f} min; wanted tokens W = generated x {self.reasoning_factor:g}",
+            f"ceiling {ceiling.amount:g} USD/{ceiling.period.value}; a breach minute = spend rate over {breach}",
+            f"step {c.step:g}s, decisions every {c.decision_interval:g}s (oracle: every step, no delays), "
+            f"replica start {c.delays.replica_start:g}s, node provisioning {c.delays.node_provision:g}s, "
+            f"queue timeout {c.timeout_for(spec):g}s, SLO {spec.slo.latency_seconds:g}s, "
+            f"warm-up {c.warmup:g}s (unscored)",
+        ]
+        return lines + list(self.trace.notes)
+
+
+def run_benchmark(
+    spec: ModelBudgetSpec,
+    spec_name: str,
+    trace: Trace,
+    reasoning_factor: float,
+    config: SimConfig,
+    policies: Sequence[str] = POLICIES,
+    progress: Callable[[str, float], None] | None = None,
+) -> Benchmark:
+    work = Workload.of(trace, reasoning_factor, config.warmup)
+    runs, results = {}, {}
+    for name in policies:
+        tick = (lambda f, n=name: progress(n, f)) if progress is not None else None
+        runs[name] = run_policy(spec, work, name, config, tick)
+        results[name] = score(runs[name], work, spec)
+    return Benchmark(spec_name, trace, reasoning_factor, config, runs, results)
+
+
+# Ratios: "/orc" to the oracle, "/hpa" to the HPA-style policy.
+COLUMNS = (
+    "policy",
+    "mean score",
+    "SLO met",
+    "dropped",
+    "dollars",
+    "breach min",
+    "score/$",
+    "net value",
+    "score/orc",
+    "$/orc",
+    "net/orc",
+    "net/hpa",
+)
+
+
+def _ratio(a: float, b: float) -> str:
+    """``a / b``, or ``n/a`` when ``b`` is not positive (a ratio to a loss says nothing)."""
+    return f"{a / b:.3f}" if 0 < b < float("inf") else "n/a"
+
+
+def table_rows(bench: Benchmark) -> list[tuple[str, ...]]:
+    res = bench.results
+    oracle, hpa = res.get("oracle"), res.get("hpa")
+    rows: list[tuple[str, ...]] = []
+    for r in res.values():
+        rows.append(
+            (
+                r.policy,
+                f"{r.mean_score:.4f}",
+                f"{r.slo_attainment:.1%}",
+                str(r.dropped),
+                f"{r.dollars:.2f}",
+                str(r.breach_minutes),
+                f"{r.score_per_dollar:.1f}",
+                f"{r.net_value:.2f}",
+                _ratio(r.total_score, oracle.total_score) if oracle else "-",
+                _ratio(r.dollars, oracle.dollars) if oracle else "-",
+                _ratio(r.net_value, oracle.net_value) if oracle else "-",
+                _ratio(r.net_value, hpa.net_value) if hpa else "-",
+            )
+        )
+    return rows
