@@ -10,8 +10,9 @@ test:           ## everything CI runs: lint, unit tier, control-plane build, e2e
 test-unit:      ## lint + unit tier only (no cluster)
 	MB_SKIP_E2E=1 hack/test.sh
 
-crd:            ## regenerate crds/ from the API models
+crd:            ## regenerate crds/ (and the chart's copy) from the API models
 	.venv/bin/modelbudget crd --out-dir crds
+	cp crds/modelbudget.dev_modelbudgets.yaml charts/modelbudget-operator/files/
 
 binaries:       ## build kube-*, etcd, kwok, helm into ~/.cache/modelbudget (cached)
 	hack/build-binaries.sh

@@ -20,8 +20,8 @@ if [ "${MB_SKIP_E2E:-0}" != 1 ]; then
 fi
 
 log "lint: ruff, mypy"
-"$PY/ruff" check operator tests bench
-"$PY/ruff" format --check operator tests bench
+"$PY/ruff" check operator tests bench hack
+"$PY/ruff" format --check operator tests bench hack
 "$PY/mypy"
 "$PY/modelbudget" crd --out-dir crds --check
 
