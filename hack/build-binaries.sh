@@ -58,7 +58,7 @@ GO
     ld+=" -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ld+=" -X $pkg.gitTreeState=clean -X $pkg.gitCommit=modelbudget-local-build -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  log "kubernetes: compiling 4 commands (15-30 min cold on 2 cores)"
+  log "kubernetes: compiling 4 commands (about 5 min cold on 2 cores; 10 min for everything)"
   mkdir -p "$out.tmp"
   (cd "$dir" && go build -trimpath -ldflags "$ld" -o "$out.tmp/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \

@@ -8,11 +8,14 @@
 #   hack/testbed.sh env      `eval "$(hack/testbed.sh env)"` sets KUBECONFIG, PROMETHEUS_URL, PATH
 #
 # The control plane is `kwokctl create cluster --runtime binary`, given every binary from
-# hack/build-binaries.sh by path so it never downloads anything: kwokctl already generates the
-# PKI, the kubeconfigs and the kwok stage config, and starts etcd, kube-apiserver,
+# hack/build-binaries.sh by path so it never downloads anything. kwokctl rather than starting
+# the processes by hand, because it already generates the PKI, the kubeconfigs and the kwok
+# stage config, knows each version's flags, and starts etcd, kube-apiserver,
 # kube-controller-manager (Deployments, ReplicaSets, GC), kube-scheduler and kwok-controller
 # with fixed ports on 127.0.0.1. Its state, logs and pids live under .local/kwok/ (linked
 # from .local/logs/kwok and .local/run/kwok); nothing is written to ~/.kwok or ~/.kube.
+# hack/manifests/kwok-stages.yaml adds a per-pod start-up delay (annotation
+# testbed.modelbudget.dev/startup-delay) to kwok's default behaviour.
 # The model server is not started here: a test or demo runs one per Deployment
 # (python -m modelbudget.testbed.modelserver) on $MB_MODELSERVER_ADDR, which Prometheus scrapes.
 #
@@ -48,7 +51,7 @@ say() { echo "[testbed] $*"; }
 kc() { "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
-PHASE= PHASE_T0=
+PHASE='' PHASE_T0=''
 phase() { PHASE=$1; PHASE_T0=$(now_ms); say "$PHASE ..."; }
 phase_done() {
   local ms=$(($(now_ms) - PHASE_T0))
@@ -72,7 +75,7 @@ check_binaries() {
     [ -x "$b" ] || missing+=("$b")
   done
   [ ${#missing[@]} -eq 0 ] || die "missing binaries: ${missing[*]}
-  build them first (20-30 min cold, cached afterwards):  hack/build-binaries.sh"
+  build them first (about 10 min cold on 2 cores, cached afterwards):  hack/build-binaries.sh"
   [ -x "$PROMETHEUS_BIN" ] || die "prometheus not found ($PROMETHEUS_BIN): apt-get install prometheus, or set MB_PROMETHEUS_BIN"
   [ -x "$PYTHON" ] || die "no Python at $PYTHON: create the venv (python3 -m venv .venv && .venv/bin/pip install -e '.[test]') or set MB_PYTHON"
 }
@@ -84,16 +87,16 @@ is_running() { local pid; pid=$(pid_of "$1") && [ -n "$pid" ] && kill -0 "$pid" 
 # does not reach it), logging to .local/logs/NAME.log, pid in .local/run/NAME.pid.
 start_bg() {
   local name=$1; shift
-  (cd "$REPO" && exec setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null) &
+  (cd "$REPO" && exec setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&-) &
   echo $! >"$RUN/$name.pid"
 }
 
 stop_bg() {
-  local name=$1 pid i
+  local name=$1 pid
   pid=$(pid_of "$name") || return 0
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill "$pid"
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
     say "stopped $name (pid $pid)"
   fi
@@ -134,12 +137,13 @@ up_control_plane() {
   fi
   if [ -f "$CLUSTER_DIR/kwok.yaml" ]; then
     # Created before but stopped (e.g. after a reboot): start it with its saved config.
-    "$KWOKCTL" --name "$CLUSTER" start cluster --wait 120s >>"$LOGS/kwokctl.log" 2>&1 \
+    "$KWOKCTL" --name "$CLUSTER" start cluster --wait 120s >>"$LOGS/kwokctl.log" 2>&1 9>&- \
       || die "kwokctl start cluster failed, see $LOGS/kwokctl.log"
   else
     kwokctl_config >"$LOCAL/kwokctl.yaml"
-    "$KWOKCTL" --config "$LOCAL/kwokctl.yaml" --name "$CLUSTER" create cluster \
-      --kubeconfig "$KUBECONFIG_FILE" --wait 120s >>"$LOGS/kwokctl.log" 2>&1 \
+    "$KWOKCTL" --config "$LOCAL/kwokctl.yaml" --config "$REPO/hack/manifests/kwok-stages.yaml" \
+      --name "$CLUSTER" create cluster \
+      --kubeconfig "$KUBECONFIG_FILE" --wait 120s >>"$LOGS/kwokctl.log" 2>&1 9>&- \
       || die "kwokctl create cluster failed, see $LOGS/kwokctl.log and $CLUSTER_DIR/logs/"
   fi
   [ -s "$KUBECONFIG_FILE" ] || cp "$CLUSTER_DIR/kubeconfig.yaml" "$KUBECONFIG_FILE"
@@ -231,12 +235,22 @@ cmd_env() {
   echo "export KUBECONFIG=$KUBECONFIG_FILE"
   echo "export PROMETHEUS_URL=http://$PROMETHEUS_ADDR"
   echo "export MB_MODELSERVER_ADDR=$MODELSERVER_ADDR"
+  echo "export MB_PROMETHEUS_TARGETS=$PROM_DIR/targets"
   echo "export PATH=$(k8s_bin):$(kwok_bin):$(helm_bin):\$PATH"
 }
 
+# up and down hold a lock: test sessions sharing the testbed may call them at the same time.
+# Everything started in the background gets `9>&-`, or it would hold the lock forever.
+locked() {
+  mkdir -p "$LOCAL"
+  exec 9>"$LOCAL/testbed.lock"
+  flock 9
+  "$@"
+}
+
 case ${1:-} in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) locked cmd_up ;;
+  down) locked cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
   *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;

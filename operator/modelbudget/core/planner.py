@@ -7,8 +7,9 @@ Order of the rules, each one only ever narrowing what the previous allowed:
    marginal-rule optimum ``L* = v*b/c`` of each pool), the
    replicas that serve the demand (``lambda * G(L)`` tokens/s, queue drained in
    ``queueDrainSeconds``) on the cheapest-per-token ladder, and the net value
-   ``v * lambda * score(L) - spend``; free slots on nodes paid anyway are filled.  The best feasible ``L`` wins; if none is feasible even at
-   the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
+   ``v * lambda * score(L) - spend``.  The best feasible ``L`` wins, and free slots on nodes paid
+   anyway are filled; if none is feasible even at the smallest limit, demand is capped (admitted
+   rate) -- tokens are trimmed before requests.
 3. Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
    fallback, which can only scale down.
 4. Dynamics: scale-up rate limit, scale-down stabilisation (replicas and nodes).

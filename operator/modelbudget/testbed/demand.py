@@ -150,9 +150,7 @@ class TraceDemand:
             row = self.rows[self._index]
             self._index += 1
             if t >= start:
-                out.append(
-                    Request(t, row.prompt_tokens, wanted_tokens(row.generated_tokens, self.reasoning_factor))
-                )
+                out.append(Request(t, row.prompt_tokens, wanted_tokens(row.generated_tokens, self.reasoning_factor)))
         return out
 
     def rate(self, now: float) -> float | None:

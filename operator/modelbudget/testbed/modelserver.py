@@ -76,9 +76,7 @@ class VllmMetrics:
     def __init__(self, registry: CollectorRegistry, model_name: str, namespace: str) -> None:
         self.base = (model_name, namespace)
         labels = ["model_name", "namespace", "pod"]
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry
-        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Generation tokens processed.", labels, registry=registry
         )
@@ -142,7 +140,7 @@ class VllmMetrics:
 
     def set_queue(self, running: dict[str, int], waiting: int) -> None:
         pods = sorted(running)
-        self._forget(self._pods - set(pods) - {""})
+        self._forget(self._pods - set(pods))
         self._pods = set(pods)
         for pod, n in running.items():
             self.running.labels(*self.base, pod).set(n)
@@ -165,10 +163,10 @@ class VllmMetrics:
 class ClusterView:
     """Reads the Deployment's ready pods and the token-limit ConfigMap."""
 
-    def __init__(
-        self, api: client.ApiClient, namespace: str, deployment: str, configmap: str, key: str
-    ) -> None:
-        self.apps, self.core = client.AppsV1Api(api), client.CoreV1Api(api)
+    def __init__(self, api: client.ApiClient, namespace: str, deployment: str, configmap: str, key: str) -> None:
+        # Any: the generated client types every model field Optional.
+        self.apps: Any = client.AppsV1Api(api)
+        self.core: Any = client.CoreV1Api(api)
         self.namespace, self.deployment, self.configmap, self.key = namespace, deployment, configmap, key
 
     def ready_pods(self) -> list[str]:
@@ -220,13 +218,11 @@ class ModelServer:
         poisson: bool,
         rng: np.random.Generator,
     ) -> None:
-        self.model, self.demand, self.sizes, self.cluster, self.metrics = (
-            model,
-            demand,
-            sizes,
-            cluster,
-            metrics,
-        )
+        self.model = model
+        self.demand = demand
+        self.sizes = sizes
+        self.cluster = cluster
+        self.metrics = metrics
         self.tick_seconds, self.poll_seconds = tick_seconds, poll_seconds
         self.reasoning_factor, self.poisson, self.rng = reasoning_factor, poisson, rng
         self.lock = threading.Lock()
@@ -266,17 +262,13 @@ class ModelServer:
 
     def control(self, body: dict[str, Any]) -> None:
         if "rps" in body:
-            points = [(0.0, float(body["rps"]))]
-            if points[0][1] < 0:
-                raise ValueError("rps must be >= 0")
+            points = parse_rate_curve(f"0:{float(body['rps'])}")  # same checks as a curve
         elif "rateCurve" in body:
             points = parse_rate_curve(str(body["rateCurve"]))
         else:
             raise ValueError('expected {"rps": N} or {"rateCurve": "t:rps,..."}')
         with self.lock:
-            self.demand = RateDemand(
-                points, self.now, self.sizes, self.reasoning_factor, self.rng, self.poisson
-            )
+            self.demand = RateDemand(points, self.now, self.sizes, self.reasoning_factor, self.rng, self.poisson)
 
     def state(self) -> dict[str, Any]:
         with self.lock:
@@ -343,27 +335,21 @@ def _handler(server: ModelServer, registry: CollectorRegistry) -> type[BaseHTTPR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m modelbudget.testbed.modelserver", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m modelbudget.testbed.modelserver", description=__doc__.split("\n")[0])
     p.add_argument("--deployment", required=True, help="Deployment whose ready pods serve")
     p.add_argument("--namespace", default="default")
     p.add_argument("--model-name", help="model_name label (default: the Deployment name)")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     p.add_argument("--no-cluster", action="store_true", help="serve with --pods fake pods, no apiserver")
     p.add_argument("--pods", type=int, default=1, help="number of fake ready pods with --no-cluster")
-    p.add_argument(
-        "--listen", default=os.environ.get("MB_MODELSERVER_ADDR", "127.0.0.1:19400"), help="host:port"
-    )
+    p.add_argument("--listen", default=os.environ.get("MB_MODELSERVER_ADDR", "127.0.0.1:19400"), help="host:port")
     p.add_argument("--token-limit-configmap", help="default: <deployment>-token-limit")
     p.add_argument("--token-limit-key", default="max_tokens")
     demand = p.add_argument_group("demand")
     demand.add_argument("--trace", help="trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
     demand.add_argument("--time-scale", type=float, default=1.0, help="trace time * this = wall time")
     demand.add_argument("--loop", action="store_true", help="restart the trace when it ends")
-    demand.add_argument(
-        "--rate-curve", help='piecewise-linear req/s, "0:2,60:10,120:30"; sizes from --trace if given'
-    )
+    demand.add_argument("--rate-curve", help='piecewise-linear req/s, "0:2,60:10,120:30"; sizes from --trace if given')
     demand.add_argument("--arrivals", choices=["poisson", "even"], default="poisson")
     demand.add_argument("--reasoning-factor", type=float, default=1.0, help="wanted tokens = generated * F")
     demand.add_argument("--prompt-tokens-mean", type=float, default=1000.0)
@@ -372,9 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serving = p.add_argument_group("serving model")
     serving.add_argument("--tokens-per-second-per-replica", type=float, default=2000.0)
     serving.add_argument("--max-concurrency", type=int, default=32)
-    serving.add_argument(
-        "--queue-timeout", type=float, default=60.0, help="seconds before a queued request drops"
-    )
+    serving.add_argument("--queue-timeout", type=float, default=60.0, help="seconds before a queued request drops")
     serving.add_argument("--tick", type=float, default=0.25, help="seconds per model step")
     serving.add_argument("--poll-interval", type=float, default=1.0, help="seconds between cluster polls")
     serving.add_argument("--seed", type=int, default=0)
@@ -400,7 +384,7 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
     if args.no_cluster:
         model.set_ready_pods(f"{args.deployment}-{i}" for i in range(args.pods))
     else:
-        api = config.new_client_from_config(config_file=args.kubeconfig)
+        api = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
         configmap = args.token_limit_configmap or f"{args.deployment}-token-limit"
         cluster = ClusterView(api, args.namespace, args.deployment, configmap, args.token_limit_key)
     registry = CollectorRegistry()
@@ -423,7 +407,7 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    disable_created_metrics()  # vLLM's own exporter has no *_created series either
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # vLLM exports no *_created series
     server, registry = build(args)
     host, _, port = args.listen.rpartition(":")
     httpd = ThreadingHTTPServer((host, int(port)), _handler(server, registry))

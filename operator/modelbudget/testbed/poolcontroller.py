@@ -10,7 +10,12 @@ kwok fakes running nothing, so there is no grace period to respect; their Replic
 them at once, Pending if nothing fits), then delete the Node. Relying on the pod garbage
 collector instead would leave orphaned pods around for ~40 s and make tests slow and racy.
 
-Nodes carry an owner reference to their pool, so deleting a pool garbage-collects its Nodes.
+Deleting a pool drains and deletes its Nodes the same way before a finalizer lets it go;
+without that, the pods bound to the vanished Nodes would hang in Terminating (no kubelet, and
+kwok stops tending pods of Nodes that no longer exist), and so would their namespace. The
+Nodes also carry an owner reference to their pool, so garbage collection removes them should
+the finalizer be taken off by hand.
+
 The loop polls every second (level-triggered: a few objects on a local apiserver, no watch
 reconnect logic) and is run as ``python -m modelbudget.testbed.poolcontroller --kubeconfig …``.
 """
@@ -34,6 +39,7 @@ log = logging.getLogger("poolcontroller")
 
 GROUP, VERSION, PLURAL = "testbed.modelbudget.dev", "v1alpha1", "kwoknodepools"
 POOL_LABEL = "modelbudget.dev/pool"
+FINALIZER = "testbed.modelbudget.dev/drain-nodes"
 GPU = "nvidia.com/gpu"
 
 
@@ -55,7 +61,8 @@ def _index(pool: str, name: str) -> int:
 
 
 def _ts(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Milliseconds: whole seconds would truncate, and a node could appear up to 1 s early.
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def plan(
@@ -68,9 +75,7 @@ def plan(
 ) -> Plan:
     """Decide what to create, delete and keep waiting for. Pure: the time is an argument."""
     wanted = {node_name(pool, i) for i in range(replicas)}
-    pending = {
-        p["name"]: p["readyAt"] for p in provisioning if p["name"] in wanted and p["name"] not in existing
-    }
+    pending = {p["name"]: p["readyAt"] for p in provisioning if p["name"] in wanted and p["name"] not in existing}
     for name in sorted(wanted - existing - set(pending)):
         pending[name] = _ts(now + timedelta(seconds=delay))
     due = sorted(n for n, at in pending.items() if datetime.fromisoformat(at) <= now)
@@ -109,7 +114,7 @@ def node_manifest(pool: dict[str, Any], name: str) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "labels": labels,
-            # kwok manages (heartbeats, Ready, runs pods on) Nodes with this annotation.
+            # kwok's mark of a fake Node: a kwok started with a node selector manages only these.
             "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
             "ownerReferences": [owner],
         },
@@ -118,16 +123,16 @@ def node_manifest(pool: dict[str, Any], name: str) -> dict[str, Any]:
     }
 
 
-def _ready(node: client.V1Node) -> bool:
-    return any(
-        c.type == "Ready" and c.status == "True" for c in (node.status and node.status.conditions) or []
-    )
+def _ready(node: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in (node.status and node.status.conditions) or [])
 
 
 class PoolController:
     def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        # Any: the generated client types every model field Optional and wants models, not the
+        # plain dicts used here; the apiserver validates what matters.
+        self.core: Any = client.CoreV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
 
     def reconcile_all(self, now: datetime) -> None:
         pools = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
@@ -139,9 +144,18 @@ class PoolController:
             except ApiException as e:
                 log.warning("pool %s: %s %s", name, e.status, e.reason)
 
-    def reconcile(self, pool: dict[str, Any], nodes: list[client.V1Node], now: datetime) -> None:
+    def reconcile(self, pool: dict[str, Any], nodes: list[Any], now: datetime) -> None:
         name, spec, status = pool["metadata"]["name"], pool["spec"], pool.get("status") or {}
         existing = {n.metadata.name: n for n in nodes}
+        finalizers = pool["metadata"].get("finalizers") or []
+        if pool["metadata"].get("deletionTimestamp"):
+            for node in sorted(existing, key=lambda n: _index(name, n), reverse=True):
+                log.info("pool %s deleted: draining and deleting node %s", name, node)
+                self._drain_and_delete(node)
+            self._set_finalizers(name, [f for f in finalizers if f != FINALIZER])
+            return
+        if FINALIZER not in finalizers:
+            self._set_finalizers(name, [*finalizers, FINALIZER])
         p = plan(
             name,
             int(spec.get("replicas", 0)),
@@ -166,17 +180,16 @@ class PoolController:
             "provisioning": p.provisioning,
         }
         if any(status.get(k) != v for k, v in new_status.items()):
-            self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, PLURAL, name, {"status": new_status}
-            )
+            self.custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {"status": new_status})
+
+    def _set_finalizers(self, pool: str, finalizers: list[str]) -> None:
+        self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, pool, {"metadata": {"finalizers": finalizers}})
 
     def _drain_and_delete(self, node: str) -> None:
         self.core.patch_node(node, {"spec": {"unschedulable": True}})
         for pod in self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items:
             try:
-                self.core.delete_namespaced_pod(
-                    pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
-                )
+                self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
             except ApiException as e:
                 if e.status != 404:
                     raise
@@ -188,12 +201,15 @@ class PoolController:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modelbudget.testbed.poolcontroller", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m modelbudget.testbed.poolcontroller", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between reconcile passes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    controller = PoolController(config.new_client_from_config(config_file=args.kubeconfig))
+    api = config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    controller = PoolController(api)
     log.info("reconciling %s.%s every %.1fs", PLURAL, GROUP, args.interval)
     while True:
         try:

@@ -1,0 +1,134 @@
+"""``modelbudget run``: the operator (kopf), with its clients, metrics, probes and leader election."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+
+from modelbudget.cli import CliError
+
+DEV_METRICS_ADDR = "127.0.0.1:19300"
+DEV_LIVENESS = "http://127.0.0.1:19301/healthz"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the operator against the current cluster")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; globs like 'team-*' work)",
+    )
+    where.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="watch every namespace (the default when no --namespace is given)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="default: in-cluster credentials, else $KUBECONFIG")
+    p.add_argument("--interval", type=float, default=15.0, help="seconds between reconciles of one ModelBudget")
+    p.add_argument(
+        "--status-heartbeat",
+        type=float,
+        default=60.0,
+        help="rewrite an unchanged status this often (seconds), to refresh period-to-date spend",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default=DEV_METRICS_ADDR,
+        help=f"host:port of the Prometheus endpoint (default {DEV_METRICS_ADDR}; in a Pod: 0.0.0.0:8080)",
+    )
+    p.add_argument(
+        "--liveness",
+        default=DEV_LIVENESS,
+        help=f"kopf's health endpoint URL (default {DEV_LIVENESS}; in a Pod: http://0.0.0.0:8081/healthz)",
+    )
+    p.add_argument(
+        "--no-leader-election",
+        dest="leader_election",
+        action="store_false",
+        help="act without holding the Lease (only ever with a single operator process)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader Lease (default $POD_NAMESPACE, else 'default')",
+    )
+    p.add_argument("--lease-name", default="modelbudget-operator")
+    p.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a standby waits on an unrenewed lease before taking over",
+    )
+    p.add_argument("--identity", default=None, help="this process's name in the Lease (default host-pid-random)")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true")
+    verbosity.add_argument("--debug", action="store_true")
+    verbosity.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        # Before the kubernetes client is imported: it reads $KUBECONFIG once, at import, and
+        # kopf's login (login_via_client) relies on that default.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    # Imported here: `modelbudget fit/plan/crd` must not pay for (or need) kopf and the clients.
+    import kopf
+
+    from modelbudget.adapters.conflicts import KubeConflictFinder
+    from modelbudget.adapters.kube import KubeClients
+    from modelbudget.adapters.metrics import PrometheusMetrics
+    from modelbudget.adapters.nodepools import KubeNodePools
+    from modelbudget.adapters.scaler import DeploymentScaler
+    from modelbudget.adapters.secrets import KubeSecrets
+    from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
+    from modelbudget.controller import handlers, telemetry
+    from modelbudget.controller.leader import KubeLeaseStore, LeaderElector, default_identity
+    from modelbudget.controller.reconciler import Adapters, Reconciler
+
+    if args.interval <= 0 or args.status_heartbeat <= 0:
+        raise CliError("--interval and --status-heartbeat must be positive")
+    kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+
+    kube = KubeClients.connect(args.kubeconfig)
+    adapters = Adapters(
+        metrics=PrometheusMetrics(),
+        secrets=KubeSecrets(kube),
+        scaler=DeploymentScaler(kube),
+        node_pools=KubeNodePools(kube),
+        token_limits=KubeTokenLimitSink(kube),
+        conflicts=KubeConflictFinder(kube),
+    )
+    elector = None
+    if args.leader_election:
+        duration = args.lease_duration
+        elector = LeaderElector(
+            KubeLeaseStore(kube, args.lease_namespace, args.lease_name),
+            args.identity or default_identity(),
+            lease_duration=duration,
+            renew_deadline=duration * 2 / 3,
+            retry_period=duration / 7.5,
+        )
+    runtime = handlers.Runtime(Reconciler(adapters, timedelta(seconds=args.status_heartbeat)), elector)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, runtime, args.interval)
+    try:
+        telemetry.serve(args.metrics_addr)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--metrics-addr {args.metrics_addr}: {exc}") from exc
+
+    kopf.run(
+        registry=registry,
+        standalone=True,  # leadership is the Lease's job, not kopf peering's (controller/leader.py)
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(),
+    )
+    return 0

@@ -1,0 +1,226 @@
+"""Leader election on a ``coordination.k8s.io/v1`` Lease, the way client-go does it.
+
+Why a Lease and not kopf peering: kopf peering pauses *every* operator when two of the same
+priority meet ("Pausing all operators, including self"), so identical replicas of one Deployment
+would all stop; making it work needs distinct priorities per replica plus the peering CRDs.  A
+Lease is the cluster's own primitive, needs no CRD, and bounds the takeover time.
+
+Safety: a candidate takes the lease only after the record has not changed for
+``lease_duration`` as *it* observed (monotonic clock, so wall-clock skew between hosts does not
+matter).  The holder stops acting once its last successful renewal is ``renew_deadline`` old,
+which is shorter than ``lease_duration``: the old leader has stopped before a new one can start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from modelbudget.adapters.kube import KubeClients
+
+log = logging.getLogger("modelbudget.leader")
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    holder: str | None
+    duration_seconds: int
+    acquired_at: datetime | None = None
+    renewed_at: datetime | None = None
+    transitions: int = 0
+    resource_version: str | None = None  # for optimistic concurrency
+
+    def same_term(self, other: LeaseRecord | None) -> bool:
+        return other is not None and (self.holder, self.renewed_at) == (other.holder, other.renewed_at)
+
+
+class LeaseStore(Protocol):
+    def get(self) -> LeaseRecord | None: ...
+
+    def create(self, record: LeaseRecord) -> bool:
+        """False if someone else created it first."""
+        ...
+
+    def update(self, record: LeaseRecord) -> bool:
+        """False if the record changed since it was read (``resource_version``)."""
+        ...
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        store: LeaseStore,
+        identity: str,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if not retry_period < renew_deadline < lease_duration:
+            raise ValueError("need retry_period < renew_deadline < lease_duration")
+        self.store = store
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self._monotonic = monotonic
+        self._wallclock = wallclock
+        self._observed: LeaseRecord | None = None
+        self._observed_at = 0.0
+        self._renewed_at: float | None = None  # monotonic time of our last successful write
+        self.term = 0  # bumped on every acquisition: state cached under an older term is stale
+
+    @property
+    def is_leader(self) -> bool:
+        return self._renewed_at is not None and self._monotonic() - self._renewed_at < self.renew_deadline
+
+    def step(self) -> bool:
+        """One attempt to acquire or renew; returns whether this process leads now."""
+        was_leader = self.is_leader
+        try:
+            current = self.store.get()
+        except Exception as exc:
+            log.warning("cannot read the lease: %s", type(exc).__name__)
+            return self.is_leader
+        now = self._monotonic()
+        if current is not None and not current.same_term(self._observed):
+            self._observed, self._observed_at = current, now
+        mine = current is not None and current.holder == self.identity
+        free = current is None or not current.holder
+        expired = current is not None and now - self._observed_at >= current.duration_seconds
+        if not (mine or free or expired):
+            self._renewed_at = None
+            return False
+        stamp = self._wallclock()
+        if current is None:
+            record = LeaseRecord(self.identity, int(self.lease_duration), stamp, stamp, 0)
+            ok = self._write(self.store.create, record)
+        else:
+            taking_over = not mine
+            record = replace(
+                current,
+                holder=self.identity,
+                duration_seconds=int(self.lease_duration),
+                renewed_at=stamp,
+                acquired_at=stamp if taking_over else current.acquired_at,
+                transitions=current.transitions + (1 if taking_over and current.holder else 0),
+            )
+            ok = self._write(self.store.update, record)
+        if ok:
+            self._renewed_at = now
+            self._observed, self._observed_at = record, now
+            if not was_leader:
+                self.term += 1
+                log.info("became leader as %s (term %d)", self.identity, self.term)
+        elif was_leader and not self.is_leader:
+            log.warning("lost the lease")
+        return self.is_leader
+
+    @staticmethod
+    def _write(fn: Callable[[LeaseRecord], bool], record: LeaseRecord) -> bool:
+        try:
+            return fn(record)
+        except Exception as exc:
+            log.warning("cannot write the lease: %s", type(exc).__name__)
+            return False
+
+    def release(self) -> None:
+        """On a clean shutdown: hand the lease back so a standby need not wait for it to expire."""
+        if not self.is_leader:
+            return
+        self._renewed_at = None
+        try:
+            current = self.store.get()
+        except Exception:
+            return  # it expires on its own
+        if current is not None and current.holder == self.identity:
+            self._write(self.store.update, replace(current, holder=None))
+
+    async def run(self, on_change: Callable[[bool], None] | None = None) -> None:
+        """Acquire and renew until cancelled; the store is synchronous, so it runs in a thread."""
+        leading = False
+        try:
+            while True:
+                now_leading = await asyncio.to_thread(self.step)
+                if now_leading != leading and on_change is not None:
+                    on_change(now_leading)
+                leading = now_leading
+                await asyncio.sleep(self.retry_period)
+        finally:
+            await asyncio.to_thread(self.release)
+            if on_change is not None:
+                on_change(False)
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+class KubeLeaseStore:
+    def __init__(self, kube: KubeClients, namespace: str, name: str) -> None:
+        self._api = kube.coordination
+        self.namespace = namespace
+        self.name = name
+
+    def get(self) -> LeaseRecord | None:
+        try:
+            lease = self._api.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        spec = lease.spec or client.V1LeaseSpec()
+        return LeaseRecord(
+            holder=spec.holder_identity,
+            duration_seconds=spec.lease_duration_seconds or 15,
+            acquired_at=_aware(spec.acquire_time),
+            renewed_at=_aware(spec.renew_time),
+            transitions=spec.lease_transitions or 0,
+            resource_version=lease.metadata.resource_version if lease.metadata else None,
+        )
+
+    def _lease(self, r: LeaseRecord) -> client.V1Lease:
+        return client.V1Lease(
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace, resource_version=r.resource_version),
+            spec=client.V1LeaseSpec(
+                holder_identity=r.holder,
+                lease_duration_seconds=r.duration_seconds,
+                acquire_time=r.acquired_at,
+                renew_time=r.renewed_at,
+                lease_transitions=r.transitions,
+            ),
+        )
+
+    def create(self, record: LeaseRecord) -> bool:
+        try:
+            self._api.create_namespaced_lease(self.namespace, self._lease(record))
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def update(self, record: LeaseRecord) -> bool:
+        try:
+            self._api.replace_namespaced_lease(self.name, self.namespace, self._lease(record))
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True

@@ -1,0 +1,304 @@
+"""One reconcile of one ModelBudget: parse -> observe -> decide -> act -> status. No kopf here.
+
+The adapters are synchronous clients; every call goes through ``asyncio.to_thread`` so a slow
+apiserver or Prometheus never blocks the event loop (other ModelBudgets, leases, probes).
+Everything is level-triggered: the plan comes from what is observed now plus the controller
+state, never from what changed in the spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from modelbudget.adapters.conflicts import ConflictFinder
+from modelbudget.adapters.metrics import DemandSample, MetricsSource
+from modelbudget.adapters.nodepools import NodePools, node_selector
+from modelbudget.adapters.scaler import Scaler, ScaleState
+from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
+from modelbudget.adapters.tokenlimit import TokenLimitSink, config_map_name
+from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool
+from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus, Plan
+from modelbudget.controller import status as st
+from modelbudget.core import Observation, decide
+from modelbudget.core.curve import CurveFitError, LogCurve, resolve_curve
+from modelbudget.core.observation import assess
+
+T = TypeVar("T")
+DEFAULT_HEARTBEAT = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Adapters:
+    metrics: MetricsSource
+    secrets: SecretSource
+    scaler: Scaler
+    node_pools: NodePools
+    token_limits: TokenLimitSink
+    conflicts: ConflictFinder
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    namespace: str
+    name: str
+    generation: int | None = None
+
+
+@dataclass
+class Outcome:
+    status_patch: dict[str, Any] | None  # merge patch for .status; None: nothing worth writing
+    events: list[st.EventNote] = field(default_factory=list)
+    spec: ModelBudgetSpec | None = None
+    observation: Observation | None = None
+    plan: Plan | None = None
+    state: ControllerState | None = None  # carry to the next tick (it may not have been written)
+    actions: list[st.Action] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # stable reasons, for the operator's metrics
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the apiserver says about the target: the cluster half of the observation."""
+
+    scale: ScaleState | None  # None: the Deployment does not exist
+    nodes: dict[str, int]
+    pool_sizes: dict[str, int | None]  # what each provider object is set to now
+    token_limit: int | None
+    conflicts: list[str]
+
+
+def _api_error(what: str, exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"{what}: HTTP {exc.status} {exc.reason}"
+    return f"{what}: {type(exc).__name__}"
+
+
+def parse_spec(raw: Mapping[str, Any]) -> tuple[ModelBudgetSpec, LogCurve] | str:
+    """The spec and its curve, or a message saying what is wrong with it."""
+    try:
+        spec = ModelBudgetSpec.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()]
+        return "; ".join(problems)[:1000]
+    try:
+        return spec, resolve_curve(spec.curve)
+    except CurveFitError as exc:
+        return f"curve.samples: {exc}"
+
+
+def previous_status(raw: Mapping[str, Any]) -> ModelBudgetStatus:
+    """The stored status; one that no longer parses is started afresh rather than trusted."""
+    try:
+        return ModelBudgetStatus.model_validate(dict(raw))
+    except ValidationError:
+        return ModelBudgetStatus()
+
+
+class Reconciler:
+    def __init__(self, adapters: Adapters, heartbeat: timedelta = DEFAULT_HEARTBEAT) -> None:
+        self.adapters = adapters
+        self.heartbeat = heartbeat
+
+    @staticmethod
+    async def _call(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def reconcile(
+        self,
+        ref: ObjectRef,
+        raw_spec: Mapping[str, Any],
+        raw_status: Mapping[str, Any],
+        carried: ControllerState | None,
+        now: datetime,
+    ) -> Outcome:
+        before = previous_status(raw_status)
+        parsed = parse_spec(raw_spec)
+        if isinstance(parsed, str):
+            return self._invalid(before, dict(raw_status), parsed, ref, now)
+        spec, curve = parsed
+        state = carried if carried is not None else before.controller_state
+
+        cluster, sample = await asyncio.gather(
+            self._observe_cluster(spec, ref.namespace), self._sample(spec, ref.namespace)
+        )
+        obs = _observation(cluster, sample)
+        plan = decide(obs, spec, state, now)
+        target_missing = None
+        if cluster.scale is None:
+            target_missing = f"Deployment {ref.namespace}/{spec.target_ref.name} not found"
+
+        actions: list[st.Action] = []
+        failures: list[str] = []
+        if spec.mode is Mode.ENFORCE and not cluster.conflicts and cluster.scale is not None:
+            actions, failures = await self._act(spec, ref.namespace, plan, cluster)
+
+        # Recommend mode next to an HPA is a shadow run, not a conflict: it changes nothing.
+        conflicts = cluster.conflicts if spec.mode is Mode.ENFORCE else []
+        facts = st.Facts(
+            spec=spec,
+            observation=obs,
+            verdict=assess(obs, spec, now),
+            plan=plan,
+            curve=curve,
+            conflicts=conflicts,
+            target_missing=target_missing,
+            failures=failures,
+        )
+        new = st.build_status(before, facts, ref.generation, now)
+        old_doc, new_doc = dict(raw_status), st.status_document(new)
+        patch = st.merge_patch(old_doc, new_doc) if st.needs_write(old_doc, new_doc, now, self.heartbeat) else None
+        errors = [
+            r
+            for r, bad in (
+                ("TargetNotFound", target_missing),
+                ("ActuationFailed", failures),
+                ("ConflictingAutoscaler", conflicts),
+            )
+            if bad
+        ]
+        if not plan.metrics_available:
+            errors.append("MetricsUnavailable")
+        return Outcome(
+            status_patch=patch,
+            events=st.events_for(before.conditions, new.conditions, actions),
+            spec=spec,
+            observation=obs,
+            plan=plan,
+            state=plan.next_state,
+            actions=actions,
+            errors=errors,
+        )
+
+    def _invalid(
+        self, before: ModelBudgetStatus, old_doc: dict[str, Any], message: str, ref: ObjectRef, now: datetime
+    ) -> Outcome:
+        conditions = st.merge_conditions(before.conditions, st.invalid_spec_conditions(message), ref.generation, now)
+        new_doc = {
+            **old_doc,
+            "observedGeneration": ref.generation,
+            "conditions": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions],
+        }
+        patch = st.merge_patch(old_doc, new_doc)
+        return Outcome(
+            status_patch=patch or None, events=st.events_for(before.conditions, conditions, []), errors=["InvalidSpec"]
+        )
+
+    async def _observe_cluster(self, spec: ModelBudgetSpec, namespace: str) -> Cluster:
+        a, target = self.adapters, spec.target_ref.name
+        pools = spec.node_pools
+        try:
+            scale: ScaleState | None = await self._call(a.scaler.get, namespace, target)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            scale = None
+        counts, sizes, limit, conflicts = await asyncio.gather(
+            asyncio.gather(*(self._call(a.node_pools.count_nodes, node_selector(p)) for p in pools)),
+            asyncio.gather(*(self._sized_to(p, namespace) for p in pools)),
+            self._call(a.token_limits.read, namespace, target, spec.token_limits.publish),
+            self._call(a.conflicts.find, namespace, target),
+        )
+        return Cluster(
+            scale=scale,
+            nodes={p.name: n for p, n in zip(pools, counts, strict=True)},
+            pool_sizes={p.name: s for p, s in zip(pools, sizes, strict=True)},
+            token_limit=limit,
+            conflicts=conflicts,
+        )
+
+    async def _sized_to(self, pool: NodePool, namespace: str) -> int | None:
+        if pool.provider_ref is None:
+            return None
+        try:
+            return await self._call(self.adapters.node_pools.sized_to, pool, namespace)
+        except ApiException:
+            return None  # a missing provider object is reported when resizing it fails
+
+    async def _sample(self, spec: ModelBudgetSpec, namespace: str) -> DemandSample:
+        """Demand metrics, never an exception: every failure is an explicit unknown."""
+        try:
+            creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
+            return await self._call(self.adapters.metrics.sample, spec.metrics, namespace, creds)
+        except SecretMissing as exc:
+            return DemandSample(error=f"credentials: {exc}")
+        except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
+            return DemandSample(error=f"metrics source failed: {type(exc).__name__}")
+
+    async def _act(
+        self,
+        spec: ModelBudgetSpec,
+        namespace: str,
+        plan: Plan,
+        cluster: Cluster,
+    ) -> tuple[list[st.Action], list[str]]:
+        """Apply the plan, fast knob first when it tightens: a lower limit takes effect in seconds,
+        while fewer replicas or nodes take a while; a higher limit waits for the capacity."""
+        a, target = self.adapters, spec.target_ref.name
+        assert cluster.scale is not None
+        actions: list[st.Action] = []
+        failures: list[str] = []
+
+        async def attempt(action: st.Action, fn: Callable[..., None], *args: Any) -> None:
+            try:
+                await self._call(fn, *args)
+                actions.append(action)
+            except Exception as exc:  # one knob failing must not keep the others from moving
+                failures.append(_api_error(f"{action.knob.value} {action.target}", exc))
+
+        publish = spec.token_limits.publish
+        limit_before = cluster.token_limit
+        limit_action = st.Action(Knob.TOKEN_LIMIT, config_map_name(publish, target), limit_before, plan.token_limit)
+        limit_changes = limit_before != plan.token_limit
+        tightening = limit_before is None or plan.token_limit < limit_before
+        if limit_changes and tightening:
+            await attempt(limit_action, a.token_limits.publish, namespace, target, publish, plan.token_limit)
+
+        wanted_nodes = plan.nodes_by_pool()
+        resizes = [
+            (p, cluster.pool_sizes[p.name], wanted_nodes[p.name])
+            for p in spec.node_pools
+            if p.provider_ref is not None and cluster.pool_sizes[p.name] != wanted_nodes[p.name]
+        ]
+        growing = [r for r in resizes if r[1] is None or r[2] > r[1]]
+        shrinking = [r for r in resizes if r not in growing]
+        for pool, size, nodes in growing:
+            await attempt(st.Action(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes)
+        if plan.replicas != cluster.scale.replicas:
+            await attempt(
+                st.Action(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas),
+                a.scaler.set_replicas,
+                namespace,
+                target,
+                plan.replicas,
+            )
+        for pool, size, nodes in shrinking:
+            await attempt(st.Action(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes)
+        if limit_changes and not tightening:
+            await attempt(limit_action, a.token_limits.publish, namespace, target, publish, plan.token_limit)
+        return actions, failures
+
+
+def _observation(cluster: Cluster, sample: DemandSample) -> Observation:
+    scale = cluster.scale or ScaleState(replicas=0, ready_replicas=0)
+    return Observation(
+        current_replicas=scale.replicas,
+        ready_replicas=scale.ready_replicas,
+        current_nodes=cluster.nodes,
+        current_token_limit=cluster.token_limit,
+        metrics_at=sample.at,
+        request_rate=sample.request_rate,
+        prompt_tokens_per_request=sample.prompt_tokens_per_request,
+        generated_tokens_per_request=sample.generated_tokens_per_request,
+        generation=sample.generation,
+        requests_waiting=sample.requests_waiting,
+        requests_running=sample.requests_running,
+        latency_p95_seconds=sample.latency_p95_seconds,
+        metrics_error=sample.error,
+    )

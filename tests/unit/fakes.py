@@ -1,0 +1,203 @@
+"""In-memory fakes of the adapter Protocols: they hold a cluster's worth of state and record calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from modelbudget.adapters.metrics import DemandSample, PrometheusCredentials
+from modelbudget.adapters.nodepools import node_selector
+from modelbudget.adapters.scaler import ScaleState
+from modelbudget.adapters.secrets import SecretMissing
+from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
+from modelbudget.controller.leader import LeaseRecord
+from modelbudget.controller.reconciler import Adapters
+
+
+@dataclass
+class FakeMetrics:
+    next: DemandSample = field(default_factory=DemandSample)
+    calls: list[tuple[str, PrometheusCredentials]] = field(default_factory=list)
+
+    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample:
+        self.calls.append((namespace, credentials))
+        return self.next
+
+
+@dataclass
+class FakeSecrets:
+    data: dict[tuple[str, str, str], str] = field(default_factory=dict)
+
+    def read(self, namespace: str, name: str, key: str) -> str:
+        try:
+            return self.data[namespace, name, key]
+        except KeyError:
+            raise SecretMissing(f"Secret {namespace}/{name} has no key {key!r}") from None
+
+
+@dataclass
+class FakeScaler:
+    replicas: int = 1
+    ready: int = 1
+    exists: bool = True
+    sets: list[int] = field(default_factory=list)
+
+    def get(self, namespace: str, name: str) -> ScaleState:
+        if not self.exists:
+            raise ApiException(status=404, reason="Not Found")
+        return ScaleState(self.replicas, self.ready)
+
+    def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
+        self.sets.append(replicas)
+        self.replicas = replicas
+
+
+@dataclass
+class FakeNodePools:
+    nodes: dict[str, int] = field(default_factory=dict)  # running, by pool name
+    sizes: dict[str, int] = field(default_factory=dict)  # what the provider object says
+    resizes: list[tuple[str, int]] = field(default_factory=list)
+    fail_resize: bool = False
+
+    def count_nodes(self, selector: dict[str, str]) -> int:
+        return next((n for pool, n in self.nodes.items() if node_selector_for(pool) == selector), 0)
+
+    def sized_to(self, pool: NodePool, namespace: str) -> int | None:
+        return self.sizes.get(pool.name)
+
+    def resize(self, pool: NodePool, namespace: str, nodes: int) -> None:
+        if self.fail_resize:
+            raise ApiException(status=403, reason="Forbidden")
+        self.resizes.append((pool.name, nodes))
+        self.sizes[pool.name] = nodes
+
+
+def node_selector_for(pool_name: str) -> dict[str, str]:
+    return node_selector(
+        NodePool.model_validate(
+            {
+                "name": pool_name,
+                "gpuType": "x",
+                "pricePerGpuHour": 1,
+                "gpusPerNode": 1,
+                "maxNodes": 1,
+                "tokensPerSecondPerReplica": 1,
+            }
+        )
+    )
+
+
+@dataclass
+class FakeTokenLimits:
+    limit: int | None = None
+    published: list[int] = field(default_factory=list)
+
+    def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> int | None:
+        return self.limit
+
+    def publish(self, namespace: str, target: str, publish: TokenLimitPublish, limit: int) -> None:
+        self.published.append(limit)
+        self.limit = limit
+
+
+@dataclass
+class FakeConflicts:
+    found: list[str] = field(default_factory=list)
+
+    def find(self, namespace: str, deployment: str) -> list[str]:
+        return list(self.found)
+
+
+@dataclass
+class FakeCluster:
+    """All fakes together, with the ``Adapters`` bundle the reconciler takes."""
+
+    metrics: FakeMetrics = field(default_factory=FakeMetrics)
+    secrets: FakeSecrets = field(default_factory=FakeSecrets)
+    scaler: FakeScaler = field(default_factory=FakeScaler)
+    pools: FakeNodePools = field(default_factory=FakeNodePools)
+    tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
+    conflicts: FakeConflicts = field(default_factory=FakeConflicts)
+
+    @property
+    def adapters(self) -> Adapters:
+        return Adapters(
+            metrics=self.metrics,
+            secrets=self.secrets,
+            scaler=self.scaler,
+            node_pools=self.pools,
+            token_limits=self.tokens,
+            conflicts=self.conflicts,
+        )
+
+    def writes(self) -> int:
+        return len(self.scaler.sets) + len(self.pools.resizes) + len(self.tokens.published)
+
+
+@dataclass
+class FakeLeaseStore:
+    record: LeaseRecord | None = None
+    version: int = 0
+    reachable: bool = True
+
+    def get(self) -> LeaseRecord | None:
+        if not self.reachable:
+            raise ConnectionError("apiserver down")
+        return self.record
+
+    def create(self, record: LeaseRecord) -> bool:
+        if self.record is not None:
+            return False
+        return self._store(record)
+
+    def update(self, record: LeaseRecord) -> bool:
+        if not self.reachable or self.record is None or record.resource_version != self.record.resource_version:
+            return False
+        return self._store(record)
+
+    def _store(self, record: LeaseRecord) -> bool:
+        self.version += 1
+        self.record = LeaseRecord(
+            record.holder,
+            record.duration_seconds,
+            record.acquired_at,
+            record.renewed_at,
+            record.transitions,
+            str(self.version),
+        )
+        return True
+
+
+@dataclass
+class Clock:
+    """A monotonic clock tests move by hand."""
+
+    t: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def demand(at: datetime, rps: float, generated: float = 400.0, waiting: float = 0.0) -> DemandSample:
+    return DemandSample(
+        at=at,
+        request_rate=rps,
+        generated_tokens_per_request=generated,
+        prompt_tokens_per_request=200.0,
+        requests_waiting=waiting,
+        requests_running=rps,
+    )
+
+
+def as_the_apiserver_stores_it(value: Any) -> Any:
+    """Go's JSON encoding writes whole floats without a fraction: 8.0 comes back as 8."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: as_the_apiserver_stores_it(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_the_apiserver_stores_it(v) for v in value]
+    return value

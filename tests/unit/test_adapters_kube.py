@@ -1,0 +1,155 @@
+"""The Kubernetes adapters against a mock apiserver (kmock): the requests they send, the answers they read."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import kmock
+import pytest
+from kubernetes import client
+
+from modelbudget.adapters.conflicts import KubeConflictFinder
+from modelbudget.adapters.kube import KubeClients
+from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
+from modelbudget.adapters.scaler import DeploymentScaler
+from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
+from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
+
+
+def against_kmock(test: Callable[..., Any]) -> Callable[..., Any]:
+    """An async test talking to a plain mock server (no Kubernetes emulation: every reply is scripted)."""
+    return pytest.mark.asyncio(pytest.mark.kmock(cls=kmock.RawHandler)(test))
+
+
+DEPLOY = "/apis/apps/v1/namespaces/demo/deployments/demo-llm"
+DEPLOYMENT = {"kind": "Deployment", "spec": {"selector": {}, "template": {}}}
+
+
+def kube(url: Any) -> KubeClients:
+    conf = client.Configuration(host=str(url))
+    api = client.ApiClient(conf)
+    return KubeClients(
+        core=client.CoreV1Api(api),
+        apps=client.AppsV1Api(api),
+        custom=client.CustomObjectsApi(api),
+        autoscaling=client.AutoscalingV2Api(api),
+        coordination=client.CoordinationV1Api(api),
+    )
+
+
+def pool(kind: str, **extra: Any) -> NodePool:
+    return NodePool.model_validate(
+        {
+            "name": "gpu-pool",
+            "gpuType": "l4",
+            "pricePerGpuHour": 2,
+            "gpusPerNode": 4,
+            "maxNodes": 6,
+            "tokensPerSecondPerReplica": 1000,
+            "providerRef": {"kind": kind, "name": "gpu-pool", **extra},
+        }
+    )
+
+
+@against_kmock
+async def test_scaler_reads_scale_and_ready_and_patches_scale(kmock: kmock.RawHandler) -> None:
+    kmock[f"get {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 3}, "status": {"replicas": 3}}
+    kmock[f"get {DEPLOY}/status"] << {**DEPLOYMENT, "status": {"readyReplicas": 2}}
+    kmock[f"patch {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 5}}
+    scaler = DeploymentScaler(kube(kmock.url))
+    state = await asyncio.to_thread(scaler.get, "demo", "demo-llm")
+    assert (state.replicas, state.ready_replicas) == (3, 2)
+    await asyncio.to_thread(scaler.set_replicas, "demo", "demo-llm", 5)
+    assert kmock[f"patch {DEPLOY}/scale"][0].data == {"spec": {"replicas": 5}}
+
+
+@against_kmock
+async def test_token_limit_creates_the_configmap_when_missing(kmock: kmock.RawHandler) -> None:
+    cm = "/api/v1/namespaces/demo/configmaps"
+    kmock[f"get {cm}/demo-llm-token-limit"] << 404 << {"kind": "Status", "code": 404}
+    kmock[f"patch {cm}/demo-llm-token-limit"] << 404 << {"kind": "Status", "code": 404}
+    kmock[f"post {cm}"] << {"kind": "ConfigMap"}
+    sink = KubeTokenLimitSink(kube(kmock.url))
+    publish = TokenLimitPublish()
+    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) is None
+    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, 2048)
+    created = kmock[f"post {cm}"][0].data
+    assert created["metadata"]["name"] == "demo-llm-token-limit"
+    assert created["data"] == {"max_tokens": "2048"}
+
+
+@against_kmock
+async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock: kmock.RawHandler) -> None:
+    cm = "/api/v1/namespaces/demo/configmaps/limits"
+    kmock[f"get {cm}"] << {"kind": "ConfigMap", "data": {"tokens": "512"}}
+    kmock[f"patch {cm}"] << {"kind": "ConfigMap"}
+    kmock[f"patch {DEPLOY}"] << DEPLOYMENT
+    publish = TokenLimitPublish.model_validate(
+        {"configMap": {"name": "limits", "key": "tokens"}, "podTemplateAnnotation": True}
+    )
+    sink = KubeTokenLimitSink(kube(kmock.url))
+    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) == 512
+    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, 256)
+    assert kmock[f"patch {cm}"][0].data == {"data": {"tokens": "256"}}
+    annotations = kmock[f"patch {DEPLOY}"][0].data["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"modelbudget.dev/max-tokens": "256"}
+
+
+@against_kmock
+async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmock.RawHandler) -> None:
+    nodes = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
+    kmock["get /api/v1/nodes"] << {"kind": "NodeList", "items": nodes}
+    kwok = "/apis/testbed.modelbudget.dev/v1alpha1/kwoknodepools/gpu-pool"
+    karpenter = "/apis/karpenter.sh/v1/nodepools/gpu-pool"
+    capi = "/apis/cluster.x-k8s.io/v1beta1/namespaces/infra/machinedeployments/gpu-pool"
+    for path in (kwok, karpenter, capi):
+        kmock[f"patch {path}"] << {"kind": "X"}
+    kmock[f"get {kwok}"] << {"spec": {"replicas": 2}}
+    pools = KubeNodePools(kube(kmock.url))
+    assert await asyncio.to_thread(pools.count_nodes, {"modelbudget.dev/pool": "gpu-pool"}) == 2
+    assert kmock["get /api/v1/nodes"][0].params["labelSelector"] == "modelbudget.dev/pool=gpu-pool"
+    assert await asyncio.to_thread(pools.sized_to, pool("KwokNodePool"), "demo") == 2
+    await asyncio.to_thread(pools.resize, pool("KwokNodePool"), "demo", 3)
+    await asyncio.to_thread(pools.resize, pool("NodePool"), "demo", 3)
+    await asyncio.to_thread(pools.resize, pool("MachineDeployment", namespace="infra"), "demo", 3)
+    assert kmock[f"patch {kwok}"][0].data == {"spec": {"replicas": 3}}
+    assert kmock[f"patch {karpenter}"][0].data == {"spec": {"limits": {"nvidia.com/gpu": "12"}}}
+    assert kmock[f"patch {capi}"][0].data == {"spec": {"replicas": 3}}
+
+
+def test_sized_nodes_reads_each_provider_shape() -> None:
+    assert sized_nodes(ProviderKind.KARPENTER_NODE_POOL, {"spec": {"limits": {"nvidia.com/gpu": "12"}}}, 4) == 3
+    assert sized_nodes(ProviderKind.KARPENTER_NODE_POOL, {"spec": {"limits": {"nvidia.com/gpu": "1k"}}}, 4) is None
+    assert sized_nodes(ProviderKind.KWOK_NODE_POOL, {"spec": {}}, 4) is None
+
+
+@against_kmock
+async def test_conflicts_find_hpas_and_scaled_objects_on_the_target(kmock: kmock.RawHandler) -> None:
+    def hpa(name: str, target: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name},
+            "spec": {
+                "maxReplicas": 3,
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target},
+            },
+        }
+
+    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {
+        "kind": "HorizontalPodAutoscalerList",
+        "items": [hpa("mine", "demo-llm"), hpa("other", "web")],
+    }
+    kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << {
+        "items": [{"metadata": {"name": "keda"}, "spec": {"scaleTargetRef": {"name": "demo-llm"}}}]
+    }
+    finder = KubeConflictFinder(kube(kmock.url))
+    found = await asyncio.to_thread(finder.find, "demo", "demo-llm")
+    assert found == ["HorizontalPodAutoscaler/mine", "ScaledObject/keda"]
+
+
+@against_kmock
+async def test_conflicts_without_keda_installed(kmock: kmock.RawHandler) -> None:
+    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {"items": []}
+    kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << 404 << {"kind": "Status", "code": 404}
+    assert await asyncio.to_thread(KubeConflictFinder(kube(kmock.url)).find, "demo", "demo-llm") == []
