@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -85,6 +86,9 @@ class LeaderElector:
         self._observed_at = 0.0
         self._renewed_at: float | None = None  # monotonic time of our last successful write
         self.term = 0  # bumped on every acquisition: state cached under an older term is stale
+        # A thread of its own: on the shared default executor, reconciles stuck on a hung
+        # Prometheus or apiserver could delay renewals past renew_deadline and drop leadership.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="leader-election")
 
     @property
     def is_leader(self) -> bool:
@@ -155,15 +159,16 @@ class LeaderElector:
     async def run(self, on_change: Callable[[bool], None] | None = None) -> None:
         """Acquire and renew until cancelled; the store is synchronous, so it runs in a thread."""
         leading = False
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                now_leading = await asyncio.to_thread(self.step)
+                now_leading = await loop.run_in_executor(self._thread, self.step)
                 if now_leading != leading and on_change is not None:
                     on_change(now_leading)
                 leading = now_leading
                 await asyncio.sleep(self.retry_period)
         finally:
-            await asyncio.to_thread(self.release)
+            await loop.run_in_executor(self._thread, self.release)
             if on_change is not None:
                 on_change(False)
 

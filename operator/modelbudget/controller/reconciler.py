@@ -1,7 +1,8 @@
 """One reconcile of one ModelBudget: parse -> observe -> decide -> act -> status. No kopf here.
 
-The adapters are synchronous clients; every call goes through ``asyncio.to_thread`` so a slow
-apiserver or Prometheus never blocks the event loop (other ModelBudgets, leases, probes).
+The adapters are synchronous clients; every call runs in a thread (``asyncio.to_thread``;
+Prometheus queries on a pool of their own) so a slow apiserver or Prometheus never blocks the
+event loop (other ModelBudgets, leases, probes).
 Everything is level-triggered: the plan comes from what is observed now plus the controller
 state, never from what changed in the spec.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -32,6 +34,11 @@ from modelbudget.core.observation import assess
 
 T = TypeVar("T")
 DEFAULT_HEARTBEAT = timedelta(seconds=60)
+# Prometheus queries get threads of their own. asyncio's default executor has cpu+4 threads (6 on
+# two cores); a hung Prometheus holds one per ModelBudget for up to metrics.timeoutSeconds, and on
+# the shared executor a handful of such ModelBudgets would stall every apiserver call (and the
+# leader's lease renewals) of all the others.
+METRICS_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -93,18 +100,23 @@ def parse_spec(raw: Mapping[str, Any]) -> tuple[ModelBudgetSpec, LogCurve] | str
         return f"curve.samples: {exc}"
 
 
-def previous_status(raw: Mapping[str, Any]) -> ModelBudgetStatus:
-    """The stored status; one that no longer parses is started afresh rather than trusted."""
+def previous_status(raw: Mapping[str, Any]) -> tuple[ModelBudgetStatus, dict[str, Any]]:
+    """The stored status, and the document the next write is computed against.
+
+    One that no longer parses is started afresh rather than trusted, and diffed as if empty so
+    the next write replaces every section of it.
+    """
     try:
-        return ModelBudgetStatus.model_validate(dict(raw))
+        return ModelBudgetStatus.model_validate(dict(raw)), dict(raw)
     except ValidationError:
-        return ModelBudgetStatus()
+        return ModelBudgetStatus(), {}
 
 
 class Reconciler:
     def __init__(self, adapters: Adapters, heartbeat: timedelta = DEFAULT_HEARTBEAT) -> None:
         self.adapters = adapters
         self.heartbeat = heartbeat
+        self._metrics_threads = ThreadPoolExecutor(METRICS_THREADS, thread_name_prefix="metrics")
 
     @staticmethod
     async def _call(fn: Callable[..., T], *args: Any) -> T:
@@ -118,10 +130,10 @@ class Reconciler:
         carried: ControllerState | None,
         now: datetime,
     ) -> Outcome:
-        before = previous_status(raw_status)
+        before, old_doc = previous_status(raw_status)
         parsed = parse_spec(raw_spec)
         if isinstance(parsed, str):
-            return self._invalid(before, dict(raw_status), parsed, ref, now)
+            return self._invalid(before, old_doc, parsed, ref, now)
         spec, curve = parsed
         state = carried if carried is not None else before.controller_state
 
@@ -152,7 +164,7 @@ class Reconciler:
             failures=failures,
         )
         new = st.build_status(before, facts, ref.generation, now)
-        old_doc, new_doc = dict(raw_status), st.status_document(new)
+        new_doc = st.status_document(new)
         patch = st.merge_patch(old_doc, new_doc) if st.needs_write(old_doc, new_doc, now, self.heartbeat) else None
         errors = [
             r
@@ -225,7 +237,9 @@ class Reconciler:
         """Demand metrics, never an exception: every failure is an explicit unknown."""
         try:
             creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
-            return await self._call(self.adapters.metrics.sample, spec.metrics, namespace, creds)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._metrics_threads, self.adapters.metrics.sample, spec.metrics, namespace, creds
+            )
         except SecretMissing as exc:
             return DemandSample(error=f"credentials: {exc}")
         except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
