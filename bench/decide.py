@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelbudget.api import ControllerState, ModelBudget
-from modelbudget.core import Observation, decide
+from modelbudget.core import DemandSample, Observation, decide
 from modelbudget.core.generation import GenerationProfile
 from modelbudget.sim.run import POLICIES, SimConfig, Workload, run_policy
 from modelbudget.sim.trace import synthetic
@@ -40,10 +40,12 @@ def time_decide(spec_file: Path, decisions: int) -> tuple[float, float]:
             current_replicas=replicas,
             ready_replicas=replicas,
             current_nodes=nodes,
-            metrics_at=now,
-            request_rate=float(2 + 8 * abs(np.sin(k / 50))),
-            generation=profile,
-            requests_waiting=float(rng.poisson(3)),
+            demand=DemandSample(
+                at=now,
+                request_rate=float(2 + 8 * abs(np.sin(k / 50))),
+                generation=profile,
+                requests_waiting=float(rng.poisson(3)),
+            ),
         )
         start = time.perf_counter()
         plan = decide(obs, spec, state, now)

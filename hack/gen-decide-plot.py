@@ -26,7 +26,7 @@ import numpy as np
 
 from modelbudget.api import ControllerState, ModelBudgetSpec, Plan
 from modelbudget.cli.common import load_manifest
-from modelbudget.core import Observation, decide
+from modelbudget.core import DemandSample, Observation, decide
 from modelbudget.core.generation import QUANTILES, GenerationProfile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,10 +62,7 @@ def sweep(spec: ModelBudgetSpec, demands: np.ndarray) -> list[Point]:
                 ready_replicas=replicas,
                 current_nodes=nodes,
                 current_token_limit=limit,
-                metrics_at=now,
-                request_rate=float(demand),
-                generation=profile,
-                requests_waiting=0.0,
+                demand=DemandSample(at=now, request_rate=float(demand), generation=profile, requests_waiting=0.0),
             )
             new = decide(obs, spec, state, now)
             settled = plan is not None and (new.replicas, new.nodes_by_pool(), new.token_limit) == (

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from modelbudget.api import ModelBudgetSpec
-from modelbudget.core import Observation
+from modelbudget.core import DemandSample, Observation
 from modelbudget.core.generation import QUANTILES, GenerationProfile
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -73,9 +73,11 @@ def observe(
         ready_replicas=replicas if ready is None else ready,
         current_nodes=nodes if nodes is not None else {"pool-a": -(-replicas // 4)},
         current_token_limit=limit,
-        metrics_at=at,
-        request_rate=rps,
-        generation=exponential_profile(mean_wanted),
-        requests_waiting=waiting,
-        metrics_error=error,
+        demand=DemandSample(
+            at=at,
+            request_rate=rps,
+            generation=exponential_profile(mean_wanted),
+            requests_waiting=waiting,
+            error=error,
+        ),
     )

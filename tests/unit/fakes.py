@@ -8,13 +8,14 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from modelbudget.adapters.metrics import DemandSample, PrometheusCredentials
+from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
 from modelbudget.controller.leader import LeaseRecord
 from modelbudget.controller.reconciler import Adapters
+from modelbudget.core.observation import DemandSample
 
 
 @dataclass

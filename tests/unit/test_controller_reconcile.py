@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from modelbudget.adapters.metrics import DemandSample
 from modelbudget.api.status import ControllerState
 from modelbudget.controller import status as st
 from modelbudget.controller.reconciler import ObjectRef, Outcome, Reconciler
+from modelbudget.core.observation import DemandSample
 from tests.unit.fakes import FakeCluster, as_the_apiserver_stores_it, demand
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "local-demo.yaml"

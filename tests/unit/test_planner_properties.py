@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelbudget.api import ControllerState, ModelBudgetSpec
-from modelbudget.core import Observation, decide
+from modelbudget.core import DemandSample, Observation, decide
 from modelbudget.core.capacity import spend_of
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds
@@ -78,12 +79,14 @@ def observations(draw, spec: ModelBudgetSpec):
         ready_replicas=draw(st.integers(0, replicas)),
         current_nodes={p.name: draw(st.integers(0, p.max_nodes + 2)) for p in spec.node_pools},
         current_token_limit=draw(st.one_of(st.none(), st.integers(1, 10**6))),
-        metrics_at=NOW if metrics_ok else draw(st.one_of(st.none(), st.just(NOW - timedelta(hours=1)))),
-        request_rate=draw(st.floats(0, 500)) if metrics_ok else draw(rate),
-        generation=exponential_profile(draw(st.floats(1, 20000))) if draw(st.booleans()) else None,
-        generated_tokens_per_request=draw(st.one_of(st.floats(1, 20000), bad_number)),
-        requests_waiting=draw(st.one_of(st.floats(0, 1000), bad_number)),
-        metrics_error=None if metrics_ok or draw(st.booleans()) else "connection refused",
+        demand=DemandSample(
+            at=NOW if metrics_ok else draw(st.one_of(st.none(), st.just(NOW - timedelta(hours=1)))),
+            request_rate=draw(st.floats(0, 500)) if metrics_ok else draw(rate),
+            generation=exponential_profile(draw(st.floats(1, 20000))) if draw(st.booleans()) else None,
+            generated_tokens_per_request=draw(st.one_of(st.floats(1, 20000), bad_number)),
+            requests_waiting=draw(st.one_of(st.floats(0, 1000), bad_number)),
+            error=None if metrics_ok or draw(st.booleans()) else "connection refused",
+        ),
     )
 
 
@@ -123,7 +126,8 @@ def test_safety_rules_hold_over_a_sequence(data):
     for _ in range(data.draw(st.integers(2, 12))):
         now += timedelta(seconds=data.draw(st.sampled_from([1, 15, 60, 900])))
         obs = data.draw(observations(spec))
-        obs = Observation(**{**obs.__dict__, "metrics_at": now if obs.metrics_at == NOW else obs.metrics_at})
+        if obs.demand.at == NOW:  # keep trusted samples fresh as time moves on
+            obs = replace(obs, demand=replace(obs.demand, at=now))
         plan = decide(obs, spec, state, now)
         check_invariants(plan, obs, spec, state)
         assert plan.next_state.ledger is not None and plan.next_state.ledger.spent >= 0

@@ -23,6 +23,7 @@ from urllib3.util.retry import Retry
 
 from modelbudget.api.spec import Metrics
 from modelbudget.core.generation import GenerationProfile
+from modelbudget.core.observation import DemandSample
 
 
 @dataclass(frozen=True)
@@ -32,21 +33,6 @@ class PrometheusCredentials:
     bearer_token: str | None = field(default=None, repr=False)
     basic_auth: tuple[str, str] | None = field(default=None, repr=False)
     ca_bundle_path: str | None = None
-
-
-@dataclass(frozen=True)
-class DemandSample:
-    """The metrics half of an ``Observation``: ``None`` means unknown, ``error`` says why."""
-
-    at: datetime | None = None
-    request_rate: float | None = None
-    prompt_tokens_per_request: float | None = None
-    generated_tokens_per_request: float | None = None
-    generation: GenerationProfile | None = None
-    requests_waiting: float | None = None
-    requests_running: float | None = None
-    latency_p95_seconds: float | None = None
-    error: str | None = None
 
 
 class MetricsSource(Protocol):
@@ -61,6 +47,9 @@ def render_query(template: str, metrics: Metrics, namespace: str) -> str:
     """Substitute ``$selector`` and ``$window``, then ``$namespace`` (which the selector may use)."""
     text = Template(template).safe_substitute(selector=metrics.selector, window=metrics.window)
     return Template(text).safe_substitute(namespace=namespace)
+
+
+MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
 
 
 def _number(raw: Any) -> float | None:
@@ -78,6 +67,8 @@ def _sample_pair(item: Any) -> tuple[float, float | None]:
     ts = _number(item["value"][0])
     if ts is None:
         raise QueryFailed("sample without a timestamp")
+    if not 0 <= ts < MAX_TIMESTAMP:  # datetime cannot hold it: a broken answer, not a time
+        raise QueryFailed(f"sample timestamp {ts:g} out of range")
     return ts, _number(item["value"][1])
 
 
@@ -105,7 +96,8 @@ def parse_buckets(result: Any) -> list[tuple[float, float]]:
     buckets = []
     for item in result:
         _, value = _sample_pair(item)
-        le = _number(item.get("metric", {}).get("le"))
+        labels = item.get("metric")
+        le = _number(labels.get("le")) if isinstance(labels, Mapping) else None
         if le is not None and value is not None:
             buckets.append((le, value))
     return sorted(buckets)
@@ -216,9 +208,11 @@ class PrometheusMetrics:
                 return client.custom_query(query)
             except PrometheusApiClientException as exc:
                 raise QueryFailed(f"{where} answered {str(exc)[:200]}") from exc
+            except requests.exceptions.InvalidJSONError as exc:  # a RequestException, but it did answer
+                raise QueryFailed(f"{where} sent a malformed answer: not JSON") from exc
             except requests.RequestException as exc:
                 raise QueryFailed(f"{where} unreachable: {type(exc).__name__}") from exc
-            except (ValueError, KeyError, TypeError) as exc:  # not JSON, or JSON without data.result
+            except (ValueError, KeyError, TypeError) as exc:  # JSON without data.result
                 raise QueryFailed(f"{where} sent a malformed answer: {type(exc).__name__}") from exc
 
         return sample_with(run, metrics, namespace)

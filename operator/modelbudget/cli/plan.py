@@ -14,7 +14,7 @@ from modelbudget.api import ControllerState, ModelBudgetSpec, Plan
 from modelbudget.api.status import Ledger
 from modelbudget.cli import CliError
 from modelbudget.cli.common import load_manifest
-from modelbudget.core import Observation, decide
+from modelbudget.core import DemandSample, Observation, decide
 from modelbudget.core.generation import QUANTILES, GenerationProfile
 from modelbudget.core.pacing import period_bounds
 
@@ -80,10 +80,9 @@ def build_inputs(
         ready_replicas=int(observed.get("readyReplicas", replicas)),
         current_nodes=nodes,
         current_token_limit=int(limit) if limit is not None else None,
-        metrics_at=now,
-        request_rate=demand,
-        generation=profile,
-        requests_waiting=observed.get("waiting", 0.0),
+        demand=DemandSample(
+            at=now, request_rate=demand, generation=profile, requests_waiting=observed.get("waiting", 0.0)
+        ),
     )
     state = ControllerState()
     if "spent" in observed:

@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from modelbudget.adapters.conflicts import ConflictFinder
-from modelbudget.adapters.metrics import DemandSample, MetricsSource
+from modelbudget.adapters.metrics import MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
 from modelbudget.adapters.scaler import Scaler, ScaleState
 from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
@@ -30,7 +30,7 @@ from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus, Pla
 from modelbudget.controller import status as st
 from modelbudget.core import Observation, decide
 from modelbudget.core.curve import CurveFitError, LogCurve, resolve_curve
-from modelbudget.core.observation import assess
+from modelbudget.core.observation import DemandSample, assess
 
 T = TypeVar("T")
 DEFAULT_HEARTBEAT = timedelta(seconds=60)
@@ -306,13 +306,5 @@ def _observation(cluster: Cluster, sample: DemandSample) -> Observation:
         ready_replicas=scale.ready_replicas,
         current_nodes=cluster.nodes,
         current_token_limit=cluster.token_limit,
-        metrics_at=sample.at,
-        request_rate=sample.request_rate,
-        prompt_tokens_per_request=sample.prompt_tokens_per_request,
-        generated_tokens_per_request=sample.generated_tokens_per_request,
-        generation=sample.generation,
-        requests_waiting=sample.requests_waiting,
-        requests_running=sample.requests_running,
-        latency_p95_seconds=sample.latency_p95_seconds,
-        metrics_error=sample.error,
+        demand=sample,
     )

@@ -189,12 +189,12 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
             utilization=running / plan.allowed_spend_per_hour if plan.allowed_spend_per_hour > 0 else 0.0,
         )
     demand = DemandStatus(
-        requests_per_second=_finite(obs.request_rate),
-        prompt_tokens_per_request=_finite(obs.prompt_tokens_per_request),
-        generated_tokens_per_request=_finite(obs.generated_tokens_per_request),
-        waiting_requests=_finite(obs.requests_waiting),
-        latency_p95_seconds=_finite(obs.latency_p95_seconds),
-        observed_at=obs.metrics_at,
+        requests_per_second=_finite(obs.demand.request_rate),
+        prompt_tokens_per_request=_finite(obs.demand.prompt_tokens_per_request),
+        generated_tokens_per_request=_finite(obs.demand.generated_tokens_per_request),
+        waiting_requests=_finite(obs.demand.requests_waiting),
+        latency_p95_seconds=_finite(obs.demand.latency_p95_seconds),
+        observed_at=obs.demand.at,
     )
     curve = facts.curve
     return ModelBudgetStatus(

@@ -4,7 +4,7 @@ No I/O, no clock reads, no kopf: everything comes in as arguments, so every rule
 with tables and properties and the simulator can run the very same ``decide``.
 """
 
-from modelbudget.core.observation import Observation
+from modelbudget.core.observation import DemandSample, Observation
 from modelbudget.core.planner import decide
 
-__all__ = ["Observation", "decide"]
+__all__ = ["DemandSample", "Observation", "decide"]

@@ -22,12 +22,10 @@ ABSURD_TOKENS_FACTOR = 100.0  # generated tokens per request vs the curve's maxT
 
 
 @dataclass(frozen=True)
-class Observation:
-    current_replicas: int
-    ready_replicas: int
-    current_nodes: Mapping[str, int] = field(default_factory=dict)
-    current_token_limit: int | None = None
-    metrics_at: datetime | None = None
+class DemandSample:
+    """What the metrics source saw: ``None`` means unknown, ``error`` says why nothing was seen."""
+
+    at: datetime | None = None
     request_rate: float | None = None
     prompt_tokens_per_request: float | None = None
     generated_tokens_per_request: float | None = None
@@ -35,7 +33,18 @@ class Observation:
     requests_waiting: float | None = None
     requests_running: float | None = None
     latency_p95_seconds: float | None = None
-    metrics_error: str | None = None  # what the metrics source said went wrong
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Cluster facts (always known) and the demand sample (maybe not)."""
+
+    current_replicas: int
+    ready_replicas: int
+    current_nodes: Mapping[str, int] = field(default_factory=dict)
+    current_token_limit: int | None = None
+    demand: DemandSample = field(default_factory=DemandSample)
 
 
 @dataclass(frozen=True)
@@ -51,31 +60,32 @@ def _bad(x: float | None) -> bool:
 
 
 def assess(obs: Observation, spec: ModelBudgetSpec, now: datetime) -> MetricsVerdict:
-    if obs.metrics_error is not None:
-        return MetricsVerdict(False, "MetricsUnreachable", obs.metrics_error)
-    if obs.metrics_at is None:
+    seen = obs.demand
+    if seen.error is not None:
+        return MetricsVerdict(False, "MetricsUnreachable", seen.error)
+    if seen.at is None:
         return MetricsVerdict(False, "MetricsMissing", "no metrics sample")
-    age = (now - obs.metrics_at).total_seconds()
+    age = (now - seen.at).total_seconds()
     if age > spec.metrics.max_staleness_seconds:
         return MetricsVerdict(
             False,
             "MetricsStale",
             f"newest sample is {age:.0f}s old (maxStalenessSeconds={spec.metrics.max_staleness_seconds:g})",
         )
-    rate = obs.request_rate
+    rate = seen.request_rate
     if _bad(rate):
         return MetricsVerdict(False, "MetricsMissing", "request rate query returned no finite value")
     assert rate is not None
     if rate < 0 or rate > ABSURD_REQUESTS_PER_SECOND:
         return MetricsVerdict(False, "MetricsAbsurd", f"request rate {rate:g}/s is not plausible")
-    waiting = obs.requests_waiting
+    waiting = seen.requests_waiting
     if waiting is not None and (not math.isfinite(waiting) or waiting < 0):
         return MetricsVerdict(False, "MetricsAbsurd", f"waiting requests {waiting:g} is not plausible")
     limit_cap = ABSURD_TOKENS_FACTOR * spec.curve.max_tokens
-    gen = obs.generated_tokens_per_request
+    gen = seen.generated_tokens_per_request
     if gen is not None and math.isfinite(gen) and not 0 <= gen <= limit_cap:
         return MetricsVerdict(False, "MetricsAbsurd", f"{gen:g} generated tokens per request is not plausible")
-    profile = obs.generation
+    profile = seen.generation
     if profile is None and not _bad(gen):
         assert gen is not None
         profile = GenerationProfile.from_mean(gen, obs.current_token_limit)

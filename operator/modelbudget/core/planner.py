@@ -229,8 +229,8 @@ def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now:
     missing_since: datetime | None = None
 
     if verdict.ok:
-        assert profile is not None and obs.request_rate is not None
-        demand, waiting = obs.request_rate, obs.requests_waiting or 0.0
+        assert profile is not None and obs.demand.request_rate is not None
+        demand, waiting = obs.demand.request_rate, obs.demand.requests_waiting or 0.0
         target = _economic_target(spec, curve, profile, demand, waiting, ladder, affordable, min_replicas, grid)
         reasons += target.reasons
         raw_replicas, limit, admitted = target.replicas, target.token_limit, target.admitted

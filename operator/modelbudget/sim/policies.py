@@ -25,7 +25,7 @@ from typing import Protocol
 
 from modelbudget.api.spec import ModelBudgetSpec, Period
 from modelbudget.api.status import ControllerState, Plan
-from modelbudget.core import Observation, decide
+from modelbudget.core import DemandSample, Observation, decide
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.generation import GenerationProfile
@@ -62,14 +62,16 @@ def observation(seen: Scrape, now: datetime) -> Observation:
         ready_replicas=seen.ready_replicas,
         current_nodes=seen.nodes,
         current_token_limit=seen.token_limit,
-        metrics_at=now,
-        request_rate=seen.request_rate,
-        prompt_tokens_per_request=seen.prompt_tokens_rate / seen.request_rate if seen.request_rate else None,
-        generated_tokens_per_request=generated,
-        generation=profile,
-        requests_waiting=seen.waiting,
-        requests_running=seen.running,
-        latency_p95_seconds=seen.latency_p95,
+        demand=DemandSample(
+            at=now,
+            request_rate=seen.request_rate,
+            prompt_tokens_per_request=seen.prompt_tokens_rate / seen.request_rate if seen.request_rate else None,
+            generated_tokens_per_request=generated,
+            generation=profile,
+            requests_waiting=seen.waiting,
+            requests_running=seen.running,
+            latency_p95_seconds=seen.latency_p95,
+        ),
     )
 
 
