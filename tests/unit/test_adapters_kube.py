@@ -28,15 +28,7 @@ DEPLOYMENT = {"kind": "Deployment", "spec": {"selector": {}, "template": {}}}
 
 
 def kube(url: Any) -> KubeClients:
-    conf = client.Configuration(host=str(url))
-    api = client.ApiClient(conf)
-    return KubeClients(
-        core=client.CoreV1Api(api),
-        apps=client.AppsV1Api(api),
-        custom=client.CustomObjectsApi(api),
-        autoscaling=client.AutoscalingV2Api(api),
-        coordination=client.CoordinationV1Api(api),
-    )
+    return KubeClients.over(client.ApiClient(client.Configuration(host=str(url))))
 
 
 def pool(kind: str, **extra: Any) -> NodePool:

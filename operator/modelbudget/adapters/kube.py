@@ -23,7 +23,11 @@ class KubeClients:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        api = client.ApiClient()
+        return KubeClients.over(client.ApiClient())
+
+    @staticmethod
+    def over(api: client.ApiClient) -> KubeClients:
+        """The typed clients sharing one connection pool."""
         return KubeClients(
             core=client.CoreV1Api(api),
             apps=client.AppsV1Api(api),
