@@ -317,6 +317,6 @@ def events_for(
             Knob.NODES: ("NodePoolResized", f"node pool {a.target} nodes"),
             Knob.TOKEN_LIMIT: ("TokenLimitChanged", f"token limit ({a.target})"),
         }.get(a.knob, (a.knob.value, a.target))
-        before = "unset" if a.before is None else a.before
-        notes.append(EventNote("Normal", reason, f"{what}: {before} -> {a.after}"))
+        was = "unset" if a.before is None else a.before
+        notes.append(EventNote("Normal", reason, f"{what}: {was} -> {a.after}"))
     return notes
