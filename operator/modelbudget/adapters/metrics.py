@@ -17,8 +17,10 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
 from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
+from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from modelbudget.api.spec import Metrics
@@ -49,6 +51,9 @@ def render_query(template: str, metrics: Metrics, namespace: str) -> str:
     return Template(text).safe_substitute(namespace=namespace)
 
 
+# Queries in flight at once per process (the controller runs them on this many threads), and so
+# the connections kept open to each Prometheus.
+MAX_PARALLEL_QUERIES = 16
 MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
 
 
@@ -175,6 +180,15 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSam
     )
 
 
+def _why(exc: requests.RequestException, timeout: float) -> str:
+    """What went wrong, without the URL: with retries off, requests reports a read timeout as a
+    ConnectionError wrapping urllib3's MaxRetryError, so look at the urllib3 reason too."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(exc, requests.Timeout) or isinstance(reason, urllib3.exceptions.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    return type(reason or exc).__name__
+
+
 class PrometheusMetrics:
     """``MetricsSource`` over the Prometheus HTTP API (prometheus-api-client), one client per URL+auth."""
 
@@ -188,14 +202,20 @@ class PrometheusMetrics:
             session = requests.Session()
             session.verify = False if metrics.insecure_skip_verify else (credentials.ca_bundle_path or True)
             headers = {"Authorization": f"Bearer {credentials.bearer_token}"} if credentials.bearer_token else None
+            url = metrics.prometheus_url.rstrip("/")
+            no_retry = Retry(total=0)  # the next reconcile is the retry; a stuck one must not hold it up
             client = PrometheusConnect(
-                url=metrics.prometheus_url.rstrip("/"),
+                url=url,
                 headers=headers,
                 auth=credentials.basic_auth,
                 session=session,
-                retry=Retry(total=0),  # the next reconcile is the retry; a stuck one must not hold it up
+                retry=no_retry,
                 timeout=metrics.timeout_seconds,
             )
+            # PrometheusConnect mounts an adapter with requests' default 10 pooled connections; with
+            # more concurrent queries (one Prometheus shared by many ModelBudgets) every extra one
+            # would be a new TCP (and TLS) connection, dropped after one query.
+            session.mount(url, HTTPAdapter(max_retries=no_retry, pool_maxsize=MAX_PARALLEL_QUERIES))
             self._clients[key] = client
         return client
 
@@ -211,7 +231,7 @@ class PrometheusMetrics:
             except requests.exceptions.InvalidJSONError as exc:  # a RequestException, but it did answer
                 raise QueryFailed(f"{where} sent a malformed answer: not JSON") from exc
             except requests.RequestException as exc:
-                raise QueryFailed(f"{where} unreachable: {type(exc).__name__}") from exc
+                raise QueryFailed(f"{where} unreachable: {_why(exc, metrics.timeout_seconds)}") from exc
             except (ValueError, KeyError, TypeError) as exc:  # JSON without data.result
                 raise QueryFailed(f"{where} sent a malformed answer: {type(exc).__name__}") from exc
 

@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from modelbudget.adapters.conflicts import ConflictFinder
-from modelbudget.adapters.metrics import MetricsSource
+from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
 from modelbudget.adapters.scaler import Scaler, ScaleState
 from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
@@ -38,7 +38,7 @@ DEFAULT_HEARTBEAT = timedelta(seconds=60)
 # two cores); a hung Prometheus holds one per ModelBudget for up to metrics.timeoutSeconds, and on
 # the shared executor a handful of such ModelBudgets would stall every apiserver call (and the
 # leader's lease renewals) of all the others.
-METRICS_THREADS = 16
+METRICS_THREADS = MAX_PARALLEL_QUERIES
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,310 @@
+"""How the operator scales with the number of ModelBudgets, on the local testbed.
+
+    hack/testbed.sh up
+    .venv/bin/python bench/scale.py --quick        # N = 1, 20    (a couple of minutes)
+    .venv/bin/python bench/scale.py                # N = 1, 100, 1000
+
+For each N: N Deployments with no pods (replicas 0..1, nothing to schedule) and N ModelBudgets
+whose metrics all come from one synthetic model server (so Prometheus' load does not grow with
+N), then ``modelbudget run`` as a subprocess. Once every ModelBudget has a status, a steady
+window (demand constant, nothing to change) measures:
+
+* reconcile latency p50/p99 from the operator's ``modelbudget_reconcile_duration_seconds``;
+* operator CPU seconds and RSS from /proc;
+* apiserver requests per reconcile by verb, from ``apiserver_request_total`` (kubectl get --raw
+  /metrics) diffed over the window, minus the same window's rate measured before the operator
+  started (the testbed's own controllers);
+* writes in the steady state (should be ~0: status is written only on change or heartbeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+NS = "scale-bench"
+WRITES = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+
+
+def sh(*cmd: str, stdin: str | None = None) -> str:
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=True).stdout
+
+
+def testbed_env() -> dict[str, str]:
+    out = sh(str(REPO / "hack" / "testbed.sh"), "env")
+    env = dict(re.findall(r"^export (\w+)=(.*)$", out, re.M))
+    env["PATH"] = env["PATH"].replace("$PATH", os.environ["PATH"])
+    return env
+
+
+class Kube:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = {**os.environ, **env}
+        self.kubeconfig = env["KUBECONFIG"]
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", self.kubeconfig, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=self.env,
+        ).stdout
+
+    def requests_by_verb(self) -> Counter[str]:
+        """apiserver_request_total summed by verb (all clients)."""
+        totals: Counter[str] = Counter()
+        for line in self.kubectl("get", "--raw", "/metrics").splitlines():
+            if line.startswith("apiserver_request_total{"):
+                labels, value = line.rsplit(" ", 1)
+                verb = re.search(r'verb="([^"]+)"', labels)
+                if verb:
+                    totals[verb.group(1)] += int(float(value))
+        return totals
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def objects(n: int, prometheus: str) -> str:
+    docs: list[dict[str, Any]] = []
+    for i in range(n):
+        name = f"llm-{i:04d}"
+        labels = {"app": name}
+        docs.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {
+                    "replicas": 0,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "c", "image": "fake.invalid/x"}]},
+                    },
+                },
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "modelbudget.dev/v1alpha1",
+                "kind": "ModelBudget",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {
+                    "targetRef": {"name": name},
+                    "curve": {"intercept": 0.1, "slope": 0.08, "minTokens": 64, "maxTokens": 4096},
+                    "budget": {"ceiling": {"amount": 100, "period": "Hour"}, "valuePerPoint": 0.01},
+                    "replicas": {"min": 0, "max": 1},
+                    # No providerRef: pools are observed, never resized (they would all share one).
+                    "nodePools": [
+                        {
+                            "name": "bench",
+                            "gpuType": "nvidia-l4",
+                            "pricePerGpuHour": 2,
+                            "gpusPerNode": 2,
+                            "maxNodes": 4,
+                            "tokensPerSecondPerReplica": 1000,
+                        }
+                    ],
+                    "metrics": {
+                        "prometheusUrl": prometheus,
+                        "selector": f'namespace="{NS}",model_name="bench"',
+                        "window": "30s",
+                        "maxStalenessSeconds": 60,
+                    },
+                },
+            }
+        )
+    return "\n".join(json.dumps(d) for d in docs)
+
+
+def histogram(text: str, name: str) -> tuple[dict[float, float], float]:
+    buckets: dict[float, float] = {}
+    count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = re.search(r'le="([^"]+)"', line)
+            assert le is not None
+            buckets[float(le.group(1))] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return buckets, count
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float:
+    """Upper bound of the bucket holding quantile ``q`` (cumulative bucket counts)."""
+    total = max(buckets.values(), default=0.0)
+    for le in sorted(buckets):
+        if buckets[le] >= q * total:
+            return le
+    return float("nan")
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, RSS MiB) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return cpu, rss
+
+
+def scrape(addr: str) -> str:
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def run(n: int, kube: Kube, env: dict[str, str], window: float, interval: float) -> dict[str, Any]:
+    kube.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=300s")
+    kube.kubectl("create", "namespace", NS)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelbudget.testbed.modelserver",
+            "--no-cluster",
+            "--pods",
+            "2",
+            "--namespace",
+            NS,
+            "--deployment",
+            "bench",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--rate-curve",
+            "0:2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = Path(env["MB_PROMETHEUS_TARGETS"]) / f"scale-bench-{port}.json"
+    target.with_suffix(".tmp").write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
+    target.with_suffix(".tmp").rename(target)
+    operator = None
+    try:
+        kube.kubectl("apply", "--server-side", "-f", "-", stdin=objects(n, env["PROMETHEUS_URL"]))
+        # The testbed's own request rate, before the operator runs.
+        before = kube.requests_by_verb()
+        time.sleep(window)
+        baseline = kube.requests_by_verb() - before
+        metrics = f"127.0.0.1:{free_port()}"
+        log = (REPO / ".local" / "logs" / f"bench-scale-{n}.log").open("wb")
+        operator = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "modelbudget"),
+                "run",
+                "--kubeconfig",
+                kube.kubeconfig,
+                "-n",
+                NS,
+                "--interval",
+                str(interval),
+                "--status-heartbeat",
+                "3600",
+                "--no-leader-election",
+                "-q",
+                "--metrics-addr",
+                metrics,
+                "--liveness",
+                f"http://127.0.0.1:{free_port()}/healthz",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started = time.monotonic()
+        while True:
+            items = json.loads(kube.kubectl("get", "modelbudgets", "-n", NS, "-o", "json"))["items"]
+            done = sum(1 for i in items if (i.get("status") or {}).get("plan"))
+            if done == n:
+                break
+            if time.monotonic() - started > 600:
+                raise SystemExit(f"N={n}: only {done} ModelBudgets got a status in 600 s")
+            time.sleep(2)
+        first_status = time.monotonic() - started
+        time.sleep(2 * interval)  # let the first decisions settle (replicas set once, then nothing)
+        h0, c0 = histogram(scrape(metrics), "modelbudget_reconcile_duration_seconds")
+        r0, (cpu0, _) = kube.requests_by_verb(), proc_usage(operator.pid)
+        time.sleep(window)
+        h1, c1 = histogram(scrape(metrics), "modelbudget_reconcile_duration_seconds")
+        requests = kube.requests_by_verb() - r0
+        cpu1, rss = proc_usage(operator.pid)
+        reconciles = c1 - c0
+        delta = {le: h1[le] - h0.get(le, 0.0) for le in h1}
+        own = {verb: requests[verb] - baseline.get(verb, 0) for verb in requests}
+        return {
+            "n": n,
+            "first_status_s": first_status,
+            "reconciles": reconciles,
+            "p50": quantile(0.5, delta),
+            "p99": quantile(0.99, delta),
+            "cpu_per_reconcile_ms": 1000 * (cpu1 - cpu0) / max(reconciles, 1),
+            "cpu_share": (cpu1 - cpu0) / window,
+            "rss_mib": rss,
+            "requests_per_reconcile": {v: c / max(reconciles, 1) for v, c in sorted(own.items()) if c > 0},
+            "writes_per_reconcile": sum(max(own.get(v, 0), 0) for v in WRITES) / max(reconciles, 1),
+        }
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait(timeout=30)
+        server.terminate()
+        target.unlink(missing_ok=True)
+        # ModelBudgets carry kopf's finalizer: drop it so the namespace can go.
+        names = kube.kubectl("get", "modelbudgets", "-n", NS, "-o", "name").split()
+        for name in names:
+            kube.kubectl("patch", "-n", NS, name, "--type", "merge", "-p", '{"metadata":{"finalizers":null}}')
+        kube.kubectl("delete", "namespace", NS, "--wait=false")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="N = 1 and 20 only")
+    p.add_argument("-n", type=int, action="append", help="ModelBudget counts (repeatable)")
+    p.add_argument("--interval", type=float, default=15.0, help="the operator's --interval")
+    p.add_argument("--window", type=float, default=None, help="steady-state window, seconds (default 2x interval)")
+    args = p.parse_args()
+    counts = args.n or ([1, 20] if args.quick else [1, 100, 1000])
+    window = args.window or 2 * args.interval
+    env = testbed_env()
+    kube = Kube(env)
+    kube.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
+    rows = []
+    for n in counts:
+        rows.append(run(n, kube, env, window, args.interval))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"\nsteady state, --interval {args.interval:g}s, window {window:g}s\n")
+    print(
+        "|     N | to status s | reconciles | p50 s | p99 s | CPU ms/rec | CPU share | RSS MiB | writes/rec | reads/rec"
+    )
+    print(
+        "|------:|------------:|-----------:|------:|------:|-----------:|----------:|--------:|-----------:|:---------"
+    )
+    for r in rows:
+        reads = ", ".join(f"{v} {c:.1f}" for v, c in r["requests_per_reconcile"].items() if v not in WRITES)
+        print(
+            f"| {r['n']:5d} | {r['first_status_s']:11.1f} | {r['reconciles']:10.0f} | {r['p50']:5.3g} | "
+            f"{r['p99']:5.3g} | {r['cpu_per_reconcile_ms']:10.1f} | {r['cpu_share']:9.2f} | {r['rss_mib']:7.0f} | "
+            f"{r['writes_per_reconcile']:10.2f} | {reads}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
