@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from modelbudget.adapters.metrics import PrometheusCredentials, PrometheusMetrics, sample_with
 from modelbudget.api.spec import Metrics
 from modelbudget.controller.leader import LeaderElector
-from modelbudget.controller.reconciler import METRICS_THREADS, ObjectRef, Reconciler
+from modelbudget.controller.reconciler import METRICS_THREADS, ObjectRef, Reconciler, previous_status
 from modelbudget.core.observation import DemandSample
 from tests.builders import merge
 from tests.unit.fakes import FakeCluster, FakeLeaseStore, demand
@@ -184,6 +184,23 @@ def test_a_corrupt_stored_status_is_started_afresh(stored: dict[str, Any]) -> No
     )
     assert out.status_patch is not None and out.state is not None and out.state.ledger is not None
     assert cluster.scaler.sets == [5]
+
+
+LEDGER = {"periodStart": "2026-11-23T12:00:00Z", "spent": 3.5, "accruedAt": "2026-11-23T12:00:00Z", "ratePerHour": 8.0}
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        # written by a newer operator: fields this version does not know, at every level
+        {"controllerState": {"ledger": {**LEDGER, "currency": "USD"}, "newThing": 1}, "futureField": {"a": 1}},
+        # another section broken beyond repair: the ledger is still kept
+        {"controllerState": {"ledger": LEDGER}, "conditions": "all good"},
+    ],
+)
+def test_the_ledger_survives_a_status_from_another_version(stored: dict[str, Any]) -> None:
+    before, _ = previous_status(stored)
+    assert before.controller_state.ledger is not None and before.controller_state.ledger.spent == 3.5
 
 
 # --- Prometheus answers, fuzzed --------------------------------------------------------------

@@ -11,9 +11,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from modelbudget.api.spec import ApiModel
+
+
+class StatusModel(ApiModel):
+    """Status is written by the operator, maybe by another version of it: fields this version does
+    not know are ignored, not fatal, so an upgrade or a rollback never loses the ledger."""
+
+    model_config = ConfigDict(**{**ApiModel.model_config, "extra": "ignore"})
 
 
 class ConditionType(StrEnum):
@@ -24,7 +31,7 @@ class ConditionType(StrEnum):
     DEGRADED = "Degraded"
 
 
-class Condition(ApiModel):
+class Condition(StatusModel):
     type: str = Field(max_length=64)
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(max_length=64, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
@@ -40,7 +47,7 @@ class Knob(StrEnum):
     ADMITTED_RATE = "AdmittedRate"
 
 
-class PlanReason(ApiModel):
+class PlanReason(StatusModel):
     """A bound that held a knob back, or a rule that chose its value; ``reason`` is stable."""
 
     knob: Knob
@@ -48,14 +55,14 @@ class PlanReason(ApiModel):
     message: str = Field(max_length=1024)
 
 
-class PoolAllocation(ApiModel):
+class PoolAllocation(StatusModel):
     pool: str
     nodes: int
     replicas: int
     spend_per_hour: float
 
 
-class Ledger(ApiModel):
+class Ledger(StatusModel):
     """Spend integrated from what was actually running, for the current budget period."""
 
     period_start: datetime
@@ -64,18 +71,18 @@ class Ledger(ApiModel):
     rate_per_hour: float = Field(ge=0, description="Spend rate of the nodes running at accruedAt.")
 
 
-class Recommendation(ApiModel):
+class Recommendation(StatusModel):
     at: datetime
     replicas: int
     nodes: dict[str, int] = Field(default_factory=dict)
 
 
-class ScaleUpEvent(ApiModel):
+class ScaleUpEvent(StatusModel):
     at: datetime
     added: int
 
 
-class ControllerState(ApiModel):
+class ControllerState(StatusModel):
     ledger: Ledger | None = None
     recommendations: list[Recommendation] = Field(default_factory=list, max_length=2048)
     scale_ups: list[ScaleUpEvent] = Field(default_factory=list, max_length=2048)
@@ -83,7 +90,7 @@ class ControllerState(ApiModel):
     token_limit: int | None = None
 
 
-class Plan(ApiModel):
+class Plan(StatusModel):
     """What ``decide`` wants: every knob, what it costs, what it buys, and why."""
 
     replicas: int
@@ -110,7 +117,7 @@ class Plan(ApiModel):
         return any(r.reason == reason for r in self.reasons)
 
 
-class SpendStatus(ApiModel):
+class SpendStatus(StatusModel):
     current_per_hour: float = Field(description="Spend rate of the nodes running now.")
     allowed_per_hour: float = Field(description="The rate the ceiling (and pacing) allows now.")
     ceiling: str = Field(description="The ceiling as stated, e.g. '40 USD/Hour'.")
@@ -120,7 +127,7 @@ class SpendStatus(ApiModel):
     utilization: float = Field(description="current / allowed.")
 
 
-class DemandStatus(ApiModel):
+class DemandStatus(StatusModel):
     requests_per_second: float | None = None
     prompt_tokens_per_request: float | None = None
     generated_tokens_per_request: float | None = None
@@ -129,7 +136,7 @@ class DemandStatus(ApiModel):
     observed_at: datetime | None = None
 
 
-class CurveStatus(ApiModel):
+class CurveStatus(StatusModel):
     intercept: float
     slope: float
     min_tokens: int
@@ -138,7 +145,7 @@ class CurveStatus(ApiModel):
     source: Literal["Spec", "Fitted"]
 
 
-class ModelBudgetStatus(ApiModel):
+class ModelBudgetStatus(StatusModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
     spend: SpendStatus | None = None

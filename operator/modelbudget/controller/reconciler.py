@@ -104,12 +104,18 @@ def previous_status(raw: Mapping[str, Any]) -> tuple[ModelBudgetStatus, dict[str
     """The stored status, and the document the next write is computed against.
 
     One that no longer parses is started afresh rather than trusted, and diffed as if empty so
-    the next write replaces every section of it.
+    the next write replaces every section of it -- keeping its controller state (the spend
+    ledger, the windows) when that part still parses on its own.
     """
     try:
         return ModelBudgetStatus.model_validate(dict(raw)), dict(raw)
     except ValidationError:
-        return ModelBudgetStatus(), {}
+        pass
+    try:
+        kept = ControllerState.model_validate(raw.get("controllerState") or {})
+    except ValidationError:
+        kept = ControllerState()
+    return ModelBudgetStatus(controller_state=kept), {}
 
 
 class Reconciler:
