@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelbudget.api import ControllerState, ModelBudget
-from modelbudget.core import DemandSample, Observation, decide
+from modelbudget.core import DemandSample, Observation, decide, resolve
 from modelbudget.core.generation import GenerationProfile
 from modelbudget.sim.run import POLICIES, SimConfig, Workload, run_policy
 from modelbudget.sim.trace import synthetic
@@ -48,9 +48,9 @@ def time_decide(spec_file: Path, decisions: int) -> tuple[float, float]:
             ),
         )
         start = time.perf_counter()
-        plan = decide(obs, spec, state, now)
+        decision = decide(obs, resolve(spec), state, now)  # the operator resolves the spec every reconcile
         times.append(time.perf_counter() - start)
-        state, replicas, nodes = plan.next_state, plan.replicas, plan.nodes_by_pool()
+        state, replicas, nodes = decision.next_state, decision.plan.replicas, decision.plan.nodes_by_pool()
         now += timedelta(seconds=15)
     return len(times) / sum(times), statistics.median(times) * 1e3
 

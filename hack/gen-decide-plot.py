@@ -26,8 +26,8 @@ import numpy as np
 
 from modelbudget.api import ControllerState, ModelBudgetSpec, Plan
 from modelbudget.cli.common import load_manifest
-from modelbudget.core import DemandSample, Observation, decide
-from modelbudget.core.generation import QUANTILES, GenerationProfile
+from modelbudget.core import DemandSample, Observation, decide, resolve
+from modelbudget.core.generation import GenerationProfile
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "single-pool-hourly.yaml"
@@ -42,13 +42,9 @@ class Point:
     plan: Plan
 
 
-def _profile() -> GenerationProfile:
-    q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-    return GenerationProfile(-np.log1p(-q) * MEAN_WANTED_TOKENS)
-
-
 def sweep(spec: ModelBudgetSpec, demands: np.ndarray) -> list[Point]:
-    profile = _profile()
+    profile = GenerationProfile.exponential(MEAN_WANTED_TOKENS)
+    resolved = resolve(spec)
     now, state = START, ControllerState()
     replicas = spec.replicas.min
     nodes = {p.name: p.min_nodes for p in spec.node_pools}
@@ -64,13 +60,14 @@ def sweep(spec: ModelBudgetSpec, demands: np.ndarray) -> list[Point]:
                 current_token_limit=limit,
                 demand=DemandSample(at=now, request_rate=float(demand), generation=profile, requests_waiting=0.0),
             )
-            new = decide(obs, spec, state, now)
+            decision = decide(obs, resolved, state, now)
+            new = decision.plan
             settled = plan is not None and (new.replicas, new.nodes_by_pool(), new.token_limit) == (
                 replicas,
                 nodes,
                 limit,
             )
-            plan, state = new, new.next_state
+            plan, state = new, decision.next_state
             replicas, nodes, limit = new.replicas, new.nodes_by_pool(), new.token_limit
             now += timedelta(seconds=60)
             if settled:

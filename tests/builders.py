@@ -6,11 +6,9 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
-from modelbudget.api import ModelBudgetSpec
-from modelbudget.core import DemandSample, Observation
-from modelbudget.core.generation import QUANTILES, GenerationProfile
+from modelbudget.api import ControllerState, ModelBudgetSpec
+from modelbudget.core import Decision, DemandSample, Observation, decide, resolve
+from modelbudget.core.generation import GenerationProfile
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -52,11 +50,6 @@ def make_spec(**patch: Any) -> ModelBudgetSpec:
     return ModelBudgetSpec.model_validate(spec_dict(**patch))
 
 
-def exponential_profile(mean: float) -> GenerationProfile:
-    q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-    return GenerationProfile(-np.log1p(-q) * mean)
-
-
 def observe(
     rps: float | None = 5.0,
     replicas: int = 1,
@@ -76,8 +69,13 @@ def observe(
         demand=DemandSample(
             at=at,
             request_rate=rps,
-            generation=exponential_profile(mean_wanted),
+            generation=GenerationProfile.exponential(mean_wanted),
             requests_waiting=waiting,
             error=error,
         ),
     )
+
+
+def decide_for(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now: datetime) -> Decision:
+    """``decide`` on a spec as the operator reads it: resolved first."""
+    return decide(obs, resolve(spec), state, now)

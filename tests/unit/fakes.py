@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
+from modelbudget.adapters.errors import NotFound, Rejected
+from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
-from modelbudget.controller.leader import LeaseRecord
 from modelbudget.controller.reconciler import Adapters
 from modelbudget.core.observation import DemandSample
 
@@ -48,7 +47,7 @@ class FakeScaler:
 
     def get(self, namespace: str, name: str) -> ScaleState:
         if not self.exists:
-            raise ApiException(status=404, reason="Not Found")
+            raise NotFound(f"Deployment {namespace}/{name}: HTTP 404 Not Found")
         return ScaleState(self.replicas, self.ready)
 
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
@@ -71,7 +70,7 @@ class FakeNodePools:
 
     def resize(self, pool: NodePool, namespace: str, nodes: int) -> None:
         if self.fail_resize:
-            raise ApiException(status=403, reason="Forbidden")
+            raise Rejected(f"resizing node pool {pool.name}: HTTP 403 Forbidden")
         self.resizes.append((pool.name, nodes))
         self.sizes[pool.name] = nodes
 
@@ -189,7 +188,6 @@ def demand(at: datetime, rps: float, generated: float = 400.0, waiting: float = 
         generated_tokens_per_request=generated,
         prompt_tokens_per_request=200.0,
         requests_waiting=waiting,
-        requests_running=rps,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from kubernetes import client
 
 from modelbudget.adapters.conflicts import KubeConflictFinder
+from modelbudget.adapters.errors import Conflict, NotFound, Rejected, Unavailable
 from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
@@ -145,3 +147,26 @@ async def test_conflicts_without_keda_installed(kmock: kmock.RawHandler) -> None
     kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {"items": []}
     kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << 404 << {"kind": "Status", "code": 404}
     assert await asyncio.to_thread(KubeConflictFinder(kube(kmock.url)).find, "demo", "demo-llm") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(404, NotFound), (409, Conflict), (403, Rejected), (422, Rejected), (429, Unavailable), (500, Unavailable)],
+)
+@against_kmock
+async def test_apiserver_answers_become_domain_errors(kmock: kmock.RawHandler, status: int, error: type) -> None:
+    kmock[f"patch {DEPLOY}/scale"] << status << {"kind": "Status", "code": status}
+    scaler = DeploymentScaler(kube(kmock.url))
+    with pytest.raises(error, match=f"scaling Deployment demo/demo-llm: HTTP {status}"):
+        await asyncio.to_thread(scaler.set_replicas, "demo", "demo-llm", 5)
+
+
+def test_an_unreachable_apiserver_is_unavailable_not_a_client_exception() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = client.Configuration(host=f"http://127.0.0.1:{port}")
+    config.retries = False
+    scaler = DeploymentScaler(KubeClients.over(client.ApiClient(config)))
+    with pytest.raises(Unavailable, match="Deployment demo/demo-llm: apiserver unreachable"):
+        scaler.get("demo", "demo-llm")

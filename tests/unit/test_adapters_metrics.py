@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import kmock
+import numpy as np
 import pytest
 
 from modelbudget.adapters.metrics import (
@@ -104,8 +105,8 @@ def test_sample_turns_rates_into_per_request_figures() -> None:
     s = sample_with(run, metrics(), "demo")
     assert s.error is None and s.request_rate == 4.0
     assert s.prompt_tokens_per_request == 200.0 and s.generated_tokens_per_request == 400.0
-    assert s.requests_waiting == 2.0 and s.requests_running is None
-    assert s.generation is not None and s.generation.truncated_fraction(1e9) == pytest.approx(0.25, abs=0.02)
+    assert s.requests_waiting == 2.0
+    assert s.generation is not None and float(np.mean(s.generation.wanted > 1e9)) == pytest.approx(0.25, abs=0.02)
     assert s.at is not None and s.at.timestamp() == TS
 
 

@@ -23,8 +23,8 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from kubernetes.client.exceptions import ApiException
 
+from modelbudget.adapters.errors import Conflict
 from modelbudget.adapters.metrics import PrometheusCredentials, PrometheusMetrics, sample_with
 from modelbudget.api.spec import Metrics
 from modelbudget.controller.leader import LeaderElector
@@ -117,7 +117,7 @@ def test_a_malformed_spec_is_reported_and_the_neighbour_keeps_working(
     assert fragment in ready["message"], ready["message"]
     assert [(e.type, e.reason) for e in bad.events] == [("Warning", "InvalidSpec")]
     assert fragment in bad.events[0].message
-    assert bad.actions == [] and bad.errors == ["InvalidSpec"]
+    assert bad.actions == [] and bad.problems == ["InvalidSpec"]
     # The healthy neighbour, reconciled concurrently by the same Reconciler, acted as usual.
     assert not isinstance(good, BaseException), good
     assert good.actions and cluster.scaler.sets == [5]
@@ -156,7 +156,7 @@ def test_bad_metrics_are_reported_never_scaled_on_and_isolated(
     assert [e.reason for e in bad.events if e.type == "Warning"] == ["MetricsUnavailable"]
     assert fragment in next(e.message for e in bad.events if e.reason == "MetricsUnavailable")
     good = asyncio.run(r.reconcile(ObjectRef("good", "llm", 1), demo_spec(), {}, None, T0))
-    assert cluster.scaler.sets == [5] and good.errors == []
+    assert cluster.scaler.sets == [5] and good.problems == []
 
 
 def test_a_missing_secret_names_the_secret_to_create() -> None:
@@ -182,7 +182,11 @@ def test_a_corrupt_stored_status_is_started_afresh(stored: dict[str, Any]) -> No
     out = asyncio.run(
         Reconciler(cluster.adapters).reconcile(ObjectRef("good", "llm", 1), demo_spec(), stored, None, T0)
     )
-    assert out.status_patch is not None and out.state is not None and out.state.ledger is not None
+    assert (
+        out.status_patch is not None
+        and out.reconciled is not None
+        and out.reconciled.decision.next_state.ledger is not None
+    )
     assert cluster.scaler.sets == [5]
 
 
@@ -268,8 +272,8 @@ def test_any_http_answer_from_prometheus_becomes_a_sample(status: int, body: byt
 # --- 409 conflicts on every write ------------------------------------------------------------
 
 
-def conflict() -> ApiException:
-    return ApiException(status=409, reason="Conflict")
+def conflict() -> Conflict:
+    return Conflict("someone else wrote it first: HTTP 409 Conflict")
 
 
 def test_conflicts_on_writes_are_reported_retried_and_applied_once() -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from modelbudget.api.spec import Budget, Period
-from modelbudget.core.capacity import CapacityLadder
+from modelbudget.core.capacity import CapacityLadder, spend_of
 from modelbudget.core.pacing import accrue, allowed_rate, period_bounds
 from tests.builders import make_spec, spec_dict
 
@@ -37,7 +37,7 @@ def test_ladder_fills_paid_for_nodes_then_cheapest_tokens():
     alloc = ladder.allocation(13)
     assert alloc.replicas == {"ondemand": 5, "spot": 8}
     assert alloc.nodes == {"ondemand": 2, "spot": 2}
-    assert alloc.spend_per_hour == ladder.spend(13)
+    assert spend_of(alloc.nodes, two_pools()) == ladder.spend(13)
 
 
 def test_ladder_inverse_queries_agree():

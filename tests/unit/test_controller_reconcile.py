@@ -53,7 +53,7 @@ class Harness:
 
     def tick(self, now: datetime) -> Outcome:
         outcome = asyncio.run(self.reconciler.reconcile(REF, self.spec, self.status, self.carried, now))
-        self.carried = outcome.state
+        self.carried = outcome.reconciled.decision.next_state if outcome.reconciled else None
         if outcome.status_patch:
             self.writes += 1
             self.status = as_the_apiserver_stores_it(apply_patch(self.status, outcome.status_patch))

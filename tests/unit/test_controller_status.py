@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from modelbudget.api.status import Condition, ConditionType, Knob
+from modelbudget.api import ControllerState
+from modelbudget.api.reasons import Reason
+from modelbudget.api.status import Condition, ConditionType, Knob, ModelBudgetStatus, Plan, PlanReason
 from modelbudget.controller import status as st
+from tests.builders import NOW, decide_for, make_spec, observe
 from tests.unit.fakes import as_the_apiserver_stores_it
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -43,7 +46,7 @@ def test_reason_change_without_flip_keeps_the_transition_time() -> None:
 
 def test_conditions_not_mentioned_are_kept_and_order_is_stable() -> None:
     before = [cond(ConditionType.DEGRADED, "False", "Healthy"), cond(ConditionType.METRICS_AVAILABLE, "True", "OK")]
-    after = st.merge_conditions(before, st.invalid_spec_conditions("bad"), 2, T0)
+    after = st.invalid_status(ModelBudgetStatus(conditions=before), "bad", 2, T0).conditions
     assert [c.type for c in after] == ["Ready", "MetricsAvailable", "Degraded"]
     assert after[0].reason == "InvalidSpec" and after[2].status == "True"
 
@@ -109,7 +112,7 @@ def test_events_fire_on_flips_and_actions_only() -> None:
         cond(ConditionType.METRICS_AVAILABLE, "False", "MetricsUnreachable"),
         cond(ConditionType.DEGRADED, "True", "ConflictingAutoscaler"),
     ]
-    notes = st.events_for(before, after, [st.Action(Knob.REPLICAS, "demo-llm", 1, 3)])
+    notes = st.events_for(before, after, [st.KnobChange(Knob.REPLICAS, "demo-llm", 1, 3)])
     assert [(n.type, n.reason) for n in notes] == [
         ("Warning", "MetricsUnavailable"),
         ("Warning", "ConflictingAutoscaler"),
@@ -124,3 +127,50 @@ def test_first_successful_metrics_are_not_news_but_recovery_is() -> None:
     assert st.events_for([], ok, []) == []
     down = [cond(ConditionType.METRICS_AVAILABLE, "False", "MetricsStale")]
     assert [n.reason for n in st.events_for(down, ok, [])] == ["MetricsRecovered"]
+
+
+def plan_with(*reasons: Reason) -> Plan:
+    return Plan(
+        replicas=1,
+        pools=[],
+        token_limit=64,
+        expected_spend_per_hour=1.0,
+        allowed_spend_per_hour=2.0,
+        expected_performance=0.5,
+        metrics_available=True,
+        reasons=[PlanReason(knob=Knob.REPLICAS, reason=r, message=r.value) for r in reasons],
+        decided_at=T0,
+    )
+
+
+def test_the_most_severe_budget_reason_names_the_budget_condition() -> None:
+    # Shedding requests is worse news than trimming replicas, whatever order the stages gave them in.
+    wanted = st.budget_condition(plan_with(Reason.BUDGET_LIMITED, Reason.ADMISSION_CAPPED))
+    assert (wanted.status, wanted.reason) == ("True", Reason.ADMISSION_CAPPED)
+    wanted = st.budget_condition(plan_with(Reason.SCALE_UP_LIMIT))
+    assert (wanted.status, wanted.reason) == ("False", Reason.WITHIN_BUDGET)
+
+
+def test_troubles_come_in_their_declared_precedence_and_feed_conditions_and_metrics() -> None:
+    decision = decide_for(observe(rps=None), make_spec(), ControllerState(), NOW)
+    facts = st.Facts(
+        spec=make_spec(),
+        observation=observe(rps=None),
+        decision=decision,
+        conflicts=["HorizontalPodAutoscaler/llm"],
+        target_missing="Deployment demo/llm not found",
+        failures=["scaling Deployment demo/llm: HTTP 500 Internal Server Error"],
+    )
+    assert [r for r, _ in st.troubles(facts)] == [
+        Reason.TARGET_NOT_FOUND,
+        Reason.CONFLICTING_AUTOSCALER,
+        Reason.ACTUATION_FAILED,
+    ]
+    degraded = next(w for w in st.conditions_for(facts) if w.type is ConditionType.DEGRADED)
+    assert degraded.reason is Reason.TARGET_NOT_FOUND
+    assert st.problems(facts) == [
+        Reason.TARGET_NOT_FOUND,
+        Reason.CONFLICTING_AUTOSCALER,
+        Reason.ACTUATION_FAILED,
+        Reason.METRICS_UNAVAILABLE,
+    ]

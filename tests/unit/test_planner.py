@@ -9,16 +9,15 @@ import pytest
 
 from modelbudget.api import ControllerState
 from modelbudget.api.status import Ledger, Recommendation, ScaleUpEvent
-from modelbudget.core import decide
 from modelbudget.core.capacity import cost_per_token
 from modelbudget.core.pacing import period_bounds
-from tests.builders import NOW, make_spec, observe
+from tests.builders import NOW, decide_for, make_spec, observe
 
 STEADY = ControllerState(token_limit=8192)
 
 
-def reasons(plan):
-    return {r.reason for r in plan.reasons}
+def reasons(decision):
+    return {r.reason for r in decision.plan.reasons}
 
 
 @pytest.mark.parametrize(
@@ -73,28 +72,28 @@ def reasons(plan):
 )
 def test_bounds(case, spec_patch, obs_kwargs, expect_reason, check):
     spec = make_spec(**spec_patch)
-    plan = decide(observe(**obs_kwargs), spec, STEADY, NOW)
-    assert check(plan), (case, plan)
+    plan = decide_for(observe(**obs_kwargs), spec, STEADY, NOW)
+    assert check(plan.plan), (case, plan.plan)
     bound_reasons = {"MaxReplicas", "MaxNodes", "BudgetLimited", "AdmissionCapped"}
     if expect_reason:
-        assert expect_reason in reasons(plan), (case, plan.reasons)
+        assert expect_reason in reasons(plan), (case, plan.plan.reasons)
     else:
-        assert not (reasons(plan) & bound_reasons), (case, plan.reasons)
-    assert plan.expected_spend_per_hour <= plan.allowed_spend_per_hour + 1e-9
+        assert not (reasons(plan) & bound_reasons), (case, plan.plan.reasons)
+    assert plan.plan.expected_spend_per_hour <= plan.plan.allowed_spend_per_hour + 1e-9
 
 
 def test_token_limit_drops_before_requests_are_capped():
     # $16/h buys 2 nodes = 8 replicas = 8,000 tok/s. At 10 req/s the limit must come down so the
     # mean generated tokens fit (<= 800/request), and no admission cap is needed yet.
     spec = make_spec(budget={"ceiling": {"amount": 16}})
-    plan = decide(observe(rps=10, replicas=8, mean_wanted=3000), spec, STEADY, NOW)
-    assert plan.admitted_requests_per_second is None
-    assert plan.token_limit < 2000
+    plan = decide_for(observe(rps=10, replicas=8, mean_wanted=3000), spec, STEADY, NOW)
+    assert plan.plan.admitted_requests_per_second is None
+    assert plan.plan.token_limit < 2000
     assert "BudgetLimited" in reasons(plan)
     # At 200 req/s even the minimum limit does not fit: demand is capped, at the minimum limit.
-    flood = decide(observe(rps=200, replicas=8, mean_wanted=3000), spec, STEADY, NOW)
-    assert flood.token_limit == 64
-    assert flood.admitted_requests_per_second is not None and flood.admitted_requests_per_second < 200
+    flood = decide_for(observe(rps=200, replicas=8, mean_wanted=3000), spec, STEADY, NOW)
+    assert flood.plan.token_limit == 64
+    assert flood.plan.admitted_requests_per_second is not None and flood.plan.admitted_requests_per_second < 200
     assert "AdmissionCapped" in reasons(flood)
 
 
@@ -105,10 +104,10 @@ def test_pacing_of_a_daily_budget(spent, expect_paced_low):
     state = STEADY.model_copy(
         update={"ledger": Ledger(period_start=start, spent=spent, accrued_at=NOW, rate_per_hour=0.0)}
     )
-    plan = decide(observe(rps=30, replicas=32, nodes={"pool-a": 8}), spec, state, NOW)
+    plan = decide_for(observe(rps=30, replicas=32, nodes={"pool-a": 8}), spec, state, NOW)
     hours_left = (end - NOW).total_seconds() / 3600
-    assert plan.allowed_spend_per_hour == pytest.approx(1.5 * (2400 - spent) / hours_left)
-    assert plan.expected_spend_per_hour <= plan.allowed_spend_per_hour
+    assert plan.plan.allowed_spend_per_hour == pytest.approx(1.5 * (2400 - spent) / hours_left)
+    assert plan.plan.expected_spend_per_hour <= plan.plan.allowed_spend_per_hour
     assert ("BudgetLimited" in reasons(plan)) == expect_paced_low
 
 
@@ -122,10 +121,10 @@ def test_scale_down_stabilisation(seconds_since_high, expect_held):
             ]
         }
     )
-    plan = decide(observe(rps=0.5, replicas=10, nodes={"pool-a": 3}), spec, state, NOW)
+    plan = decide_for(observe(rps=0.5, replicas=10, nodes={"pool-a": 3}), spec, state, NOW)
     assert ("ScaleDownStabilization" in reasons(plan)) == expect_held
-    assert (plan.replicas == 10) == expect_held
-    assert plan.replicas <= 10
+    assert (plan.plan.replicas == 10) == expect_held
+    assert plan.plan.replicas <= 10
 
 
 @pytest.mark.parametrize(("recent_added", "want_cap"), [(0, 8), (4, 4)])
@@ -133,13 +132,13 @@ def test_scale_up_rate_limit(recent_added, want_cap):
     # From 4 replicas, policy max(4 replicas, 100%) per 60 s: up to 8 -- unless 4 were just added.
     spec = make_spec(behavior={"scaleUp": {"maxReplicasPerPeriod": 4, "maxPercentPerPeriod": 100, "periodSeconds": 60}})
     ups = [ScaleUpEvent(at=NOW - timedelta(seconds=10), added=recent_added)] if recent_added else []
-    plan = decide(observe(rps=30, replicas=4), spec, STEADY.model_copy(update={"scale_ups": ups}), NOW)
+    plan = decide_for(observe(rps=30, replicas=4), spec, STEADY.model_copy(update={"scale_ups": ups}), NOW)
     assert "ScaleUpLimit" in reasons(plan)
-    assert plan.replicas == want_cap
+    assert plan.plan.replicas == want_cap
 
 
 def test_small_scale_up_is_not_limited():
-    plan = decide(observe(rps=1.2, replicas=2, mean_wanted=2000), make_spec(), STEADY, NOW)
+    plan = decide_for(observe(rps=1.2, replicas=2, mean_wanted=2000), make_spec(), STEADY, NOW)
     assert "ScaleUpLimit" not in reasons(plan)
 
 
@@ -157,37 +156,37 @@ def test_fallback_on_stale_metrics(missing_for, action, expect_replicas, expect_
     spec = make_spec(behavior={"fallback": fallback})
     state = STEADY.model_copy(update={"metrics_missing_since": NOW - timedelta(seconds=missing_for)})
     stale = observe(rps=50, replicas=6, at=NOW - timedelta(seconds=600))
-    plan = decide(stale, spec, state, NOW)
-    assert plan.replicas == expect_replicas
+    plan = decide_for(stale, spec, state, NOW)
+    assert plan.plan.replicas == expect_replicas
     assert expect_reason in reasons(plan)
-    assert not plan.metrics_available
+    assert not plan.plan.metrics_available
     assert plan.next_state.metrics_missing_since == state.metrics_missing_since
 
 
 def test_fallback_never_scales_up():
     spec = make_spec(behavior={"fallback": {"afterSeconds": 0, "action": "ScaleTo", "replicas": 20}})
-    plan = decide(observe(rps=None, replicas=3), spec, STEADY, NOW)
-    assert plan.replicas == 3
+    plan = decide_for(observe(rps=None, replicas=3), spec, STEADY, NOW)
+    assert plan.plan.replicas == 3
 
 
 def test_metrics_recover_clears_missing_since():
     state = STEADY.model_copy(update={"metrics_missing_since": NOW - timedelta(seconds=30)})
-    plan = decide(observe(rps=1.0, replicas=2), make_spec(), state, NOW)
-    assert plan.metrics_available and plan.next_state.metrics_missing_since is None
+    plan = decide_for(observe(rps=1.0, replicas=2), make_spec(), state, NOW)
+    assert plan.plan.metrics_available and plan.next_state.metrics_missing_since is None
 
 
 def test_capacity_catching_up_lowers_limit_until_replicas_are_ready():
     spec = make_spec()
-    starting = decide(observe(rps=4, replicas=8, ready=2, mean_wanted=3000), spec, STEADY, NOW)
-    ready = decide(observe(rps=4, replicas=8, ready=8, mean_wanted=3000), spec, STEADY, NOW)
+    starting = decide_for(observe(rps=4, replicas=8, ready=2, mean_wanted=3000), spec, STEADY, NOW)
+    ready = decide_for(observe(rps=4, replicas=8, ready=8, mean_wanted=3000), spec, STEADY, NOW)
     assert "CapacityCatchingUp" in reasons(starting)
-    assert starting.token_limit < ready.token_limit
+    assert starting.plan.token_limit < ready.plan.token_limit
 
 
 def test_token_limit_step_up_is_bounded():
     state = STEADY.model_copy(update={"token_limit": 256})
-    plan = decide(observe(rps=0.2, replicas=2), make_spec(), state, NOW)
-    assert plan.token_limit == 512
+    plan = decide_for(observe(rps=0.2, replicas=2), make_spec(), state, NOW)
+    assert plan.plan.token_limit == 512
     assert "TokenStepUpLimit" in reasons(plan)
 
 
@@ -201,7 +200,7 @@ def test_unconstrained_limit_follows_the_marginal_rule():
     )
     c = cost_per_token(spec.node_pools[0], 1)
     l_star = 0.002 * 0.08 / c
-    plan = decide(
+    plan = decide_for(
         observe(rps=400, replicas=10_000, mean_wanted=1e9, nodes={"pool-a": 2000}),
         spec,
         ControllerState(),
@@ -210,15 +209,15 @@ def test_unconstrained_limit_follows_the_marginal_rule():
     # L* is on the grid, but spend is a step function of whole nodes: at ~30 nodes one node is
     # ~3% of spend, which moves the optimum by about that much around L*. Allow 2**(1/8) (one
     # grid step, 9%) either way.
-    assert abs(math.log2(plan.token_limit / l_star)) <= 1 / 8, (plan.token_limit, l_star)
+    assert abs(math.log2(plan.plan.token_limit / l_star)) <= 1 / 8, (plan.plan.token_limit, l_star)
 
 
 def test_min_nodes_yield_to_the_ceiling():
     pool = {**make_spec().node_pools[0].model_dump(by_alias=True), "minNodes": 4}
     spec = make_spec(nodePools=[pool], budget={"ceiling": {"amount": 20}})
-    plan = decide(observe(rps=1, replicas=4, nodes={"pool-a": 4}), spec, STEADY, NOW)
+    plan = decide_for(observe(rps=1, replicas=4, nodes={"pool-a": 4}), spec, STEADY, NOW)
     assert "CeilingBelowMinimum" in reasons(plan)
-    assert plan.expected_spend_per_hour <= 20
+    assert plan.plan.expected_spend_per_hour <= 20
 
 
 def test_two_pools_fill_cheapest_tokens_first():
@@ -226,27 +225,27 @@ def test_two_pools_fill_cheapest_tokens_first():
     spot = {**base, "name": "spot", "pricePerGpuHour": 1.0, "capacityType": "Spot", "maxNodes": 2}
     ondemand = {**base, "name": "ondemand", "pricePerGpuHour": 3.0, "maxNodes": 8}
     spec = make_spec(nodePools=[ondemand, spot], budget={"ceiling": {"amount": 1000}})
-    plan = decide(observe(rps=20, replicas=16, nodes={"spot": 2, "ondemand": 2}), spec, STEADY, NOW)
-    alloc = {a.pool: a for a in plan.pools}
+    plan = decide_for(observe(rps=20, replicas=16, nodes={"spot": 2, "ondemand": 2}), spec, STEADY, NOW)
+    alloc = {a.pool: a for a in plan.plan.pools}
     assert alloc["spot"].nodes == 2 and alloc["spot"].replicas == 8
-    assert alloc["ondemand"].replicas == plan.replicas - 8
+    assert alloc["ondemand"].replicas == plan.plan.replicas - 8
 
 
 def test_ledger_is_carried_and_accrued():
     spec = make_spec()
-    first = decide(observe(rps=1, replicas=4, nodes={"pool-a": 1}), spec, STEADY, NOW)
+    first = decide_for(observe(rps=1, replicas=4, nodes={"pool-a": 1}), spec, STEADY, NOW)
     later = NOW + timedelta(minutes=30)
-    second = decide(observe(rps=1, replicas=4, nodes={"pool-a": 1}, at=later), spec, first.next_state, later)
+    second = decide_for(observe(rps=1, replicas=4, nodes={"pool-a": 1}, at=later), spec, first.next_state, later)
     assert second.next_state.ledger.spent == pytest.approx(8.0 * 0.5)
 
 
 def test_recommend_and_enforce_plan_alike():
-    enforce = decide(observe(rps=3), make_spec(mode="Enforce"), STEADY, NOW)
-    recommend = decide(observe(rps=3), make_spec(mode="Recommend"), STEADY, NOW)
-    assert enforce.model_dump() == recommend.model_dump()
+    enforce = decide_for(observe(rps=3), make_spec(mode="Enforce"), STEADY, NOW)
+    recommend = decide_for(observe(rps=3), make_spec(mode="Recommend"), STEADY, NOW)
+    assert enforce.plan.model_dump() == recommend.plan.model_dump()
 
 
 def test_free_slots_on_paid_nodes_are_filled():
     # 5 replicas' worth of demand needs 2 four-GPU nodes; the 3 other slots on them cost nothing.
-    plan = decide(observe(rps=2.2, replicas=8, nodes={"pool-a": 2}, mean_wanted=1e9), make_spec(), STEADY, NOW)
-    assert plan.nodes_by_pool()["pool-a"] * 4 == plan.replicas
+    plan = decide_for(observe(rps=2.2, replicas=8, nodes={"pool-a": 2}, mean_wanted=1e9), make_spec(), STEADY, NOW)
+    assert plan.plan.nodes_by_pool()["pool-a"] * 4 == plan.plan.replicas

@@ -10,11 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelbudget.api import ControllerState, ModelBudgetSpec
-from modelbudget.core import DemandSample, Observation, decide
+from modelbudget.core import DemandSample, Observation, resolve
 from modelbudget.core.capacity import spend_of
-from modelbudget.core.curve import resolve_curve
-from modelbudget.core.planner import token_bounds
-from tests.builders import NOW, exponential_profile
+from modelbudget.core.generation import GenerationProfile
+from tests.builders import NOW, decide_for
 
 pools = st.lists(
     st.fixed_dictionaries(
@@ -82,7 +81,7 @@ def observations(draw, spec: ModelBudgetSpec):
         demand=DemandSample(
             at=NOW if metrics_ok else draw(st.one_of(st.none(), st.just(NOW - timedelta(hours=1)))),
             request_rate=draw(st.floats(0, 500)) if metrics_ok else draw(rate),
-            generation=exponential_profile(draw(st.floats(1, 20000))) if draw(st.booleans()) else None,
+            generation=GenerationProfile.exponential(draw(st.floats(1, 20000))) if draw(st.booleans()) else None,
             generated_tokens_per_request=draw(st.one_of(st.floats(1, 20000), bad_number)),
             requests_waiting=draw(st.one_of(st.floats(0, 1000), bad_number)),
             error=None if metrics_ok or draw(st.booleans()) else "connection refused",
@@ -90,22 +89,23 @@ def observations(draw, spec: ModelBudgetSpec):
     )
 
 
-def check_invariants(plan, obs, spec, state):
-    lo, hi = token_bounds(spec, resolve_curve(spec.curve))
+def check_invariants(decision, obs, spec, state):
+    resolved = resolve(spec)
+    lo, hi = resolved.token_min, resolved.token_max
     # 1. the plan's spend never exceeds the allowed rate
-    assert plan.expected_spend_per_hour <= plan.allowed_spend_per_hour + 1e-6
-    assert spend_of(plan.nodes_by_pool(), spec) == plan.expected_spend_per_hour
+    assert decision.plan.expected_spend_per_hour <= decision.plan.allowed_spend_per_hour + 1e-6
+    assert spend_of(decision.plan.nodes_by_pool(), spec) == decision.plan.expected_spend_per_hour
     # token limit within bounds; replicas and nodes within the spec's limits
-    assert lo <= plan.token_limit <= hi
-    assert plan.replicas <= spec.replicas.max
-    for alloc in plan.pools:
+    assert lo <= decision.plan.token_limit <= hi
+    assert decision.plan.replicas <= spec.replicas.max
+    for alloc in decision.plan.pools:
         assert 0 <= alloc.nodes <= spec.pool(alloc.pool).max_nodes
     # 2. metrics that cannot be trusted never raise replicas
-    if not plan.metrics_available:
-        assert plan.replicas <= obs.current_replicas
+    if not decision.plan.metrics_available:
+        assert decision.plan.replicas <= obs.current_replicas
         previous = state.token_limit or obs.current_token_limit
         if previous is not None:
-            assert plan.token_limit <= max(min(previous, hi), lo)
+            assert decision.plan.token_limit <= max(min(previous, hi), lo)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,7 +113,7 @@ def check_invariants(plan, obs, spec, state):
 def test_safety_rules_hold_for_one_decision(data):
     spec = data.draw(specs())
     obs = data.draw(observations(spec))
-    plan = decide(obs, spec, ControllerState(), NOW)
+    plan = decide_for(obs, spec, ControllerState(), NOW)
     check_invariants(plan, obs, spec, ControllerState())
 
 
@@ -128,7 +128,7 @@ def test_safety_rules_hold_over_a_sequence(data):
         obs = data.draw(observations(spec))
         if obs.demand.at == NOW:  # keep trusted samples fresh as time moves on
             obs = replace(obs, demand=replace(obs.demand, at=now))
-        plan = decide(obs, spec, state, now)
+        plan = decide_for(obs, spec, state, now)
         check_invariants(plan, obs, spec, state)
         assert plan.next_state.ledger is not None and plan.next_state.ledger.spent >= 0
         state = plan.next_state
@@ -139,7 +139,7 @@ def test_safety_rules_hold_over_a_sequence(data):
 def test_decide_is_deterministic(data):
     spec = data.draw(specs())
     obs = data.draw(observations(spec))
-    first = decide(obs, spec, ControllerState(), NOW)
-    second = decide(obs, spec, ControllerState(), NOW)
-    assert first.model_dump() == second.model_dump()
+    first = decide_for(obs, spec, ControllerState(), NOW)
+    second = decide_for(obs, spec, ControllerState(), NOW)
+    assert first.plan.model_dump() == second.plan.model_dump()
     assert first.next_state == second.next_state

@@ -94,7 +94,7 @@ def test_credentials_are_sent_and_never_reported(
     assert seen and all(a in (f"Bearer {TOKEN}", f"Basic {BASIC}") for a in seen)  # sent, and right
     metrics = next(c for c in out.status_patch["conditions"] if c["type"] == "MetricsAvailable")
     assert "HTTP Status Code 500" in metrics["message"]  # the failure is reported...
-    reported = json.dumps(out.status_patch) + repr(out.events) + repr(out.errors) + caplog.text
+    reported = json.dumps(out.status_patch) + repr(out.events) + repr(out.problems) + caplog.text
     for secret in SECRET_VALUES:
         assert secret not in reported  # ...without what authenticated the request
 
@@ -114,9 +114,10 @@ def test_the_operator_metrics_carry_no_secrets_or_urls(prometheus: tuple[str, li
         },
     )
     out = asyncio.run(Reconciler(cluster.adapters).reconcile(ObjectRef("demo", "llm", 1), spec, {}, None, T0))
-    assert out.spec is not None and out.plan is not None and out.observation is not None
-    telemetry.record("demo", "llm", out.spec, out.observation, out.plan, 8.0)
-    for reason in out.errors:
+    done = out.reconciled
+    assert done is not None
+    telemetry.record("demo", "llm", done.resolved.spec, done.observation, done.decision, out.status.conditions, None)
+    for reason in out.problems:
         telemetry.ERRORS.labels(reason).inc()
     exposed = prometheus_client.generate_latest().decode()
     assert 'modelbudget_replicas{name="llm",namespace="demo",state="planned"}' in exposed

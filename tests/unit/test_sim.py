@@ -23,7 +23,7 @@ from modelbudget.sim.world import QUEUED, REJECTED, SERVED, TIMED_OUT
 FAST = SimConfig(warmup=300.0)
 
 
-def make_spec(**over: Any) -> ModelBudgetSpec:
+def sim_spec(**over: Any) -> ModelBudgetSpec:
     """One pool of 1-GPU nodes ($2/h, 2000 tok/s per replica) unless overridden."""
     doc: dict[str, Any] = {
         "targetRef": {"name": "m"},
@@ -69,7 +69,7 @@ def bursty(seconds: float, seed: int) -> Trace:
 
 def test_requests_and_dollars_are_conserved() -> None:
     # A ceiling of three nodes under bursts: queues, timeouts and admission caps all happen.
-    spec = make_spec(budget={"ceiling": {"amount": 6, "period": "Hour"}, "valuePerPoint": 0.01})
+    spec = sim_spec(budget={"ceiling": {"amount": 6, "period": "Hour"}, "valuePerPoint": 0.01})
     work = Workload.of(bursty(900, seed=1), 1.0, FAST.warmup)
     price = spec.node_pools[0].price_per_gpu_hour * spec.node_pools[0].gpus_per_node
     for policy in ("planner", "hpa", "keda", "static", "oracle"):
@@ -87,11 +87,11 @@ def test_requests_and_dollars_are_conserved() -> None:
 def test_planner_reaches_the_analytic_optimum_on_constant_demand() -> None:
     # Every request wants more than the top limit, so G(L) = L and the optimum is L* = v*b/c.
     rate, mu, price = 20.0, 2000.0, 2.0
-    spec0 = make_spec()
+    spec0 = sim_spec()
     c = cost_per_token(spec0.node_pools[0], 1)
     target = 4000.0
     v = target * c / 0.08  # so that L* = v*b/c = 4000, inside [128, 16384]
-    spec = make_spec(budget={"ceiling": {"amount": 1000, "period": "Hour"}, "valuePerPoint": v})
+    spec = sim_spec(budget={"ceiling": {"amount": 1000, "period": "Hour"}, "valuePerPoint": v})
     work = Workload.of(synthetic(rate, 1200.0, 100_000.0), 1.0, 600.0)
     run = run_policy(spec, work, "planner", SimConfig(warmup=600.0))
 
@@ -113,7 +113,7 @@ def test_planner_reaches_the_analytic_optimum_on_constant_demand() -> None:
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_no_policy_beats_the_oracle_on_score_at_no_more_spend(seed: int) -> None:
-    spec = make_spec(
+    spec = sim_spec(
         budget={"ceiling": {"amount": 30, "period": "Hour"}, "valuePerPoint": 0.004},
         nodePools=[
             {
@@ -139,7 +139,7 @@ def test_no_policy_beats_the_oracle_on_score_at_no_more_spend(seed: int) -> None
 @pytest.mark.parametrize("period", ["Hour", "Day"])
 def test_planner_never_shows_a_minute_over_the_ceiling(period: str) -> None:
     amount = 10.0 if period == "Hour" else 150.0
-    spec = make_spec(budget={"ceiling": {"amount": amount, "period": period}, "valuePerPoint": 0.05})
+    spec = sim_spec(budget={"ceiling": {"amount": amount, "period": period}, "valuePerPoint": 0.05})
     trace = bursty(1800, seed=5)
     if period == "Day":  # late in the day the paced allowance is tight
         trace = repeat_daily(trace, 1.0, 0.3, seed=0, start_of_day=22 * 3600)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from kubernetes.client.exceptions import ApiException
-
-from modelbudget.adapters.kube import KubeClients, is_not_found
+from modelbudget.adapters.errors import NotFound
+from modelbudget.adapters.kube import KubeClients, kube_errors
 
 KEDA = ("keda.sh", "v1alpha1", "scaledobjects")
 
@@ -34,16 +33,17 @@ class KubeConflictFinder:
 
     def find(self, namespace: str, deployment: str) -> list[str]:
         found = []
-        for hpa in self._autoscaling.list_namespaced_horizontal_pod_autoscaler(namespace).items:
+        with kube_errors(f"listing HorizontalPodAutoscalers in {namespace}"):
+            hpas = self._autoscaling.list_namespaced_horizontal_pod_autoscaler(namespace).items
+        for hpa in hpas:
             ref = hpa.spec.scale_target_ref
             if ref.kind == "Deployment" and ref.name == deployment and hpa.metadata is not None:
                 found.append(f"HorizontalPodAutoscaler/{hpa.metadata.name}")
         scaled: Any
         try:
-            scaled = self._custom.list_namespaced_custom_object(*KEDA[:2], namespace, KEDA[2])
-        except ApiException as exc:
-            if not is_not_found(exc):  # KEDA not installed: nothing to conflict with
-                raise
+            with kube_errors(f"listing ScaledObjects in {namespace}"):
+                scaled = self._custom.list_namespaced_custom_object(*KEDA[:2], namespace, KEDA[2])
+        except NotFound:  # KEDA not installed: nothing to conflict with
             scaled = {"items": []}
         for obj in scaled.get("items", []):
             if _targets(obj.get("spec", {}).get("scaleTargetRef"), deployment):

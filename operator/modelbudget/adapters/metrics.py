@@ -157,7 +157,6 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSam
         ("prompt", q.prompt_tokens_rate),
         ("generated", q.generation_tokens_rate),
         ("waiting", q.requests_waiting),
-        ("running", q.requests_running),
         ("latency", q.latency_p95),
     ):
         try:
@@ -175,7 +174,6 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSam
         generated_tokens_per_request=_per_request(optional["generated"], rate),
         generation=_profile(buckets, truncated),
         requests_waiting=optional["waiting"],
-        requests_running=optional["running"],
         latency_p95_seconds=optional["latency"],
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from modelbudget.adapters.kube import KubeClients
+from modelbudget.adapters.kube import KubeClients, kube_errors
 from modelbudget.api.spec import NodePool, ProviderKind, ProviderRef
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -61,7 +61,9 @@ def sized_nodes(kind: ProviderKind, obj: dict[str, Any], gpus_per_node: int) -> 
 class NodePools(Protocol):
     def count_nodes(self, selector: dict[str, str]) -> int: ...
 
-    def sized_to(self, pool: NodePool, namespace: str) -> int | None: ...
+    def sized_to(self, pool: NodePool, namespace: str) -> int | None:
+        """Raises ``NotFound`` when the provider object (or its CRD) does not exist."""
+        ...
 
     def resize(self, pool: NodePool, namespace: str, nodes: int) -> None: ...
 
@@ -73,7 +75,8 @@ class KubeNodePools:
 
     def count_nodes(self, selector: dict[str, str]) -> int:
         labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        return len(self._core.list_node(label_selector=labels).items)
+        with kube_errors(f"listing Nodes {labels}"):
+            return len(self._core.list_node(label_selector=labels).items)
 
     @staticmethod
     def _ref(pool: NodePool) -> ProviderRef:
@@ -84,12 +87,13 @@ class KubeNodePools:
     def _get(self, ref: ProviderRef, namespace: str) -> dict[str, Any]:
         api = PROVIDERS[ref.kind]
         obj: Any
-        if api.namespaced:
-            obj = self._custom.get_namespaced_custom_object(
-                api.group, api.version, ref.namespace or namespace, api.plural, ref.name
-            )
-        else:
-            obj = self._custom.get_cluster_custom_object(api.group, api.version, api.plural, ref.name)
+        with kube_errors(f"{ref.kind.value} {ref.name}"):
+            if api.namespaced:
+                obj = self._custom.get_namespaced_custom_object(
+                    api.group, api.version, ref.namespace or namespace, api.plural, ref.name
+                )
+            else:
+                obj = self._custom.get_cluster_custom_object(api.group, api.version, api.plural, ref.name)
         return dict(obj)
 
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
@@ -100,9 +104,10 @@ class KubeNodePools:
         ref = self._ref(pool)
         api = PROVIDERS[ref.kind]
         body = api.size_patch(ref.kind, nodes, pool.gpus_per_node)
-        if api.namespaced:
-            self._custom.patch_namespaced_custom_object(
-                api.group, api.version, ref.namespace or namespace, api.plural, ref.name, body
-            )
-        else:
-            self._custom.patch_cluster_custom_object(api.group, api.version, api.plural, ref.name, body)
+        with kube_errors(f"resizing {ref.kind.value} {ref.name}"):
+            if api.namespaced:
+                self._custom.patch_namespaced_custom_object(
+                    api.group, api.version, ref.namespace or namespace, api.plural, ref.name, body
+                )
+            else:
+                self._custom.patch_cluster_custom_object(api.group, api.version, api.plural, ref.name, body)

@@ -8,14 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from kubernetes.client.exceptions import ApiException
-
-from modelbudget.adapters.kube import KubeClients
+from modelbudget.adapters.errors import AdapterError
+from modelbudget.adapters.kube import KubeClients, kube_errors
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.api.spec import Metrics
 
 
-class SecretMissing(Exception):
+class SecretMissing(AdapterError):
     """A referenced Secret or key does not exist; the message names it, never its content."""
 
 
@@ -29,9 +28,10 @@ class KubeSecrets:
 
     def read(self, namespace: str, name: str, key: str) -> str:
         try:
-            secret = self._core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            raise SecretMissing(f"Secret {namespace}/{name}: HTTP {exc.status}") from None
+            with kube_errors(f"Secret {namespace}/{name}"):
+                secret = self._core.read_namespaced_secret(name, namespace)
+        except AdapterError as exc:
+            raise SecretMissing(str(exc)) from None
         data = secret.data or {}
         if key not in data:
             raise SecretMissing(f"Secret {namespace}/{name} has no key {key!r}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from modelbudget.adapters.kube import KubeClients, is_not_found
+from modelbudget.adapters.errors import NotFound
+from modelbudget.adapters.kube import KubeClients, kube_errors
 from modelbudget.api.spec import TokenLimitPublish
 
 ANNOTATION = "modelbudget.dev/max-tokens"
@@ -35,12 +35,12 @@ class KubeTokenLimitSink:
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> int | None:
         """The limit in force (``None``: never published, or not a number)."""
+        name = config_map_name(publish, target)
         try:
-            cm = self._core.read_namespaced_config_map(config_map_name(publish, target), namespace)
-        except ApiException as exc:
-            if is_not_found(exc):
-                return None
-            raise
+            with kube_errors(f"ConfigMap {namespace}/{name}"):
+                cm = self._core.read_namespaced_config_map(name, namespace)
+        except NotFound:
+            return None
         raw = (cm.data or {}).get(publish.config_map.key)
         try:
             return int(raw) if raw is not None else None
@@ -51,14 +51,15 @@ class KubeTokenLimitSink:
         name = config_map_name(publish, target)
         data = {publish.config_map.key: str(limit)}
         try:
-            self._core.patch_namespaced_config_map(name, namespace, {"data": data})
-        except ApiException as exc:
-            if not is_not_found(exc):
-                raise
-            self._core.create_namespaced_config_map(
-                namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), data=data)
-            )
+            with kube_errors(f"ConfigMap {namespace}/{name}"):
+                self._core.patch_namespaced_config_map(name, namespace, {"data": data})
+        except NotFound:
+            with kube_errors(f"creating ConfigMap {namespace}/{name}"):
+                self._core.create_namespaced_config_map(
+                    namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), data=data)
+                )
         if publish.pod_template_annotation:
-            self._apps.patch_namespaced_deployment(
-                target, namespace, {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: str(limit)}}}}}
-            )
+            with kube_errors(f"annotating Deployment {namespace}/{target}"):
+                self._apps.patch_namespaced_deployment(
+                    target, namespace, {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: str(limit)}}}}}
+                )

@@ -281,7 +281,6 @@ class Queries(ApiModel):
     generation_tokens_histogram: PromQL = (
         "sum by (le) (rate(vllm:request_generation_tokens_bucket{$selector}[$window]))"
     )
-    requests_running: PromQL = "sum(vllm:num_requests_running{$selector})"
     requests_waiting: PromQL = "sum(vllm:num_requests_waiting{$selector})"
     latency_p95: PromQL = (
         "histogram_quantile(0.95, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{$selector}[$window])))"

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
+from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ApiModel
 
 
@@ -51,7 +52,7 @@ class PlanReason(StatusModel):
     """A bound that held a knob back, or a rule that chose its value; ``reason`` is stable."""
 
     knob: Knob
-    reason: str = Field(max_length=64)
+    reason: Reason
     message: str = Field(max_length=1024)
 
 
@@ -106,15 +107,12 @@ class Plan(StatusModel):
     metrics_available: bool
     reasons: list[PlanReason] = Field(default_factory=list)
     decided_at: datetime
-    next_state: ControllerState = Field(
-        default_factory=ControllerState, exclude=True, description="The state the caller persists."
-    )
 
     def nodes_by_pool(self) -> dict[str, int]:
         return {a.pool: a.nodes for a in self.pools}
 
-    def has_reason(self, reason: str) -> bool:
-        return any(r.reason == reason for r in self.reasons)
+    def has_reason(self, reason: Reason) -> bool:
+        return any(r.reason is reason for r in self.reasons)
 
 
 class SpendStatus(StatusModel):

@@ -14,7 +14,8 @@ from modelbudget.api import ControllerState, ModelBudgetSpec, Plan
 from modelbudget.api.status import Ledger
 from modelbudget.cli import CliError
 from modelbudget.cli.common import load_manifest
-from modelbudget.core import DemandSample, Observation, decide
+from modelbudget.core import DemandSample, Observation, decide, resolve
+from modelbudget.core.curve import CurveFitError
 from modelbudget.core.generation import QUANTILES, GenerationProfile
 from modelbudget.core.pacing import period_bounds
 
@@ -70,8 +71,7 @@ def build_inputs(
     if unknown:
         raise CliError(f"no node pool named {', '.join(sorted(unknown))} in this ModelBudget")
     if "meanWantedTokens" in observed:
-        q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-        profile = GenerationProfile(-np.log1p(-q) * observed["meanWantedTokens"])
+        profile = GenerationProfile.exponential(observed["meanWantedTokens"])
     else:
         profile = GenerationProfile(np.full(QUANTILES, np.inf))
     limit = observed.get("tokenLimit")
@@ -112,7 +112,7 @@ def render(plan: Plan, name: str, console: Console) -> None:
         for col in ("knob", "reason", "detail"):
             why.add_column(col)
         for r in plan.reasons:
-            why.add_row(r.knob.value, r.reason, r.message)
+            why.add_row(r.knob.value, r.reason.value, r.message)
         console.print(why)
 
 
@@ -127,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     obs, state = build_inputs(manifest.spec, args.demand_rps, _parse_observed(args.observed), now)
-    plan = decide(obs, manifest.spec, state, now)
+    try:
+        resolved = resolve(manifest.spec)
+    except CurveFitError as exc:
+        raise CliError(f"{args.file}: curve.samples: {exc}") from exc
+    plan = decide(obs, resolved, state, now).plan
     if args.output == "json":
         print(json.dumps(plan.model_dump(mode="json", by_alias=True), indent=2))
     else:

@@ -83,13 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
     from modelbudget.adapters.conflicts import KubeConflictFinder
     from modelbudget.adapters.kube import KubeClients
+    from modelbudget.adapters.lease import KubeLeaseStore
     from modelbudget.adapters.metrics import PrometheusMetrics
     from modelbudget.adapters.nodepools import KubeNodePools
     from modelbudget.adapters.scaler import DeploymentScaler
     from modelbudget.adapters.secrets import KubeSecrets
     from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
     from modelbudget.controller import handlers, telemetry
-    from modelbudget.controller.leader import KubeLeaseStore, LeaderElector, default_identity
+    from modelbudget.controller.leader import LeaderElector, default_identity
     from modelbudget.controller.reconciler import Adapters, Reconciler
 
     if args.interval <= 0 or args.status_heartbeat <= 0:
@@ -106,16 +107,17 @@ def run(args: argparse.Namespace) -> int:
         conflicts=KubeConflictFinder(kube),
     )
     elector = None
+    identity = args.identity or default_identity()
     if args.leader_election:
         duration = args.lease_duration
         elector = LeaderElector(
             KubeLeaseStore(kube, args.lease_namespace, args.lease_name),
-            args.identity or default_identity(),
+            identity,
             lease_duration=duration,
             renew_deadline=duration * 2 / 3,
             retry_period=duration / 7.5,
         )
-    runtime = handlers.Runtime(Reconciler(adapters, timedelta(seconds=args.status_heartbeat)), elector)
+    runtime = handlers.Runtime(Reconciler(adapters, timedelta(seconds=args.status_heartbeat)), elector, identity)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, runtime, args.interval)
     try:

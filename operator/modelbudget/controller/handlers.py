@@ -24,9 +24,9 @@ from modelbudget.api.spec import GROUP, PLURAL, VERSION
 from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
-from modelbudget.core.capacity import spend_of
 
 FINALIZER = "modelbudget.dev/finalizer"
+EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Runtime:
 
     reconciler: Reconciler
     elector: LeaderElector | None  # None: leader election disabled (one replica, development)
+    identity: str  # this process, as the Lease and the Events' reporting instance name it
 
     def leading(self) -> bool:
         return self.elector is None or self.elector.is_leader
@@ -54,6 +55,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.posting.loggers = False  # Events are posted explicitly, on changes only
+        settings.posting.reporting_component = EVENT_SOURCE
+        settings.posting.reporting_instance = runtime.identity
+        settings.posting.event_name_prefix = "modelbudget-"
         settings.watching.server_timeout = 300
         # The namespaces/CRDs to serve come from the command line; scanning would need cluster-wide
         # list rights on namespaces and CRDs that least-privilege RBAC does not grant.
@@ -72,6 +76,11 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
+    def forget(name: str, namespace: str | None, **_: Any) -> None:
+        # optional: never blocks a deletion; a missed one only leaves stale gauges until restart.
+        telemetry.forget(namespace or "", name)
 
     @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
     async def reconcile(
@@ -106,16 +115,26 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             return
         finally:
             telemetry.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        if outcome.state is not None:
-            memo.carried, memo.carried_term = outcome.state, term
         if outcome.status_patch:
             patch.status.update(outcome.status_patch)
         for note in outcome.events:
-            kopf.event(body, type=note.type, reason=note.reason, message=note.message)
-        for reason in outcome.errors:
-            telemetry.ERRORS.labels(reason).inc()
-        if outcome.spec is not None and outcome.plan is not None and outcome.observation is not None:
-            obs, spec = outcome.observation, outcome.spec
-            telemetry.record(namespace, name, spec, obs, outcome.plan, spend_of(obs.current_nodes, spec))
-        for action in outcome.actions:
+            kopf.event(body, type=note.type, reason=note.reason.value, message=note.message)
+        for problem in outcome.problems:
+            telemetry.ERRORS.labels(problem.value).inc()
+        done = outcome.reconciled
+        if done is None:
+            telemetry.record_conditions(namespace, name, outcome.status.conditions)
+            return
+        memo.carried, memo.carried_term = done.decision.next_state, term
+        spend = outcome.status.spend
+        telemetry.record(
+            namespace,
+            name,
+            done.resolved.spec,
+            done.observation,
+            done.decision,
+            outcome.status.conditions,
+            spend.projected_period_end if spend is not None else None,
+        )
+        for action in done.actions:
             logger.info("%s %s: %s -> %s", action.knob.value, action.target, action.before, action.after)

@@ -21,41 +21,12 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Protocol
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
-from modelbudget.adapters.kube import KubeClients
+from modelbudget.adapters.lease import LeaseRecord, LeaseStore
 
 log = logging.getLogger("modelbudget.leader")
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    holder: str | None
-    duration_seconds: int
-    acquired_at: datetime | None = None
-    renewed_at: datetime | None = None
-    transitions: int = 0
-    resource_version: str | None = None  # for optimistic concurrency
-
-    def same_term(self, other: LeaseRecord | None) -> bool:
-        return other is not None and (self.holder, self.renewed_at) == (other.holder, other.renewed_at)
-
-
-class LeaseStore(Protocol):
-    def get(self) -> LeaseRecord | None: ...
-
-    def create(self, record: LeaseRecord) -> bool:
-        """False if someone else created it first."""
-        ...
-
-    def update(self, record: LeaseRecord) -> bool:
-        """False if the record changed since it was read (``resource_version``)."""
-        ...
 
 
 def default_identity() -> str:
@@ -171,61 +142,3 @@ class LeaderElector:
             await loop.run_in_executor(self._thread, self.release)
             if on_change is not None:
                 on_change(False)
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=UTC)
-
-
-class KubeLeaseStore:
-    def __init__(self, kube: KubeClients, namespace: str, name: str) -> None:
-        self._api = kube.coordination
-        self.namespace = namespace
-        self.name = name
-
-    def get(self) -> LeaseRecord | None:
-        try:
-            lease = self._api.read_namespaced_lease(self.name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        spec = lease.spec or client.V1LeaseSpec()
-        return LeaseRecord(
-            holder=spec.holder_identity,
-            duration_seconds=spec.lease_duration_seconds or 15,
-            acquired_at=_aware(spec.acquire_time),
-            renewed_at=_aware(spec.renew_time),
-            transitions=spec.lease_transitions or 0,
-            resource_version=lease.metadata.resource_version if lease.metadata else None,
-        )
-
-    def _lease(self, r: LeaseRecord) -> client.V1Lease:
-        return client.V1Lease(
-            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace, resource_version=r.resource_version),
-            spec=client.V1LeaseSpec(
-                holder_identity=r.holder,
-                lease_duration_seconds=r.duration_seconds,
-                acquire_time=r.acquired_at,
-                renew_time=r.renewed_at,
-                lease_transitions=r.transitions,
-            ),
-        )
-
-    def create(self, record: LeaseRecord) -> bool:
-        try:
-            self._api.create_namespaced_lease(self.namespace, self._lease(record))
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
-
-    def update(self, record: LeaseRecord) -> bool:
-        try:
-            self._api.replace_namespaced_lease(self.name, self.namespace, self._lease(record))
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True

@@ -12,25 +12,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from modelbudget.adapters.conflicts import ConflictFinder
+from modelbudget.adapters.errors import AdapterError, NotFound
 from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
 from modelbudget.adapters.scaler import Scaler, ScaleState
 from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
 from modelbudget.adapters.tokenlimit import TokenLimitSink, config_map_name
+from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool
-from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus, Plan
+from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus
 from modelbudget.controller import status as st
-from modelbudget.core import Observation, decide
-from modelbudget.core.curve import CurveFitError, LogCurve, resolve_curve
-from modelbudget.core.observation import DemandSample, assess
+from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
+from modelbudget.core.curve import CurveFitError
+from modelbudget.core.observation import DemandSample
 
 T = TypeVar("T")
 DEFAULT_HEARTBEAT = timedelta(seconds=60)
@@ -58,16 +59,27 @@ class ObjectRef:
     generation: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class Reconciled:
+    """What one reconcile of a valid spec saw, decided and did."""
+
+    resolved: ResolvedSpec
+    observation: Observation
+    decision: Decision
+    actions: list[st.KnobChange]
+
+
+@dataclass(frozen=True)
 class Outcome:
+    status: ModelBudgetStatus  # as this reconcile sees it
     status_patch: dict[str, Any] | None  # merge patch for .status; None: nothing worth writing
-    events: list[st.EventNote] = field(default_factory=list)
-    spec: ModelBudgetSpec | None = None
-    observation: Observation | None = None
-    plan: Plan | None = None
-    state: ControllerState | None = None  # carry to the next tick (it may not have been written)
-    actions: list[st.Action] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # stable reasons, for the operator's metrics
+    events: list[st.EventNote]
+    problems: list[Reason]  # what went wrong this tick, for the operator's metrics
+    reconciled: Reconciled | None = None  # None: the spec is invalid, nothing was observed or done
+
+    @property
+    def actions(self) -> list[st.KnobChange]:
+        return self.reconciled.actions if self.reconciled is not None else []
 
 
 @dataclass(frozen=True)
@@ -81,21 +93,21 @@ class Cluster:
     conflicts: list[str]
 
 
-def _api_error(what: str, exc: Exception) -> str:
-    if isinstance(exc, ApiException):
-        return f"{what}: HTTP {exc.status} {exc.reason}"
-    return f"{what}: {type(exc).__name__}"
+def _failure(action: st.KnobChange, exc: Exception) -> str:
+    if isinstance(exc, AdapterError):
+        return str(exc)  # names the object and the HTTP status; safe to show
+    return f"{action.knob.value} {action.target}: {type(exc).__name__}"
 
 
-def parse_spec(raw: Mapping[str, Any]) -> tuple[ModelBudgetSpec, LogCurve] | str:
-    """The spec and its curve, or a message saying what is wrong with it."""
+def parse_spec(raw: Mapping[str, Any]) -> ResolvedSpec | str:
+    """The spec with its curve resolved, or a message saying what is wrong with it."""
     try:
         spec = ModelBudgetSpec.model_validate(dict(raw))
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()]
         return "; ".join(problems)[:1000]
     try:
-        return spec, resolve_curve(spec.curve)
+        return resolve(spec)
     except CurveFitError as exc:
         return f"curve.samples: {exc}"
 
@@ -139,73 +151,44 @@ class Reconciler:
         before, old_doc = previous_status(raw_status)
         parsed = parse_spec(raw_spec)
         if isinstance(parsed, str):
-            return self._invalid(before, old_doc, parsed, ref, now)
-        spec, curve = parsed
+            invalid = st.invalid_status(before, parsed, ref.generation, now)
+            return Outcome(
+                status=invalid,
+                status_patch=st.status_patch(old_doc, invalid, now, self.heartbeat),
+                events=st.events_for(before.conditions, invalid.conditions, []),
+                problems=[Reason.INVALID_SPEC],
+            )
+        resolved = parsed
+        spec = resolved.spec
         state = carried if carried is not None else before.controller_state
 
         cluster, sample = await asyncio.gather(
             self._observe_cluster(spec, ref.namespace), self._sample(spec, ref.namespace)
         )
         obs = _observation(cluster, sample)
-        plan = decide(obs, spec, state, now)
-        target_missing = None
-        if cluster.scale is None:
-            target_missing = f"Deployment {ref.namespace}/{spec.target_ref.name} not found"
+        decision = decide(obs, resolved, state, now)
 
-        actions: list[st.Action] = []
+        actions: list[st.KnobChange] = []
         failures: list[str] = []
         if spec.mode is Mode.ENFORCE and not cluster.conflicts and cluster.scale is not None:
-            actions, failures = await self._act(spec, ref.namespace, plan, cluster)
+            actions, failures = await self._act(spec, ref.namespace, decision, cluster)
 
-        # Recommend mode next to an HPA is a shadow run, not a conflict: it changes nothing.
-        conflicts = cluster.conflicts if spec.mode is Mode.ENFORCE else []
         facts = st.Facts(
             spec=spec,
             observation=obs,
-            verdict=assess(obs, spec, now),
-            plan=plan,
-            curve=curve,
-            conflicts=conflicts,
-            target_missing=target_missing,
+            decision=decision,
+            # Recommend mode next to an HPA is a shadow run, not a conflict: it changes nothing.
+            conflicts=cluster.conflicts if spec.mode is Mode.ENFORCE else [],
+            target_missing=None if cluster.scale else f"Deployment {ref.namespace}/{spec.target_ref.name} not found",
             failures=failures,
         )
         new = st.build_status(before, facts, ref.generation, now)
-        new_doc = st.status_document(new)
-        patch = st.merge_patch(old_doc, new_doc) if st.needs_write(old_doc, new_doc, now, self.heartbeat) else None
-        errors = [
-            r
-            for r, bad in (
-                ("TargetNotFound", target_missing),
-                ("ActuationFailed", failures),
-                ("ConflictingAutoscaler", conflicts),
-            )
-            if bad
-        ]
-        if not plan.metrics_available:
-            errors.append("MetricsUnavailable")
         return Outcome(
-            status_patch=patch,
+            status=new,
+            status_patch=st.status_patch(old_doc, new, now, self.heartbeat),
             events=st.events_for(before.conditions, new.conditions, actions),
-            spec=spec,
-            observation=obs,
-            plan=plan,
-            state=plan.next_state,
-            actions=actions,
-            errors=errors,
-        )
-
-    def _invalid(
-        self, before: ModelBudgetStatus, old_doc: dict[str, Any], message: str, ref: ObjectRef, now: datetime
-    ) -> Outcome:
-        conditions = st.merge_conditions(before.conditions, st.invalid_spec_conditions(message), ref.generation, now)
-        new_doc = {
-            **old_doc,
-            "observedGeneration": ref.generation,
-            "conditions": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions],
-        }
-        patch = st.merge_patch(old_doc, new_doc)
-        return Outcome(
-            status_patch=patch or None, events=st.events_for(before.conditions, conditions, []), errors=["InvalidSpec"]
+            problems=st.problems(facts),
+            reconciled=Reconciled(resolved, obs, decision, actions),
         )
 
     async def _observe_cluster(self, spec: ModelBudgetSpec, namespace: str) -> Cluster:
@@ -213,9 +196,7 @@ class Reconciler:
         pools = spec.node_pools
         try:
             scale: ScaleState | None = await self._call(a.scaler.get, namespace, target)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        except NotFound:
             scale = None
         counts, sizes, limit, conflicts = await asyncio.gather(
             asyncio.gather(*(self._call(a.node_pools.count_nodes, node_selector(p)) for p in pools)),
@@ -236,7 +217,7 @@ class Reconciler:
             return None
         try:
             return await self._call(self.adapters.node_pools.sized_to, pool, namespace)
-        except ApiException:
+        except AdapterError:
             return None  # a missing provider object is reported when resizing it fails
 
     async def _sample(self, spec: ModelBudgetSpec, namespace: str) -> DemandSample:
@@ -255,26 +236,26 @@ class Reconciler:
         self,
         spec: ModelBudgetSpec,
         namespace: str,
-        plan: Plan,
+        decision: Decision,
         cluster: Cluster,
-    ) -> tuple[list[st.Action], list[str]]:
+    ) -> tuple[list[st.KnobChange], list[str]]:
         """Apply the plan, fast knob first when it tightens: a lower limit takes effect in seconds,
         while fewer replicas or nodes take a while; a higher limit waits for the capacity."""
-        a, target = self.adapters, spec.target_ref.name
+        a, target, plan = self.adapters, spec.target_ref.name, decision.plan
         assert cluster.scale is not None
-        actions: list[st.Action] = []
+        actions: list[st.KnobChange] = []
         failures: list[str] = []
 
-        async def attempt(action: st.Action, fn: Callable[..., None], *args: Any) -> None:
+        async def attempt(action: st.KnobChange, fn: Callable[..., None], *args: Any) -> None:
             try:
                 await self._call(fn, *args)
                 actions.append(action)
             except Exception as exc:  # one knob failing must not keep the others from moving
-                failures.append(_api_error(f"{action.knob.value} {action.target}", exc))
+                failures.append(_failure(action, exc))
 
         publish = spec.token_limits.publish
         limit_before = cluster.token_limit
-        limit_action = st.Action(Knob.TOKEN_LIMIT, config_map_name(publish, target), limit_before, plan.token_limit)
+        limit_action = st.KnobChange(Knob.TOKEN_LIMIT, config_map_name(publish, target), limit_before, plan.token_limit)
         limit_changes = limit_before != plan.token_limit
         tightening = limit_before is None or plan.token_limit < limit_before
         if limit_changes and tightening:
@@ -289,17 +270,21 @@ class Reconciler:
         growing = [r for r in resizes if r[1] is None or r[2] > r[1]]
         shrinking = [r for r in resizes if r not in growing]
         for pool, size, nodes in growing:
-            await attempt(st.Action(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes)
+            await attempt(
+                st.KnobChange(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes
+            )
         if plan.replicas != cluster.scale.replicas:
             await attempt(
-                st.Action(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas),
+                st.KnobChange(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas),
                 a.scaler.set_replicas,
                 namespace,
                 target,
                 plan.replicas,
             )
         for pool, size, nodes in shrinking:
-            await attempt(st.Action(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes)
+            await attempt(
+                st.KnobChange(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes
+            )
         if limit_changes and not tightening:
             await attempt(limit_action, a.token_limits.publish, namespace, target, publish, plan.token_limit)
         return actions, failures

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from modelbudget.api.reasons import BUDGET_LIMITING, TROUBLES, Reason
 from modelbudget.api.spec import Mode, ModelBudgetSpec
 from modelbudget.api.status import (
     Condition,
@@ -28,12 +29,9 @@ from modelbudget.api.status import (
     Plan,
     SpendStatus,
 )
-from modelbudget.core.capacity import spend_of
-from modelbudget.core.curve import LogCurve
-from modelbudget.core.observation import MetricsVerdict, Observation
+from modelbudget.core.observation import Observation
 from modelbudget.core.pacing import projected_period_end
-
-BUDGET_REASONS = ("BudgetLimited", "AdmissionCapped", "CeilingBelowMinimum")
+from modelbudget.core.planner import Decision
 
 Status = Literal["True", "False", "Unknown"]
 
@@ -44,12 +42,12 @@ class Wanted:
 
     type: ConditionType
     status: Status
-    reason: str
+    reason: Reason
     message: str = ""
 
 
 @dataclass(frozen=True)
-class Action:
+class KnobChange:
     """A change the operator made to one knob."""
 
     knob: Knob
@@ -61,7 +59,7 @@ class Action:
 @dataclass(frozen=True)
 class EventNote:
     type: Literal["Normal", "Warning"]
-    reason: str
+    reason: Reason
     message: str
 
 
@@ -71,9 +69,7 @@ class Facts:
 
     spec: ModelBudgetSpec
     observation: Observation
-    verdict: MetricsVerdict
-    plan: Plan
-    curve: LogCurve
+    decision: Decision
     conflicts: Sequence[str] = ()
     target_missing: str | None = None
     failures: Sequence[str] = ()  # actuation errors, already free of secrets
@@ -104,78 +100,91 @@ def merge_conditions(
     return sorted(merged.values(), key=lambda c: order.index(c.type) if c.type in order else len(order))
 
 
-def invalid_spec_conditions(message: str) -> list[Wanted]:
-    return [
-        Wanted(ConditionType.READY, "False", "InvalidSpec", message),
-        Wanted(ConditionType.DEGRADED, "True", "InvalidSpec", message),
+def invalid_status(
+    previous: ModelBudgetStatus, message: str, generation: int | None, now: datetime
+) -> ModelBudgetStatus:
+    """An invalid spec touches only Ready and Degraded; the last plan and the ledger stay visible."""
+    wanted = [
+        Wanted(ConditionType.READY, "False", Reason.INVALID_SPEC, message),
+        Wanted(ConditionType.DEGRADED, "True", Reason.INVALID_SPEC, message),
     ]
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": merge_conditions(previous.conditions, wanted, generation, now),
+        }
+    )
 
 
-def _budget_condition(plan: Plan) -> Wanted:
-    limited = next((r for r in plan.reasons if r.reason in BUDGET_REASONS), None)
+def budget_condition(plan: Plan) -> Wanted:
+    given = {r.reason: r for r in plan.reasons}
+    limited = next((given[r] for r in BUDGET_LIMITING if r in given), None)
     if limited is None:
         return Wanted(
             ConditionType.BUDGET_LIMITED,
             "False",
-            "WithinBudget",
+            Reason.WITHIN_BUDGET,
             f"planned ${plan.expected_spend_per_hour:.2f}/h of ${plan.allowed_spend_per_hour:.2f}/h",
         )
     return Wanted(ConditionType.BUDGET_LIMITED, "True", limited.reason, limited.message)
 
 
-def _trouble(facts: Facts) -> tuple[str, str] | None:
-    """Why the operator cannot do its job right now (the first reason wins), or ``None``."""
+def troubles(facts: Facts) -> list[tuple[Reason, str]]:
+    """Why the operator cannot do its job right now, in the precedence of ``api.reasons.TROUBLES``."""
+    found: dict[Reason, str] = {}
     if facts.target_missing is not None:
-        return "TargetNotFound", facts.target_missing
+        found[Reason.TARGET_NOT_FOUND] = facts.target_missing
     if facts.conflicts:
-        return (
-            "ConflictingAutoscaler",
-            f"{', '.join(facts.conflicts)} also scales this Deployment; refusing to act until it is removed",
+        found[Reason.CONFLICTING_AUTOSCALER] = (
+            f"{', '.join(facts.conflicts)} also scales this Deployment; refusing to act until it is removed"
         )
     if facts.failures:
-        return "ActuationFailed", "; ".join(facts.failures)
-    if facts.plan.has_reason("FallbackScaleTo"):
-        return "MetricsFallback", "metrics missing past behavior.fallback.afterSeconds: fallback applied"
-    return None
+        found[Reason.ACTUATION_FAILED] = "; ".join(facts.failures)
+    if facts.decision.plan.has_reason(Reason.FALLBACK_SCALE_TO):
+        found[Reason.METRICS_FALLBACK] = "metrics missing past behavior.fallback.afterSeconds: fallback applied"
+    return [(r, found[r]) for r in TROUBLES if r in found]
+
+
+def problems(facts: Facts) -> list[Reason]:
+    """What went wrong this tick, for the operator's error counter."""
+    found: list[Reason] = [r for r, _ in troubles(facts) if r is not Reason.METRICS_FALLBACK]
+    if not facts.decision.verdict.ok:
+        found.append(Reason.METRICS_UNAVAILABLE)
+    return found
 
 
 def conditions_for(facts: Facts) -> list[Wanted]:
-    verdict, plan = facts.verdict, facts.plan
-    curve = facts.curve
+    verdict, plan, curve = facts.decision.verdict, facts.decision.plan, facts.decision.curve
     if curve.r_squared is None:
-        fitted = Wanted(ConditionType.CURVE_FITTED, "True", "GivenInSpec", "intercept and slope from the spec")
+        fitted = Wanted(ConditionType.CURVE_FITTED, "True", Reason.GIVEN_IN_SPEC, "intercept and slope from the spec")
     else:
-        fitted = Wanted(ConditionType.CURVE_FITTED, "True", "Fitted", f"fitted from samples: R^2={curve.r_squared:.3f}")
+        fitted = Wanted(
+            ConditionType.CURVE_FITTED, "True", Reason.FITTED, f"fitted from samples: R^2={curve.r_squared:.3f}"
+        )
     metrics = Wanted(
         ConditionType.METRICS_AVAILABLE, "True" if verdict.ok else "False", verdict.reason, verdict.message
     )
-    trouble = _trouble(facts)
+    trouble = next(iter(troubles(facts)), None)
     degraded = (
         Wanted(ConditionType.DEGRADED, "True", *trouble)
         if trouble is not None
-        else Wanted(ConditionType.DEGRADED, "False", "Healthy")
+        else Wanted(ConditionType.DEGRADED, "False", Reason.HEALTHY)
     )
-    recommend = facts.spec.mode is Mode.RECOMMEND
-    if trouble is not None and trouble[0] != "MetricsFallback":
+    if trouble is not None and trouble[0] is not Reason.METRICS_FALLBACK:
         ready = Wanted(ConditionType.READY, "False", *trouble)
     elif not verdict.ok:
-        ready = Wanted(
-            ConditionType.READY,
-            "False",
-            "MetricsUnavailable",
-            f"holding the current size, no scale-up: {verdict.message}",
-        )
-    elif recommend:
-        ready = Wanted(ConditionType.READY, "True", "Recommending", "computing and reporting; changing nothing")
+        message = f"holding the current size, no scale-up: {verdict.message}"
+        ready = Wanted(ConditionType.READY, "False", Reason.METRICS_UNAVAILABLE, message)
+    elif facts.spec.mode is Mode.RECOMMEND:
+        ready = Wanted(ConditionType.READY, "True", Reason.RECOMMENDING, "computing and reporting; changing nothing")
     else:
-        ready = Wanted(ConditionType.READY, "True", "Enforcing", "")
-    return [ready, metrics, fitted, _budget_condition(plan), degraded]
+        ready = Wanted(ConditionType.READY, "True", Reason.ENFORCING, "")
+    return [ready, metrics, fitted, budget_condition(plan), degraded]
 
 
 def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | None, now: datetime) -> ModelBudgetStatus:
-    spec, obs, plan = facts.spec, facts.observation, facts.plan
-    ledger = plan.next_state.ledger
-    running = spend_of(obs.current_nodes, spec)
+    spec, obs, decision = facts.spec, facts.observation, facts.decision
+    plan, ledger, running = decision.plan, decision.next_state.ledger, decision.running_spend
     ceiling = spec.budget.ceiling
     spend = None
     if ledger is not None:
@@ -196,7 +205,7 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
         latency_p95_seconds=_finite(obs.demand.latency_p95_seconds),
         observed_at=obs.demand.at,
     )
-    curve = facts.curve
+    curve = decision.curve
     return ModelBudgetStatus(
         observed_generation=generation,
         conditions=merge_conditions(previous.conditions, conditions_for(facts), generation, now),
@@ -211,7 +220,7 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
             r_squared=curve.r_squared,
             source="Spec" if curve.r_squared is None else "Fitted",
         ),
-        controller_state=plan.next_state,
+        controller_state=decision.next_state,
     )
 
 
@@ -259,6 +268,16 @@ def fingerprint(doc: Mapping[str, Any]) -> str:
     return json.dumps(_rounded(view), sort_keys=True)
 
 
+def status_patch(
+    old_doc: Mapping[str, Any], new: ModelBudgetStatus, now: datetime, heartbeat: timedelta
+) -> dict[str, Any] | None:
+    """The merge patch that writes ``new``, or ``None`` when nothing worth a write changed."""
+    new_doc = status_document(new)
+    if not needs_write(old_doc, new_doc, now, heartbeat):
+        return None
+    return merge_patch(old_doc, new_doc) or None
+
+
 def needs_write(old: Mapping[str, Any], new: Mapping[str, Any], now: datetime, heartbeat: timedelta) -> bool:
     if fingerprint(old) != fingerprint(new):
         return True
@@ -284,11 +303,11 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
-_FLIP_EVENTS: dict[tuple[ConditionType, Status], tuple[Literal["Normal", "Warning"], str | None]] = {
+_FLIP_EVENTS: dict[tuple[ConditionType, Status], tuple[Literal["Normal", "Warning"], Reason | None]] = {
     # (condition, new status) -> (event type, event reason; None: the condition's own reason)
-    (ConditionType.METRICS_AVAILABLE, "False"): ("Warning", "MetricsUnavailable"),
-    (ConditionType.METRICS_AVAILABLE, "True"): ("Normal", "MetricsRecovered"),
-    (ConditionType.BUDGET_LIMITED, "True"): ("Normal", "BudgetLimited"),
+    (ConditionType.METRICS_AVAILABLE, "False"): ("Warning", Reason.METRICS_UNAVAILABLE),
+    (ConditionType.METRICS_AVAILABLE, "True"): ("Normal", Reason.METRICS_RECOVERED),
+    (ConditionType.BUDGET_LIMITED, "True"): ("Normal", Reason.BUDGET_LIMITED),
     (ConditionType.DEGRADED, "True"): ("Warning", None),
 }
 
@@ -296,7 +315,7 @@ _FLIP_EVENTS: dict[tuple[ConditionType, Status], tuple[Literal["Normal", "Warnin
 def events_for(
     previous: Sequence[Condition],
     current: Sequence[Condition],
-    actions: Sequence[Action],
+    actions: Sequence[KnobChange],
 ) -> list[EventNote]:
     """Events for what changed: conditions that flipped or changed reason, and actions taken."""
     old = {c.type: c for c in previous}
@@ -310,13 +329,13 @@ def events_for(
         rule = _FLIP_EVENTS.get((ConditionType(cond.type), cond.status))
         if rule is not None:
             kind, reason = rule
-            notes.append(EventNote(kind, reason or cond.reason, cond.message or cond.reason))
+            notes.append(EventNote(kind, reason or Reason(cond.reason), cond.message or cond.reason))
     for a in actions:
         reason, what = {
-            Knob.REPLICAS: ("Rescaled", f"Deployment {a.target} replicas"),
-            Knob.NODES: ("NodePoolResized", f"node pool {a.target} nodes"),
-            Knob.TOKEN_LIMIT: ("TokenLimitChanged", f"token limit ({a.target})"),
-        }.get(a.knob, (a.knob.value, a.target))
+            Knob.REPLICAS: (Reason.RESCALED, f"Deployment {a.target} replicas"),
+            Knob.NODES: (Reason.NODE_POOL_RESIZED, f"node pool {a.target} nodes"),
+            Knob.TOKEN_LIMIT: (Reason.TOKEN_LIMIT_CHANGED, f"token limit ({a.target})"),
+        }[a.knob]
         was = "unset" if a.before is None else a.before
         notes.append(EventNote("Normal", reason, f"{what}: {was} -> {a.after}"))
     return notes

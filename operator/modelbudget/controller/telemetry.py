@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from modelbudget.api.spec import ModelBudgetSpec
-from modelbudget.api.status import Plan
+from modelbudget.api.status import Condition
 from modelbudget.core.observation import Observation
+from modelbudget.core.planner import Decision
 
 _MB = ("namespace", "name")
 
@@ -29,7 +32,32 @@ ADMITTED = Gauge(
 DECISIONS = Counter(
     "modelbudget_decisions_total", "Plan reasons, one count per reconcile that gave them.", [*_MB, "knob", "reason"]
 )
+PERIOD_TO_DATE = Gauge("modelbudget_period_to_date_dollars", "Dollars spent so far in the budget period.", _MB)
+PROJECTED = Gauge(
+    "modelbudget_projected_period_end_dollars", "Period-to-date plus the current rate until the period ends.", _MB
+)
+CONDITION = Gauge(
+    "modelbudget_condition",
+    "1 for the current status of each condition (True, False or Unknown), 0 for the others.",
+    [*_MB, "type", "status"],
+)
 LEADER = Gauge("modelbudget_leader", "1 while this process holds the leader lease.")
+
+# Every family with a series per ModelBudget: a deleted ModelBudget's series go with it.
+_PER_MODELBUDGET = (
+    SPEND,
+    ALLOWED,
+    CEILING,
+    REPLICAS,
+    NODES,
+    TOKEN_LIMIT,
+    DEMAND,
+    ADMITTED,
+    DECISIONS,
+    PERIOD_TO_DATE,
+    PROJECTED,
+    CONDITION,
+)
 
 
 def serve(addr: str) -> None:
@@ -38,10 +66,25 @@ def serve(addr: str) -> None:
     start_http_server(int(port), addr=host or "0.0.0.0")
 
 
-def record(namespace: str, name: str, spec: ModelBudgetSpec, obs: Observation, plan: Plan, spend: float) -> None:
-    SPEND.labels(namespace, name).set(spend)
+def record(
+    namespace: str,
+    name: str,
+    spec: ModelBudgetSpec,
+    obs: Observation,
+    decision: Decision,
+    conditions: Sequence[Condition],
+    projected_period_end: float | None,
+) -> None:
+    """Project one reconcile onto the gauges: nothing here is computed anew."""
+    plan = decision.plan
+    SPEND.labels(namespace, name).set(decision.running_spend)
     ALLOWED.labels(namespace, name).set(plan.allowed_spend_per_hour)
     CEILING.labels(namespace, name, spec.budget.ceiling.period.value).set(spec.budget.ceiling.amount)
+    ledger = decision.next_state.ledger
+    if ledger is not None:
+        PERIOD_TO_DATE.labels(namespace, name).set(ledger.spent)
+    if projected_period_end is not None:
+        PROJECTED.labels(namespace, name).set(projected_period_end)
     REPLICAS.labels(namespace, name, "current").set(obs.current_replicas)
     REPLICAS.labels(namespace, name, "ready").set(obs.ready_replicas)
     REPLICAS.labels(namespace, name, "planned").set(plan.replicas)
@@ -54,4 +97,17 @@ def record(namespace: str, name: str, spec: ModelBudgetSpec, obs: Observation, p
     admitted = plan.admitted_requests_per_second
     ADMITTED.labels(namespace, name).set(float("inf") if admitted is None else admitted)
     for reason in plan.reasons:
-        DECISIONS.labels(namespace, name, reason.knob.value, reason.reason).inc()
+        DECISIONS.labels(namespace, name, reason.knob.value, reason.reason.value).inc()
+    record_conditions(namespace, name, conditions)
+
+
+def record_conditions(namespace: str, name: str, conditions: Sequence[Condition]) -> None:
+    for cond in conditions:
+        for status in ("True", "False", "Unknown"):
+            CONDITION.labels(namespace, name, cond.type, status).set(1 if cond.status == status else 0)
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop every series of a deleted ModelBudget."""
+    for family in _PER_MODELBUDGET:
+        family.remove_by_labels({"namespace": namespace, "name": name})

@@ -5,6 +5,6 @@ with tables and properties and the simulator can run the very same ``decide``.
 """
 
 from modelbudget.core.observation import DemandSample, Observation
-from modelbudget.core.planner import decide
+from modelbudget.core.planner import Decision, ResolvedSpec, decide, resolve
 
-__all__ = ["DemandSample", "Observation", "decide"]
+__all__ = ["Decision", "DemandSample", "Observation", "ResolvedSpec", "decide", "resolve"]

@@ -48,8 +48,6 @@ class _Block:
 class Allocation:
     replicas: dict[str, int]
     nodes: dict[str, int]
-    spend_per_hour: float
-    throughput: float
 
 
 class CapacityLadder:
@@ -143,5 +141,4 @@ class CapacityLadder:
         for p in self._pools:
             rpn = p.gpus_per_node // self._gpus_per_replica
             nodes[p.name] = max(self._min_nodes[p.name], math.ceil(per_pool[p.name] / rpn))
-        spend = sum(nodes[p.name] * node_price(p) for p in self._pools)
-        return Allocation(per_pool, nodes, spend, self.throughput(replicas))
+        return Allocation(per_pool, nodes)

@@ -28,15 +28,6 @@ class LogCurve:
         t = min(max(tokens, self.min_tokens), self.max_tokens)
         return self.intercept + self.slope * math.log(t)
 
-    def marginal(self, tokens: float) -> float:
-        """d perf / d tokens: each doubling buys the same, so each extra token buys less."""
-        return self.slope / tokens
-
-    def tokens_for(self, performance: float) -> float:
-        """Tokens needed for a performance level (the inverse), clipped to the valid range."""
-        t = math.exp((performance - self.intercept) / self.slope)
-        return min(max(t, self.min_tokens), self.max_tokens)
-
 
 def fit_curve(
     tokens: Sequence[float],

@@ -45,8 +45,12 @@ class GenerationProfile:
         means: npt.NDArray[np.float64] = scores.mean(axis=1)
         return means
 
-    def truncated_fraction(self, limit: float) -> float:
-        return float(np.mean(self.wanted > limit))
+    @staticmethod
+    def exponential(mean: float) -> GenerationProfile:
+        """Wanted tokens exponentially distributed around ``mean``: the usual stand-in when only a
+        mean is known (``modelbudget plan``, tests)."""
+        q = (np.arange(QUANTILES) + 0.5) / QUANTILES
+        return GenerationProfile(-np.log1p(-q) * mean)
 
     @staticmethod
     def from_samples(wanted: Sequence[float] | npt.NDArray[np.float64]) -> GenerationProfile:

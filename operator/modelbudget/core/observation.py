@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.generation import GenerationProfile
 
@@ -31,7 +32,6 @@ class DemandSample:
     generated_tokens_per_request: float | None = None
     generation: GenerationProfile | None = None
     requests_waiting: float | None = None
-    requests_running: float | None = None
     latency_p95_seconds: float | None = None
     error: str | None = None
 
@@ -50,7 +50,7 @@ class Observation:
 @dataclass(frozen=True)
 class MetricsVerdict:
     ok: bool
-    reason: str  # stable CamelCase: MetricsOK, MetricsUnreachable, MetricsStale, MetricsMissing, MetricsAbsurd
+    reason: Reason  # MetricsOK, MetricsUnreachable, MetricsStale, MetricsMissing or MetricsAbsurd
     message: str
     profile: GenerationProfile | None = None
 
@@ -62,35 +62,37 @@ def _bad(x: float | None) -> bool:
 def assess(obs: Observation, spec: ModelBudgetSpec, now: datetime) -> MetricsVerdict:
     seen = obs.demand
     if seen.error is not None:
-        return MetricsVerdict(False, "MetricsUnreachable", seen.error)
+        return MetricsVerdict(False, Reason.METRICS_UNREACHABLE, seen.error)
     if seen.at is None:
-        return MetricsVerdict(False, "MetricsMissing", "no metrics sample")
+        return MetricsVerdict(False, Reason.METRICS_MISSING, "no metrics sample")
     age = (now - seen.at).total_seconds()
     if age > spec.metrics.max_staleness_seconds:
         return MetricsVerdict(
             False,
-            "MetricsStale",
+            Reason.METRICS_STALE,
             f"newest sample is {age:.0f}s old (maxStalenessSeconds={spec.metrics.max_staleness_seconds:g})",
         )
     rate = seen.request_rate
     if _bad(rate):
-        return MetricsVerdict(False, "MetricsMissing", "request rate query returned no finite value")
+        return MetricsVerdict(False, Reason.METRICS_MISSING, "request rate query returned no finite value")
     assert rate is not None
     if rate < 0 or rate > ABSURD_REQUESTS_PER_SECOND:
-        return MetricsVerdict(False, "MetricsAbsurd", f"request rate {rate:g}/s is not plausible")
+        return MetricsVerdict(False, Reason.METRICS_ABSURD, f"request rate {rate:g}/s is not plausible")
     waiting = seen.requests_waiting
     if waiting is not None and (not math.isfinite(waiting) or waiting < 0):
-        return MetricsVerdict(False, "MetricsAbsurd", f"waiting requests {waiting:g} is not plausible")
-    limit_cap = ABSURD_TOKENS_FACTOR * spec.curve.max_tokens
+        return MetricsVerdict(False, Reason.METRICS_ABSURD, f"waiting requests {waiting:g} is not plausible")
+    most_plausible = ABSURD_TOKENS_FACTOR * spec.curve.max_tokens
     gen = seen.generated_tokens_per_request
-    if gen is not None and math.isfinite(gen) and not 0 <= gen <= limit_cap:
-        return MetricsVerdict(False, "MetricsAbsurd", f"{gen:g} generated tokens per request is not plausible")
+    if gen is not None and math.isfinite(gen) and not 0 <= gen <= most_plausible:
+        return MetricsVerdict(False, Reason.METRICS_ABSURD, f"{gen:g} generated tokens per request is not plausible")
     profile = seen.generation
     if profile is None and not _bad(gen):
         assert gen is not None
         profile = GenerationProfile.from_mean(gen, obs.current_token_limit)
     if profile is None:
         if rate > 0:
-            return MetricsVerdict(False, "MetricsMissing", "no generated-token figures for a non-zero request rate")
+            return MetricsVerdict(
+                False, Reason.METRICS_MISSING, "no generated-token figures for a non-zero request rate"
+            )
         profile = GenerationProfile.from_mean(1.0, None)
-    return MetricsVerdict(True, "MetricsOK", f"{rate:.3g} req/s observed", profile)
+    return MetricsVerdict(True, Reason.METRICS_OK, f"{rate:.3g} req/s observed", profile)

@@ -1,31 +1,39 @@
-"""``decide(observation, spec, state, now) -> Plan``: the pure decision core.
+"""``decide(observation, spec, state, now) -> Decision``: the pure decision core.
 
-Order of the rules, each one only ever narrowing what the previous allowed:
+One frozen ``Context`` holds every fact the decision needs, worked out once: the resolved spec
+(curve, token grid, capacity ladders), the ledger and allowance, the metrics verdict.  A
+``Draft`` of the plan then passes through named stages, each ``(draft, ctx) -> draft`` and each
+only ever narrowing what the previous allowed, adding its own typed reasons:
 
-1. Ledger and allowance: integrate spend, derive the allowed rate (hourly cap or paced budget).
-2. Economic target (trusted metrics only): for each token limit ``L`` on a log grid (plus the
-   marginal-rule optimum ``L* = v*b/c`` of each pool), the
-   replicas that serve the demand (``lambda * G(L)`` tokens/s, queue drained in
-   ``queueDrainSeconds``) on the cheapest-per-token ladder, and the net value
-   ``v * lambda * score(L) - spend``.  The best feasible ``L`` wins, and free slots on nodes paid
-   anyway are filled; if none is feasible even at the smallest limit, demand is capped (admitted
-   rate) -- tokens are trimmed before requests.
-3. Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
+1. ``target``: the economic target (trusted metrics only): for each token limit ``L`` on a log
+   grid (plus the marginal-rule optimum ``L* = v*b/c`` of each pool), the replicas that serve the
+   demand (``lambda * G(L)`` tokens/s, queue drained in ``queueDrainSeconds``) on the
+   cheapest-per-token ladder, and the net value ``v * lambda * score(L) - spend``.  The best
+   feasible ``L`` wins, and free slots on nodes paid anyway are filled; if none is feasible even
+   at the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
+   Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
    fallback, which can only scale down.
-4. Dynamics: scale-up rate limit, scale-down stabilisation (replicas and nodes).
-5. The ceiling, last and unconditional: replicas and nodes are cut to what the allowance buys.
-6. The fast knob: the token limit drops at once to what the replicas serving now can carry,
-   and rises at most ``maxStepUpFactor`` per decision.
+2. ``limit_scale_up`` and 3. ``stabilise_scale_down``: the HPA's behaviour rules.
+4. ``enforce_ceiling``: last and unconditional for replicas, cut to what the allowance buys.
+5. ``hold_nodes``: nodes wanted recently are kept through their window, as far as it pays.
+6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
+   rises at most ``maxStepUpFactor`` per decision, and stays within its bounds.
+
+The ``Decision`` carries the plan, the next controller state, the verdict, the curve and the
+running spend: status, Events and metrics are projections of it, never worked out again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import FallbackAction, ModelBudgetSpec
 from modelbudget.api.status import (
     ControllerState,
@@ -40,8 +48,7 @@ from modelbudget.api.status import (
 from modelbudget.core.capacity import CapacityLadder, cost_per_token, node_price, spend_of
 from modelbudget.core.curve import LogCurve, resolve_curve
 from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised_replicas
-from modelbudget.core.generation import GenerationProfile
-from modelbudget.core.observation import Observation, assess
+from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
@@ -63,387 +70,416 @@ def token_grid(lo: int, hi: int, anchors: tuple[float, ...] = ()) -> npt.NDArray
     return np.unique(np.round(grid)).astype(float)
 
 
-@dataclass
-class _Target:
-    replicas: int
-    token_limit: int
-    admitted: float | None
-    reasons: list[PlanReason] = field(default_factory=list)
+@dataclass(frozen=True, eq=False)
+class ResolvedSpec:
+    """A spec with what depends on it alone worked out once: the curve (fitted when the spec gives
+    samples), the token limit's bounds and grid, and the capacity ladders."""
+
+    spec: ModelBudgetSpec
+    curve: LogCurve
+    token_min: int
+    token_max: int
+    grid: npt.NDArray[np.float64]
+    ladder: CapacityLadder
+    ladder_without_min_nodes: CapacityLadder  # when the ceiling cannot pay even the pools' minNodes
 
 
-def _economic_target(
-    spec: ModelBudgetSpec,
-    curve: LogCurve,
-    profile: GenerationProfile,
-    demand: float,
-    waiting: float,
-    ladder: CapacityLadder,
-    affordable: int,
-    min_replicas: int,
-    grid: npt.NDArray[np.float64],
-) -> _Target:
-    drain = waiting / spec.behavior.queue_drain_seconds
-    tokens = profile.mean_generated_many(grid)
-    scores = profile.mean_score_many(curve, grid)
-    value_per_hour = spec.budget.value_of_point * demand * 3600.0 * scores
-    rmax, slots = spec.replicas.max, ladder.total_slots
-
-    best: tuple[int, int, float] | None = None  # (grid index, replicas, net value)
-    blocked: list[tuple[int, int, str]] = []  # infeasible limits: (grid index, replicas needed, why)
-    for i in range(grid.size):
-        need = ladder.replicas_for((demand + drain) * tokens[i])
-        if need is None or need > min(rmax, slots) or need > affordable:
-            why = "MaxReplicas" if need is not None and need > rmax else "MaxNodes"
-            if need is not None and need <= min(rmax, slots):
-                why = "BudgetLimited"
-            blocked.append((i, need if need is not None else slots + 1, why))
-            continue
-        n = max(need, min_replicas)
-        net = value_per_hour[i] - ladder.spend(n)
-        if best is None or net >= best[2] - _EPS:
-            best = (i, n, net)
-
-    if best is None:
-        # Not even the smallest limit fits: serve what the affordable replicas can, at that limit.
-        n = affordable
-        admitted = ladder.throughput(n) / max(tokens[0], 1.0)
-        why = blocked[0][2]
-        return _Target(
-            n,
-            int(grid[0]),
-            admitted,
-            [
-                PlanReason(knob=Knob.REPLICAS, reason=why, message=_held_message(why, n, spec)),
-                PlanReason(
-                    knob=Knob.ADMITTED_RATE,
-                    reason="AdmissionCapped",
-                    message=f"even the minimum token limit ({int(grid[0])}) needs more than {n} replicas "
-                    f"for {demand + drain:.3g} req/s; admitting {admitted:.3g} req/s",
-                ),
-            ],
-        )
-
-    i, n, _ = best
-    limit = int(grid[i])
-    reasons: list[PlanReason] = []
-    if n > min_replicas and n == affordable and n < rmax:
-        reasons.append(
-            PlanReason(knob=Knob.REPLICAS, reason="BudgetLimited", message=f"{n} replicas is all the allowance buys")
-        )
-    if n == min_replicas and min_replicas > 0:
-        reasons.append(
-            PlanReason(
-                knob=Knob.REPLICAS,
-                reason="MinReplicas",
-                message=f"demand needs fewer, replicas.min is {min_replicas}",
-            )
-        )
-    if i == grid.size - 1:
-        reasons.append(
-            PlanReason(
-                knob=Knob.TOKEN_LIMIT,
-                reason="MaxTokens",
-                message=f"at the upper bound {limit} of the token limit",
-            )
-        )
-    else:
-        better = [(j, need, why) for j, need, why in blocked if j > i and value_per_hour[j] > value_per_hour[i]]
-        if better:
-            j, need, why = better[0]
-            reasons.append(
-                PlanReason(
-                    knob=Knob.TOKEN_LIMIT,
-                    reason=why,
-                    message=f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, spec)}",
-                )
-            )
-        else:
-            j = i + 1
-            gain = value_per_hour[j] - value_per_hour[i]
-            need_next = ladder.replicas_for((demand + drain) * tokens[j]) or n
-            cost = ladder.spend(max(need_next, min_replicas)) - ladder.spend(n)
-            reasons.append(
-                PlanReason(
-                    knob=Knob.TOKEN_LIMIT,
-                    reason="MarginalValue",
-                    message=f"raising the limit to {int(grid[j])} adds ${gain:.2f}/h of value for ${cost:.2f}/h",
-                )
-            )
-    # Slots on nodes that are paid anyway (minNodes, the rest of a node) cost nothing: fill them.
-    # They are headroom for the next burst while new pods and nodes take a minute or more.
-    while n < min(affordable, rmax) and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
-        n += 1
-    return _Target(n, limit, None, reasons)
-
-
-def _held_message(why: str, replicas: int, spec: ModelBudgetSpec) -> str:
-    if why == "MaxReplicas":
-        return f"more than replicas.max={spec.replicas.max}"
-    if why == "MaxNodes":
-        return "more than the node pools hold at maxNodes"
-    return f"{replicas} replicas cost more than the allowance"
-
-
-def decide(obs: Observation, spec: ModelBudgetSpec, state: ControllerState, now: datetime) -> Plan:
+def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
+    """Raises ``CurveFitError`` when the spec's curve samples cannot give a curve."""
     curve = resolve_curve(spec.curve)
     lo, hi = token_bounds(spec, curve)
     g = spec.replicas.gpus_per_replica
     # L* = v*b/c per pool: where a token's marginal value meets its marginal cost.
-    grid = token_grid(
-        lo,
-        hi,
-        tuple(spec.budget.value_of_point * curve.slope / cost_per_token(p, g) for p in spec.node_pools),
+    optima = tuple(spec.budget.value_of_point * curve.slope / cost_per_token(p, g) for p in spec.node_pools)
+    return ResolvedSpec(
+        spec=spec,
+        curve=curve,
+        token_min=lo,
+        token_max=hi,
+        grid=token_grid(lo, hi, optima),
+        ladder=CapacityLadder(spec),
+        ladder_without_min_nodes=CapacityLadder(spec, honour_min_nodes=False),
     )
-    behavior = spec.behavior
-    reasons: list[PlanReason] = []
 
-    ledger = accrue(state.ledger, spend_of(obs.current_nodes, spec), now, spec.budget.ceiling.period)
+
+@dataclass(frozen=True)
+class Context:
+    """Every fact one decision needs, worked out once, read by every stage."""
+
+    resolved: ResolvedSpec
+    obs: Observation
+    state: ControllerState
+    now: datetime
+    verdict: MetricsVerdict
+    running_spend: float  # $/h of the nodes running now
+    ledger: Ledger
+    allowance: Allowance
+    ladder: CapacityLadder
+    affordable: int  # most replicas the allowance, the pools and replicas.max allow
+    min_replicas: int
+    previous_limit: int | None
+
+    @property
+    def spec(self) -> ModelBudgetSpec:
+        return self.resolved.spec
+
+    @property
+    def demand(self) -> float:
+        """Requests/s to serve now: arrivals plus the queue drained in ``queueDrainSeconds``."""
+        seen = self.obs.demand
+        waiting = seen.requests_waiting or 0.0
+        return (seen.request_rate or 0.0) + waiting / self.spec.behavior.queue_drain_seconds
+
+
+@dataclass(frozen=True)
+class Draft:
+    """The plan as it passes through the stages."""
+
+    replicas: int
+    raw_replicas: int  # before the dynamics: what the scale-down window remembers
+    limit: int
+    admitted: float | None = None
+    missing_since: datetime | None = None
+    nodes: Mapping[str, int] = field(default_factory=dict)
+    raw_nodes: Mapping[str, int] = field(default_factory=dict)  # before the node hold
+    pool_replicas: Mapping[str, int] = field(default_factory=dict)
+    reasons: tuple[PlanReason, ...] = ()
+
+    def because(self, knob: Knob, reason: Reason, message: str, **changes: Any) -> Draft:
+        return replace(self, reasons=(*self.reasons, PlanReason(knob=knob, reason=reason, message=message)), **changes)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Everything the later steps (act, status, Events, metrics) read; nothing is recomputed."""
+
+    plan: Plan
+    next_state: ControllerState
+    verdict: MetricsVerdict
+    curve: LogCurve
+    running_spend: float
+    allowance: Allowance
+
+
+Stage = Callable[[Draft, Context], Draft]
+
+
+def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> Decision:
+    ctx, draft = context(obs, resolved, state, now)
+    for stage in STAGES:
+        draft = stage(draft, ctx)
+    return Decision(
+        plan=_plan(draft, ctx),
+        next_state=_next_state(draft, ctx),
+        verdict=ctx.verdict,
+        curve=resolved.curve,
+        running_spend=ctx.running_spend,
+        allowance=ctx.allowance,
+    )
+
+
+def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
+    """The facts, and an empty draft carrying the reasons the facts alone give."""
+    spec = resolved.spec
+    running = spend_of(obs.current_nodes, spec)
+    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period)
     allowance = allowed_rate(spec.budget, ledger, now)
-    ladder = CapacityLadder(spec)
+    draft = Draft(replicas=obs.current_replicas, raw_replicas=obs.current_replicas, limit=resolved.token_max)
+    ladder = resolved.ladder
     if ladder.base_spend > allowance.per_hour + _EPS:
-        ladder = CapacityLadder(spec, honour_min_nodes=False)
-        reasons.append(
-            PlanReason(
-                knob=Knob.NODES,
-                reason="CeilingBelowMinimum",
-                message=f"minNodes cost ${CapacityLadder(spec).base_spend:.2f}/h, over the {allowance.explain()}",
-            )
-        )
+        ladder = resolved.ladder_without_min_nodes
+        message = f"minNodes cost ${resolved.ladder.base_spend:.2f}/h, over the {allowance.explain()}"
+        draft = draft.because(Knob.NODES, Reason.CEILING_BELOW_MINIMUM, message)
     affordable = min(spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance.per_hour))
     min_replicas = min(spec.replicas.min, affordable)
     if min_replicas < spec.replicas.min:
-        reasons.append(
-            PlanReason(
-                knob=Knob.REPLICAS,
-                reason="CeilingBelowMinimum",
-                message=f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}",
-            )
-        )
-
-    current = obs.current_replicas
-    previous_limit = state.token_limit or obs.current_token_limit
-    verdict = assess(obs, spec, now)
-    profile = verdict.profile
-    demand = waiting = 0.0
-    admitted: float | None = None
-    missing_since: datetime | None = None
-
-    if verdict.ok:
-        assert profile is not None and obs.demand.request_rate is not None
-        demand, waiting = obs.demand.request_rate, obs.demand.requests_waiting or 0.0
-        target = _economic_target(spec, curve, profile, demand, waiting, ladder, affordable, min_replicas, grid)
-        reasons += target.reasons
-        raw_replicas, limit, admitted = target.replicas, target.token_limit, target.admitted
-        replicas = raw_replicas
-        if replicas > current:
-            cap = scale_up_cap(current, state.scale_ups, now, behavior.scale_up)
-            if replicas > cap:
-                reasons.append(
-                    PlanReason(
-                        knob=Knob.REPLICAS,
-                        reason="ScaleUpLimit",
-                        message=f"wants {replicas}, scale-up limited to {cap} per {behavior.scale_up.period_seconds}s",
-                    )
-                )
-                replicas = cap
-        elif replicas < current:
-            held = stabilised_replicas(
-                replicas,
-                current,
-                state.recommendations,
-                now,
-                behavior.scale_down.stabilization_window_seconds,
-            )
-            if held > replicas:
-                reasons.append(
-                    PlanReason(
-                        knob=Knob.REPLICAS,
-                        reason="ScaleDownStabilization",
-                        message=f"wants {replicas}, holding {held} for the "
-                        f"{behavior.scale_down.stabilization_window_seconds}s stabilisation window",
-                    )
-                )
-                replicas = held
-    else:
-        missing_since = state.metrics_missing_since or now
-        blind_for = (now - missing_since).total_seconds()
-        replicas = raw_replicas = current
-        limit = min(max(previous_limit or hi, lo), hi)
-        fallback = behavior.fallback
-        if blind_for >= fallback.after_seconds and fallback.action is FallbackAction.SCALE_TO:
-            assert fallback.replicas is not None
-            replicas = raw_replicas = min(current, fallback.replicas)
-            reasons.append(
-                PlanReason(
-                    knob=Knob.REPLICAS,
-                    reason="FallbackScaleTo",
-                    message=f"metrics missing for {blind_for:.0f}s: fallback to {replicas} (never above current)",
-                )
-            )
-        else:
-            reasons.append(
-                PlanReason(
-                    knob=Knob.REPLICAS,
-                    reason=verdict.reason,
-                    message=f"holding {current} replicas and limit {limit}: {verdict.message}",
-                )
-            )
-
-    # The ceiling holds whatever came before it.
-    if replicas > affordable:
-        why = "BudgetLimited" if affordable == ladder.max_affordable(allowance.per_hour) else "MaxReplicas"
-        reasons.append(
-            PlanReason(
-                knob=Knob.REPLICAS,
-                reason=why,
-                message=f"cut from {replicas} to {affordable}: {_held_message(why, replicas, spec)}",
-            )
-        )
-        replicas = affordable
-
-    allocation = ladder.allocation(replicas)
-    nodes = _stabilise_nodes(allocation.nodes, obs, spec, state, now, allowance, reasons)
-
-    if verdict.ok:
-        assert profile is not None
-        limit = _fast_limit(
-            limit,
-            grid,
-            profile,
-            demand + waiting / behavior.queue_drain_seconds,
-            ladder.throughput(min(obs.ready_replicas, replicas)),
-            obs,
-            replicas,
-            reasons,
-        )
-        if previous_limit is not None and limit > previous_limit * spec.token_limits.max_step_up_factor:
-            stepped = max(int(previous_limit * spec.token_limits.max_step_up_factor), lo)
-            reasons.append(
-                PlanReason(
-                    knob=Knob.TOKEN_LIMIT,
-                    reason="TokenStepUpLimit",
-                    message=f"wants {limit}, rising from {previous_limit} to {stepped} this step",
-                )
-            )
-            limit = stepped
-    limit = min(max(limit, lo), hi)
-
-    spend = spend_of(nodes, spec)
-    performance = _expected_performance(
-        curve, profile, limit, demand, admitted, ladder.throughput(replicas), verdict.ok
+        message = f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}"
+        draft = draft.because(Knob.REPLICAS, Reason.CEILING_BELOW_MINIMUM, message)
+    ctx = Context(
+        resolved=resolved,
+        obs=obs,
+        state=state,
+        now=now,
+        verdict=assess(obs, spec, now),
+        running_spend=running,
+        ledger=ledger,
+        allowance=allowance,
+        ladder=ladder,
+        affordable=affordable,
+        min_replicas=min_replicas,
+        previous_limit=state.token_limit or obs.current_token_limit,
     )
-    next_state = _next_state(
-        state, ledger, now, current, replicas, raw_replicas, allocation.nodes, missing_since, limit, spec
+    return ctx, draft
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The target
+
+
+def target(draft: Draft, ctx: Context) -> Draft:
+    return economic_target(draft, ctx) if ctx.verdict.ok else hold_or_fall_back(draft, ctx)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """The grid search: per limit, the replicas it needs, its value, and the best feasible one."""
+
+    tokens: npt.NDArray[np.float64]  # mean generated tokens per request at each limit
+    needed: list[int | None]  # replicas each limit needs (None: more than the pools hold)
+    value_per_hour: npt.NDArray[np.float64]
+    blocked: list[tuple[int, int, Reason]]  # infeasible limits: (grid index, replicas needed, why)
+    best: tuple[int, int] | None  # (grid index, replicas) of the best feasible limit
+
+
+def _search(ctx: Context) -> _Search:
+    spec, grid, ladder = ctx.spec, ctx.resolved.grid, ctx.ladder
+    profile = ctx.verdict.profile
+    assert profile is not None and ctx.obs.demand.request_rate is not None
+    tokens = profile.mean_generated_many(grid)
+    scores = profile.mean_score_many(ctx.resolved.curve, grid)
+    value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
+    room = min(spec.replicas.max, ladder.total_slots)
+    needed: list[int | None] = []
+    blocked: list[tuple[int, int, Reason]] = []
+    best: tuple[int, int, float] | None = None
+    for i in range(grid.size):
+        need = ladder.replicas_for(ctx.demand * tokens[i])
+        needed.append(need)
+        if need is None or need > room or need > ctx.affordable:
+            blocked.append((i, ladder.total_slots + 1 if need is None else need, _why_blocked(need, room, spec)))
+            continue
+        n = max(need, ctx.min_replicas)
+        net = value_per_hour[i] - ladder.spend(n)
+        if best is None or net >= best[2] - _EPS:
+            best = (i, n, net)
+    return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+
+
+def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
+    if need is not None and need <= room:
+        return Reason.BUDGET_LIMITED
+    return Reason.MAX_REPLICAS if need is not None and need > spec.replicas.max else Reason.MAX_NODES
+
+
+def economic_target(draft: Draft, ctx: Context) -> Draft:
+    found = _search(ctx)
+    if found.best is None:
+        return _admission_capped(draft, ctx, found)
+    i, n = found.best
+    limit = int(ctx.resolved.grid[i])
+    draft = replace(draft, limit=limit)
+    rmax = ctx.spec.replicas.max
+    if n > ctx.min_replicas and n == ctx.affordable and n < rmax:
+        draft = draft.because(Knob.REPLICAS, Reason.BUDGET_LIMITED, f"{n} replicas is all the allowance buys")
+    if n == ctx.min_replicas and ctx.min_replicas > 0:
+        message = f"demand needs fewer, replicas.min is {ctx.min_replicas}"
+        draft = draft.because(Knob.REPLICAS, Reason.MIN_REPLICAS, message)
+    draft = _why_not_higher(draft, ctx, found, i, n)
+    # Slots on nodes that are paid anyway (minNodes, the rest of a node) cost nothing: fill them.
+    # They are headroom for the next burst while new pods and nodes take a minute or more.
+    ladder = ctx.ladder
+    while n < min(ctx.affordable, rmax) and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
+        n += 1
+    return replace(draft, replicas=n, raw_replicas=n)
+
+
+def _why_not_higher(draft: Draft, ctx: Context, found: _Search, i: int, n: int) -> Draft:
+    """The reason the token limit is not the next one up the grid."""
+    grid, value = ctx.resolved.grid, found.value_per_hour
+    if i == grid.size - 1:
+        return draft.because(
+            Knob.TOKEN_LIMIT, Reason.MAX_TOKENS, f"at the upper bound {int(grid[i])} of the token limit"
+        )
+    better = [(j, need, why) for j, need, why in found.blocked if j > i and value[j] > value[i]]
+    if better:
+        j, need, why = better[0]
+        message = f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, ctx.spec)}"
+        return draft.because(Knob.TOKEN_LIMIT, why, message)
+    need_next = found.needed[i + 1] or n
+    cost = ctx.ladder.spend(max(need_next, ctx.min_replicas)) - ctx.ladder.spend(n)
+    message = (
+        f"raising the limit to {int(grid[i + 1])} adds ${value[i + 1] - value[i]:.2f}/h of value for ${cost:.2f}/h"
     )
+    return draft.because(Knob.TOKEN_LIMIT, Reason.MARGINAL_VALUE, message)
+
+
+def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
+    """Not even the smallest limit fits: serve what the affordable replicas can, at that limit."""
+    n, smallest = ctx.affordable, int(ctx.resolved.grid[0])
+    admitted = ctx.ladder.throughput(n) / max(found.tokens[0], 1.0)
+    why = found.blocked[0][2]
+    draft = replace(draft, replicas=n, raw_replicas=n, limit=smallest, admitted=admitted)
+    draft = draft.because(Knob.REPLICAS, why, _held_message(why, n, ctx.spec))
+    message = (
+        f"even the minimum token limit ({smallest}) needs more than {n} replicas "
+        f"for {ctx.demand:.3g} req/s; admitting {admitted:.3g} req/s"
+    )
+    return draft.because(Knob.ADMITTED_RATE, Reason.ADMISSION_CAPPED, message)
+
+
+def _held_message(why: Reason, replicas: int, spec: ModelBudgetSpec) -> str:
+    if why is Reason.MAX_REPLICAS:
+        return f"more than replicas.max={spec.replicas.max}"
+    if why is Reason.MAX_NODES:
+        return "more than the node pools hold at maxNodes"
+    return f"{replicas} replicas cost more than the allowance"
+
+
+def hold_or_fall_back(draft: Draft, ctx: Context) -> Draft:
+    """Untrusted metrics never scale up: hold, and after the fallback delay apply the fallback."""
+    missing_since = ctx.state.metrics_missing_since or ctx.now
+    blind_for = (ctx.now - missing_since).total_seconds()
+    current = ctx.obs.current_replicas
+    r = ctx.resolved
+    limit = min(max(ctx.previous_limit or r.token_max, r.token_min), r.token_max)
+    draft = replace(draft, replicas=current, raw_replicas=current, limit=limit, missing_since=missing_since)
+    fallback = ctx.spec.behavior.fallback
+    if blind_for >= fallback.after_seconds and fallback.action is FallbackAction.SCALE_TO:
+        assert fallback.replicas is not None
+        n = min(current, fallback.replicas)
+        message = f"metrics missing for {blind_for:.0f}s: fallback to {n} (never above current)"
+        return draft.because(Knob.REPLICAS, Reason.FALLBACK_SCALE_TO, message, replicas=n, raw_replicas=n)
+    message = f"holding {current} replicas and limit {limit}: {ctx.verdict.message}"
+    return draft.because(Knob.REPLICAS, ctx.verdict.reason, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2.-4. The slow knobs' dynamics and the ceiling
+
+
+def limit_scale_up(draft: Draft, ctx: Context) -> Draft:
+    current, policy = ctx.obs.current_replicas, ctx.spec.behavior.scale_up
+    if not ctx.verdict.ok or draft.replicas <= current:
+        return draft
+    cap = scale_up_cap(current, ctx.state.scale_ups, ctx.now, policy)
+    if draft.replicas <= cap:
+        return draft
+    message = f"wants {draft.replicas}, scale-up limited to {cap} per {policy.period_seconds}s"
+    return draft.because(Knob.REPLICAS, Reason.SCALE_UP_LIMIT, message, replicas=cap)
+
+
+def stabilise_scale_down(draft: Draft, ctx: Context) -> Draft:
+    current, window = ctx.obs.current_replicas, ctx.spec.behavior.scale_down.stabilization_window_seconds
+    if not ctx.verdict.ok or draft.replicas >= current:
+        return draft
+    held = stabilised_replicas(draft.replicas, current, ctx.state.recommendations, ctx.now, window)
+    if held <= draft.replicas:
+        return draft
+    message = f"wants {draft.replicas}, holding {held} for the {window}s stabilisation window"
+    return draft.because(Knob.REPLICAS, Reason.SCALE_DOWN_STABILIZATION, message, replicas=held)
+
+
+def enforce_ceiling(draft: Draft, ctx: Context) -> Draft:
+    """The ceiling holds whatever came before it."""
+    if draft.replicas <= ctx.affordable:
+        return draft
+    budget_bound = ctx.affordable == ctx.ladder.max_affordable(ctx.allowance.per_hour)
+    why = Reason.BUDGET_LIMITED if budget_bound else Reason.MAX_REPLICAS
+    message = f"cut from {draft.replicas} to {ctx.affordable}: {_held_message(why, draft.replicas, ctx.spec)}"
+    return draft.because(Knob.REPLICAS, why, message, replicas=ctx.affordable)
+
+
+def hold_nodes(draft: Draft, ctx: Context) -> Draft:
+    """Place the replicas; keep recently wanted nodes through the node window, as far as the
+    allowance pays for them."""
+    spec, allocation = ctx.spec, ctx.ladder.allocation(draft.replicas)
+    nodes = dict(allocation.nodes)
+    window = spec.behavior.node_scale_down.stabilization_window_seconds
+    draft = replace(draft, raw_nodes=allocation.nodes, pool_replicas=allocation.replicas)
+    for pool in spec.node_pools:
+        current = ctx.obs.current_nodes.get(pool.name, 0)
+        wanted = nodes[pool.name]
+        held = stabilised_nodes(pool.name, wanted, current, ctx.state.recommendations, ctx.now, window)
+        held = min(held, pool.max_nodes)
+        if held > wanted and spend_of({**nodes, pool.name: held}, spec) <= ctx.allowance.per_hour + _EPS:
+            message = f"pool {pool.name}: wants {wanted} nodes, holding {held} for {window}s"
+            draft = draft.because(Knob.NODES, Reason.NODE_SCALE_DOWN_STABILIZATION, message)
+            nodes[pool.name] = held
+    return replace(draft, nodes=nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The fast knob
+
+
+def fast_limit(draft: Draft, ctx: Context) -> Draft:
+    if ctx.verdict.ok:
+        draft = _carry_now(draft, ctx)
+        draft = _step_up(draft, ctx)
+    r = ctx.resolved
+    return replace(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
+
+
+def _carry_now(draft: Draft, ctx: Context) -> Draft:
+    """The largest limit, up to the target, that the replicas serving now can carry."""
+    profile, grid = ctx.verdict.profile, ctx.resolved.grid
+    assert profile is not None
+    serving = ctx.ladder.throughput(min(ctx.obs.ready_replicas, draft.replicas))
+    if ctx.demand * profile.mean_generated(draft.limit) <= serving + _EPS:
+        return draft
+    fits = grid[(grid <= draft.limit) & (ctx.demand * profile.mean_generated_many(grid) <= serving + _EPS)]
+    lowered = int(fits[-1]) if fits.size else int(grid[0])
+    ready = f"{ctx.obs.ready_replicas} of {draft.replicas} replicas ready"
+    message = f"{ready}: limit {lowered} (not {draft.limit}) until they are"
+    return draft.because(Knob.TOKEN_LIMIT, Reason.CAPACITY_CATCHING_UP, message, limit=lowered)
+
+
+def _step_up(draft: Draft, ctx: Context) -> Draft:
+    previous, factor = ctx.previous_limit, ctx.spec.token_limits.max_step_up_factor
+    if previous is None or draft.limit <= previous * factor:
+        return draft
+    stepped = max(int(previous * factor), ctx.resolved.token_min)
+    message = f"wants {draft.limit}, rising from {previous} to {stepped} this step"
+    return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_STEP_UP_LIMIT, message, limit=stepped)
+
+
+STAGES: tuple[Stage, ...] = (target, limit_scale_up, stabilise_scale_down, enforce_ceiling, hold_nodes, fast_limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# The results
+
+
+def _plan(draft: Draft, ctx: Context) -> Plan:
+    spec = ctx.spec
     return Plan(
-        replicas=replicas,
+        replicas=draft.replicas,
         pools=[
             PoolAllocation(
                 pool=p.name,
-                nodes=nodes[p.name],
-                replicas=allocation.replicas[p.name],
-                spend_per_hour=nodes[p.name] * node_price(p),
+                nodes=draft.nodes[p.name],
+                replicas=draft.pool_replicas[p.name],
+                spend_per_hour=draft.nodes[p.name] * node_price(p),
             )
             for p in spec.node_pools
         ],
-        token_limit=limit,
-        admitted_requests_per_second=admitted,
-        demand_requests_per_second=demand if verdict.ok else None,
-        expected_spend_per_hour=spend,
-        allowed_spend_per_hour=allowance.per_hour,
-        expected_performance=performance,
-        metrics_available=verdict.ok,
-        reasons=reasons,
-        decided_at=now,
-        next_state=next_state,
+        token_limit=draft.limit,
+        admitted_requests_per_second=draft.admitted,
+        demand_requests_per_second=ctx.obs.demand.request_rate if ctx.verdict.ok else None,
+        expected_spend_per_hour=spend_of(draft.nodes, spec),
+        allowed_spend_per_hour=ctx.allowance.per_hour,
+        expected_performance=_expected_performance(draft, ctx),
+        metrics_available=ctx.verdict.ok,
+        reasons=list(draft.reasons),
+        decided_at=ctx.now,
     )
 
 
-def _stabilise_nodes(
-    wanted: dict[str, int],
-    obs: Observation,
-    spec: ModelBudgetSpec,
-    state: ControllerState,
-    now: datetime,
-    allowance: Allowance,
-    reasons: list[PlanReason],
-) -> dict[str, int]:
-    """Keep recently wanted nodes through the node window, as far as the allowance pays for them."""
-    nodes = dict(wanted)
-    window = spec.behavior.node_scale_down.stabilization_window_seconds
-    for pool in spec.node_pools:
-        current = obs.current_nodes.get(pool.name, 0)
-        held = stabilised_nodes(pool.name, nodes[pool.name], current, state.recommendations, now, window)
-        held = min(held, pool.max_nodes)
-        if held > nodes[pool.name] and spend_of({**nodes, pool.name: held}, spec) <= allowance.per_hour + _EPS:
-            reasons.append(
-                PlanReason(
-                    knob=Knob.NODES,
-                    reason="NodeScaleDownStabilization",
-                    message=f"pool {pool.name}: wants {nodes[pool.name]} nodes, holding {held} for {window}s",
-                )
-            )
-            nodes[pool.name] = held
-    return nodes
-
-
-def _fast_limit(
-    limit: int,
-    grid: npt.NDArray[np.float64],
-    profile: GenerationProfile,
-    demand: float,
-    serving_capacity: float,
-    obs: Observation,
-    replicas: int,
-    reasons: list[PlanReason],
-) -> int:
-    """The largest limit, up to the target, that the replicas serving now can carry."""
-    if demand * profile.mean_generated(limit) <= serving_capacity + _EPS:
-        return limit
-    fits = grid[(grid <= limit) & (demand * profile.mean_generated_many(grid) <= serving_capacity + _EPS)]
-    lowered = int(fits[-1]) if fits.size else int(grid[0])
-    reasons.append(
-        PlanReason(
-            knob=Knob.TOKEN_LIMIT,
-            reason="CapacityCatchingUp",
-            message=f"{obs.ready_replicas} of {replicas} replicas ready: limit {lowered} (not {limit}) until they are",
-        )
-    )
-    return lowered
-
-
-def _expected_performance(
-    curve: LogCurve,
-    profile: GenerationProfile | None,
-    limit: int,
-    demand: float,
-    admitted: float | None,
-    throughput: float,
-    metrics_ok: bool,
-) -> float:
-    if profile is None or not metrics_ok:
-        return min(max(curve.performance(limit), 0.0), 1.0)
-    score = float(profile.mean_score_many(curve, np.array([float(limit)]))[0])
+def _expected_performance(draft: Draft, ctx: Context) -> float:
+    curve, profile = ctx.resolved.curve, ctx.verdict.profile
+    if profile is None or not ctx.verdict.ok:
+        return min(max(curve.performance(draft.limit), 0.0), 1.0)
+    score = float(profile.mean_score_many(curve, np.array([float(draft.limit)]))[0])
+    demand = ctx.obs.demand.request_rate or 0.0
     if demand <= 0:
         return score
-    served = demand if admitted is None else min(admitted, demand)
-    served = min(served, throughput / max(profile.mean_generated(limit), 1.0))
+    served = demand if draft.admitted is None else min(draft.admitted, demand)
+    served = min(served, ctx.ladder.throughput(draft.replicas) / max(profile.mean_generated(draft.limit), 1.0))
     return score * served / demand
 
 
-def _next_state(
-    state: ControllerState,
-    ledger: Ledger,
-    now: datetime,
-    current: int,
-    replicas: int,
-    raw_replicas: int,
-    raw_nodes: dict[str, int],
-    missing_since: datetime | None,
-    limit: int,
-    spec: ModelBudgetSpec,
-) -> ControllerState:
-    behavior = spec.behavior
+def _next_state(draft: Draft, ctx: Context) -> ControllerState:
+    behavior, now, state = ctx.spec.behavior, ctx.now, ctx.state
     keep = timedelta(
         seconds=max(
             behavior.scale_down.stabilization_window_seconds,
@@ -451,15 +487,16 @@ def _next_state(
         )
     )
     recs = [r for r in state.recommendations if now - r.at < keep]
-    recs.append(Recommendation(at=now, replicas=raw_replicas, nodes=raw_nodes))
+    recs.append(Recommendation(at=now, replicas=draft.raw_replicas, nodes=dict(draft.raw_nodes)))
     period = timedelta(seconds=behavior.scale_up.period_seconds)
     ups = [e for e in state.scale_ups if now - e.at < period]
-    if replicas > current:
-        ups.append(ScaleUpEvent(at=now, added=replicas - current))
+    current = ctx.obs.current_replicas
+    if draft.replicas > current:
+        ups.append(ScaleUpEvent(at=now, added=draft.replicas - current))
     return ControllerState(
-        ledger=ledger,
+        ledger=ctx.ledger,
         recommendations=recs,
         scale_ups=ups,
-        metrics_missing_since=missing_since,
-        token_limit=limit,
+        metrics_missing_since=draft.missing_since,
+        token_limit=draft.limit,
     )

@@ -49,7 +49,6 @@ class Scrape:
     latency_p95: float | None
     # gauges now
     waiting: float
-    running: float
     # from the apiserver
     replicas: int
     ready_replicas: int
@@ -73,7 +72,6 @@ def scrape(world: World, now: float, window: float, bounds: list[float]) -> Scra
         generation_histogram=histogram,
         latency_p95=float(np.quantile(latency, 0.95)) if done.size else None,
         waiting=float(world.waiting()),
-        running=float(world.running()),
         replicas=world.replicas(),
         ready_replicas=world.ready_replicas(now),
         nodes=world.nodes(),

@@ -25,12 +25,10 @@ from typing import Protocol
 
 from modelbudget.api.spec import ModelBudgetSpec, Period
 from modelbudget.api.status import ControllerState, Plan
-from modelbudget.core import DemandSample, Observation, decide
+from modelbudget.core import DemandSample, Observation, decide, resolve
 from modelbudget.core.capacity import CapacityLadder
-from modelbudget.core.curve import resolve_curve
 from modelbudget.core.generation import GenerationProfile
 from modelbudget.core.pacing import period_bounds
-from modelbudget.core.planner import token_bounds
 from modelbudget.sim.metrics import Scrape
 from modelbudget.sim.world import Action
 
@@ -69,7 +67,6 @@ def observation(seen: Scrape, now: datetime) -> Observation:
             generated_tokens_per_request=generated,
             generation=profile,
             requests_waiting=seen.waiting,
-            requests_running=seen.running,
             latency_p95_seconds=seen.latency_p95,
         ),
     )
@@ -79,13 +76,14 @@ class PlannerPolicy:
     name = "planner"
 
     def __init__(self, spec: ModelBudgetSpec) -> None:
-        self.spec = spec
+        self.resolved = resolve(spec)
         self.state = ControllerState()
         self.last: Plan | None = None
 
     def act(self, seen: Scrape, now: datetime) -> Action:
-        plan = decide(observation(seen, now), self.spec, self.state, now)
-        self.state, self.last = plan.next_state, plan
+        decision = decide(observation(seen, now), self.resolved, self.state, now)
+        self.state, self.last = decision.next_state, decision.plan
+        plan = decision.plan
         return Action(
             replicas={a.pool: a.replicas for a in plan.pools},
             nodes=plan.nodes_by_pool(),
@@ -124,7 +122,7 @@ class _HorizontalScaler(ABC):
         self.ladder = CapacityLadder(spec)
         self.min = spec.replicas.min
         self.max = min(spec.replicas.max, self.ladder.total_slots, self.ladder.max_affordable(even_pace(spec, start)))
-        self.limit = token_bounds(spec, resolve_curve(spec.curve))[1]
+        self.limit = resolve(spec).token_max
         self.tolerance = tolerance
         self.window = timedelta(seconds=window)
         self.recommendations: deque[tuple[datetime, int]] = deque()
@@ -190,7 +188,7 @@ class StaticPolicy:
         ladder = CapacityLadder(spec)
         replicas = min(spec.replicas.max, ladder.total_slots, ladder.max_affordable(even_pace(spec, start)))
         allocation = ladder.allocation(replicas)
-        limit = token_bounds(spec, resolve_curve(spec.curve))[1]
+        limit = resolve(spec).token_max
         self.fixed = Action(allocation.replicas, allocation.nodes, limit)
 
     def act(self, seen: Scrape, now: datetime) -> Action:

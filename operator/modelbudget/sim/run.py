@@ -19,8 +19,7 @@ import numpy.typing as npt
 
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.capacity import CapacityLadder
-from modelbudget.core.curve import resolve_curve
-from modelbudget.core.planner import token_bounds
+from modelbudget.core.planner import resolve
 from modelbudget.sim.metrics import buckets_1_2_5, scrape, window_seconds
 from modelbudget.sim.oracle import OraclePolicy
 from modelbudget.sim.policies import HpaPolicy, KedaPolicy, PlannerPolicy, Policy, StaticPolicy
@@ -119,7 +118,7 @@ def run_policy(
     # The oracle re-plans every step; the others on the operator's timer.
     every = 1 if isinstance(policy, OraclePolicy) else max(1, round(config.decision_interval / step))
     window = window_seconds(spec.metrics.window)
-    bounds = buckets_1_2_5(token_bounds(spec, resolve_curve(spec.curve))[1])
+    bounds = buckets_1_2_5(resolve(spec).token_max)
 
     ladder = CapacityLadder(spec)
     initial = ladder.allocation(min(spec.replicas.min, ladder.total_slots))
