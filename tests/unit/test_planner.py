@@ -249,3 +249,28 @@ def test_free_slots_on_paid_nodes_are_filled():
     # 5 replicas' worth of demand needs 2 four-GPU nodes; the 3 other slots on them cost nothing.
     plan = decide_for(observe(rps=2.2, replicas=8, nodes={"pool-a": 2}, mean_wanted=1e9), make_spec(), STEADY, NOW)
     assert plan.plan.nodes_by_pool()["pool-a"] * 4 == plan.plan.replicas
+
+
+@pytest.mark.parametrize(
+    ("previous_over_target", "held"),
+    [(1.05, True), (1 / 1.05, True), (1.25, False), (1 / 1.25, False)],
+)
+def test_the_limit_holds_within_one_grid_step_and_moves_beyond(previous_over_target, held):
+    # Steady demand: the best limit wobbles by a step from tick to tick; only a real change moves it.
+    obs = observe(rps=20, replicas=8, nodes={"pool-a": 2}, mean_wanted=1500)
+    spec = make_spec(budget={"ceiling": {"amount": 16}})  # the ceiling binds: the target is inside the grid
+    target = decide_for(obs, spec, ControllerState(), NOW).plan.token_limit
+    previous = round(target * previous_over_target)
+    decision = decide_for(obs, spec, ControllerState(token_limit=previous), NOW)
+    assert decision.plan.token_limit == (previous if held else target)
+    assert ("TokenLimitHeld" in reasons(decision)) is held
+
+
+def test_a_held_limit_must_be_one_the_ready_replicas_carry():
+    spec = make_spec(budget={"ceiling": {"amount": 16}})
+    ready = observe(rps=20, replicas=8, nodes={"pool-a": 2}, mean_wanted=1500)
+    target = decide_for(ready, spec, ControllerState(), NOW).plan.token_limit
+    starting = observe(rps=20, replicas=8, ready=4, nodes={"pool-a": 2}, mean_wanted=1500)
+    decision = decide_for(starting, spec, ControllerState(token_limit=round(target * 1.05)), NOW)
+    assert decision.plan.token_limit < target * 1.05
+    assert "TokenLimitHeld" not in reasons(decision)

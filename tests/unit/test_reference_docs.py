@@ -9,6 +9,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
+from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ModelBudgetSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,3 +66,10 @@ def test_every_spec_field_is_documented() -> None:
             sections[current].add(line.split("`")[1])
     documented = {f"{section}.{field}" for section, fields in sections.items() for field in fields}
     assert _fields(ModelBudgetSpec, "spec") == documented
+
+
+def test_every_reason_is_explained_in_troubleshooting() -> None:
+    # Reasons are declared once (api/reasons.py); an SRE reading one in status or an Event finds it here.
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    missing = [r.value for r in Reason if f"`{r.value}`" not in text]
+    assert not missing, f"docs/troubleshooting.md does not explain {missing}"

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         )
     trace = load_trace(args, start)
     config = config_from(args, start)
-    console = Console(width=max(Console().width, 132))  # the table is wide; do not squeeze it into 80
+    console = Console(width=max(Console().width, 150))  # the table is wide; do not squeeze it into 80
     factors = [args.reasoning_factor] + ([] if args.skip_factor_one or args.reasoning_factor == 1 else [1.0])
     out = Path(args.out)
     summary = []

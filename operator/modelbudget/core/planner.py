@@ -17,7 +17,8 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
 4. ``enforce_ceiling``: last and unconditional for replicas, cut to what the allowance buys.
 5. ``hold_nodes``: nodes wanted recently are kept through their window, as far as it pays.
 6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
-   rises at most ``maxStepUpFactor`` per decision, and stays within its bounds.
+   rises at most ``maxStepUpFactor`` per decision, stays where it is while the change is within
+   one grid step (and the replicas serving now carry it), and stays within its bounds.
 
 The ``Decision`` carries the plan, the next controller state, the verdict, the curve and the
 running spend: status, Events and metrics are projections of it, never worked out again.
@@ -53,6 +54,10 @@ from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
 GRID_MAX_POINTS = 161
+# The published limit moves only when the new one is more than one grid step away: under steady
+# demand the best limit wobbles by a step from tick to tick, and each move is a ConfigMap write,
+# an Event and a reload in every gate for b*ln(1.09) of performance.
+HOLD_RATIO = 2.0 ** (1.0 / GRID_STEPS_PER_DOUBLING) * (1.0 + 1e-9)
 _EPS = 1e-6
 
 
@@ -406,6 +411,7 @@ def fast_limit(draft: Draft, ctx: Context) -> Draft:
     if ctx.verdict.ok:
         draft = _carry_now(draft, ctx)
         draft = _step_up(draft, ctx)
+        draft = _hold_within_a_step(draft, ctx)
     r = ctx.resolved
     return replace(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
 
@@ -431,6 +437,21 @@ def _step_up(draft: Draft, ctx: Context) -> Draft:
     stepped = max(int(previous * factor), ctx.resolved.token_min)
     message = f"wants {draft.limit}, rising from {previous} to {stepped} this step"
     return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_STEP_UP_LIMIT, message, limit=stepped)
+
+
+def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
+    previous = ctx.previous_limit
+    if previous is None or previous == draft.limit:
+        return draft
+    if max(previous, draft.limit) > min(previous, draft.limit) * HOLD_RATIO:
+        return draft
+    r, profile = ctx.resolved, ctx.verdict.profile
+    assert profile is not None
+    serving = ctx.ladder.throughput(min(ctx.obs.ready_replicas, draft.replicas))
+    if not r.token_min <= previous <= r.token_max or ctx.demand * profile.mean_generated(previous) > serving + _EPS:
+        return draft  # a limit the replicas serving now cannot carry is never kept
+    message = f"wants {draft.limit}, keeping {previous}: within one step ({HOLD_RATIO - 1:.0%}) of it"
+    return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_LIMIT_HELD, message, limit=previous)
 
 
 STAGES: tuple[Stage, ...] = (target, limit_scale_up, stabilise_scale_down, enforce_ceiling, hold_nodes, fast_limit)

@@ -34,6 +34,7 @@ class PolicyResult:
     total_score: float
     dollars: float
     breach_minutes: int
+    limit_changes: int  # times the published token limit moved: ConfigMap writes, Events, gate reloads
     value_per_point: float
 
     @property
@@ -89,5 +90,6 @@ def score(run: PolicyRun, work: Workload, spec: ModelBudgetSpec) -> PolicyResult
         total_score=float(request_scores(run, work, spec).sum()),
         dollars=float(np.sum(run.series.spend_rate) * run.step / 3600.0),
         breach_minutes=breach_minutes(run),
+        limit_changes=int(np.count_nonzero(np.diff(run.series.token_limit))),
         value_per_point=spec.budget.value_of_point,
     )
