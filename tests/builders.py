@@ -9,6 +9,7 @@ from typing import Any
 from modelbudget.api import ControllerState, ModelBudgetSpec
 from modelbudget.core import Decision, DemandSample, Observation, decide, resolve
 from modelbudget.core.generation import GenerationProfile
+from modelbudget.core.observation import GateReport
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -60,7 +61,11 @@ def observe(
     limit: int | None = None,
     at: datetime | None = NOW,
     error: str | None = None,
+    gates: tuple[float, ...] | None = None,
 ) -> Observation:
+    """``gates``: the limits the gates apply (default: one gate applying ``limit``, or its default
+    8192 before anything is published); ``()`` for no gate at all."""
+    applied = gates if gates is not None else (float(limit if limit is not None else 8192),)
     return Observation(
         current_replicas=replicas,
         ready_replicas=replicas if ready is None else ready,
@@ -72,6 +77,7 @@ def observe(
             generation=GenerationProfile.exponential(mean_wanted),
             requests_waiting=waiting,
             error=error,
+            gates=GateReport(applied),
         ),
     )
 

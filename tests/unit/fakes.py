@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -12,19 +13,23 @@ from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
+from modelbudget.adapters.tokenlimit import Published
 from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
 from modelbudget.controller.reconciler import Adapters
-from modelbudget.core.observation import DemandSample
+from modelbudget.core.observation import DemandSample, GateReport
 
 
 @dataclass
 class FakeMetrics:
     next: DemandSample = field(default_factory=DemandSample)
     calls: list[tuple[str, PrometheusCredentials]] = field(default_factory=list)
+    gates: Callable[[], GateReport] | None = None  # what the gates report, when it is not in ``next``
 
-    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample:
+    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
         self.calls.append((namespace, credentials))
-        return self.next
+        if self.gates is None or self.next.at is None:
+            return self.next
+        return replace(self.next, gates=self.gates())
 
 
 @dataclass
@@ -93,14 +98,18 @@ def node_selector_for(pool_name: str) -> dict[str, str]:
 @dataclass
 class FakeTokenLimits:
     limit: int | None = None
-    published: list[int] = field(default_factory=list)
+    admitted_rps_per_pod: float | None = None
+    published: list[int | None] = field(default_factory=list)
 
-    def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> int | None:
-        return self.limit
+    def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
+        return Published(self.limit, self.admitted_rps_per_pod)
 
-    def publish(self, namespace: str, target: str, publish: TokenLimitPublish, limit: int) -> None:
-        self.published.append(limit)
-        self.limit = limit
+    def publish(self, namespace: str, target: str, publish: TokenLimitPublish, values: Published) -> None:
+        self.published.append(values.token_limit)
+        self.limit, self.admitted_rps_per_pod = values.token_limit, values.admitted_rps_per_pod
+
+
+GATE_DEFAULT_LIMIT = 8192  # what a gate applies before anything is published (its --default-max-tokens)
 
 
 @dataclass
@@ -121,6 +130,15 @@ class FakeCluster:
     pools: FakeNodePools = field(default_factory=FakeNodePools)
     tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
     conflicts: FakeConflicts = field(default_factory=FakeConflicts)
+    gates_running: bool = True  # gates in every pod, applying what is published
+
+    def __post_init__(self) -> None:
+        self.metrics.gates = self._gate_report
+
+    def _gate_report(self) -> GateReport:
+        if not self.gates_running:
+            return GateReport()
+        return GateReport((float(self.tokens.limit or GATE_DEFAULT_LIMIT),))
 
     @property
     def adapters(self) -> Adapters:
@@ -182,12 +200,14 @@ class Clock:
 
 
 def demand(at: datetime, rps: float, generated: float = 400.0, waiting: float = 0.0) -> DemandSample:
+    """A sample as a source without FakeCluster's gates sees it: one gate at its default limit."""
     return DemandSample(
         at=at,
         request_rate=rps,
         generated_tokens_per_request=generated,
         prompt_tokens_per_request=200.0,
         requests_waiting=waiting,
+        gates=GateReport((float(GATE_DEFAULT_LIMIT),)),
     )
 
 

@@ -16,7 +16,7 @@ from modelbudget.adapters.errors import Conflict, NotFound, Rejected, Unavailabl
 from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
-from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
+from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published
 from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
 
 
@@ -67,26 +67,27 @@ async def test_token_limit_creates_the_configmap_when_missing(kmock: kmock.RawHa
     kmock[f"post {cm}"] << {"kind": "ConfigMap"}
     sink = KubeTokenLimitSink(kube(kmock.url))
     publish = TokenLimitPublish()
-    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) is None
-    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, 2048)
+    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) == Published(None)
+    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, Published(2048, 1.25))
     created = kmock[f"post {cm}"][0].data
     assert created["metadata"]["name"] == "demo-llm-token-limit"
-    assert created["data"] == {"max_tokens": "2048"}
+    assert created["data"] == {"max_tokens": "2048", "admitted_rps_per_pod": "1.25"}
 
 
 @against_kmock
 async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock: kmock.RawHandler) -> None:
     cm = "/api/v1/namespaces/demo/configmaps/limits"
-    kmock[f"get {cm}"] << {"kind": "ConfigMap", "data": {"tokens": "512"}}
+    kmock[f"get {cm}"] << {"kind": "ConfigMap", "data": {"tokens": "512", "admitted_rps_per_pod": "2.5"}}
     kmock[f"patch {cm}"] << {"kind": "ConfigMap"}
     kmock[f"patch {DEPLOY}"] << DEPLOYMENT
     publish = TokenLimitPublish.model_validate(
         {"configMap": {"name": "limits", "key": "tokens"}, "podTemplateAnnotation": True}
     )
     sink = KubeTokenLimitSink(kube(kmock.url))
-    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) == 512
-    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, 256)
-    assert kmock[f"patch {cm}"][0].data == {"data": {"tokens": "256"}}
+    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) == Published(512, 2.5)
+    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, Published(256))
+    # No admission cap any more: the key is deleted (a merge patch's null), not left behind.
+    assert kmock[f"patch {cm}"][0].data == {"data": {"tokens": "256", "admitted_rps_per_pod": None}}
     annotations = kmock[f"patch {DEPLOY}"][0].data["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"modelbudget.dev/max-tokens": "256"}
 

@@ -21,6 +21,8 @@ from modelbudget.adapters.metrics import (
     sample_with,
 )
 from modelbudget.api.spec import Metrics
+from modelbudget.api.status import DemandSource
+from modelbudget.core.observation import GateReport
 
 TS = 1_767_614_400.0  # 2026-01-05T12:00:00Z
 
@@ -35,7 +37,7 @@ def metrics(url: str = "http://prom:9090", **extra: Any) -> Metrics:
 
 def test_queries_get_selector_window_and_namespace() -> None:
     m = metrics(window="30s")
-    q = render_query(m.queries.request_rate, m, "demo")
+    q = render_query(m.queries.request_rate, m, "demo", "demo-llm")
     assert q == 'sum(rate(vllm:request_success_total{namespace="demo"}[30s]))'
 
 
@@ -99,10 +101,9 @@ def test_sample_turns_rates_into_per_request_figures() -> None:
                 {"metric": {"le": le}, "value": [TS, c]} for le, c in (("200", "1"), ("500", "3"), ("+Inf", "4"))
             ],
             "num_requests_waiting": vec("2"),
-            "num_requests_running": vec("NaN"),
         }
     )
-    s = sample_with(run, metrics(), "demo")
+    s = sample_with(run, metrics(), "demo", "demo-llm")
     assert s.error is None and s.request_rate == 4.0
     assert s.prompt_tokens_per_request == 200.0 and s.generated_tokens_per_request == 400.0
     assert s.requests_waiting == 2.0
@@ -110,20 +111,49 @@ def test_sample_turns_rates_into_per_request_figures() -> None:
     assert s.at is not None and s.at.timestamp() == TS
 
 
+def test_demand_comes_from_the_gates_when_they_report_and_per_request_figures_from_the_server() -> None:
+    server_only = {"request_success_total": vec("4"), "generation_tokens_total": vec("1600")}
+    s = sample_with(Canned(server_only), metrics(), "demo", "demo-llm")
+    assert (s.demand_source, s.request_rate) == (DemandSource.SERVER, 4.0)
+    assert s.gates == GateReport(())  # asked, and no gate answered
+    gated = Canned(
+        {
+            "modelbudget_gate_arrivals_total": vec("6"),  # 2 req/s more arrive than complete: a queue builds
+            "modelbudget_gate_token_limit": [vec("512")[0], vec("512")[0], vec("1024")[0]],
+            **server_only,
+        }
+    )
+    s = sample_with(gated, metrics(), "demo", "demo-llm")
+    assert (s.demand_source, s.request_rate) == (DemandSource.GATE, 6.0)
+    assert s.generated_tokens_per_request == 400.0  # server tokens over server completions, never mixed
+    assert s.gates is not None and sorted(s.gates.applied_limits) == [512.0, 512.0, 1024.0]
+    assert any('target="demo-llm"' in q and 'namespace="demo"' in q for q in gated.queries)
+
+
+def test_a_failing_gate_query_is_unknown_not_no_gate() -> None:
+    run = Canned({"modelbudget_gate_token_limit": QueryFailed("bad_data"), "request_success_total": vec("4")})
+    s = sample_with(run, metrics(), "demo", "demo-llm")
+    assert s.gates == GateReport(error="bad_data")
+
+
 def test_no_series_is_missing_not_an_error() -> None:
-    s = sample_with(Canned({}), metrics(), "demo")
+    s = sample_with(Canned({}), metrics(), "demo", "demo-llm")
     assert s.error is None and s.at is None and s.request_rate is None
 
 
 def test_a_failing_rate_query_is_an_error_and_a_failing_secondary_one_is_unknown() -> None:
-    s = sample_with(Canned({"request_success_total": QueryFailed("down")}), metrics(), "demo")
+    s = sample_with(Canned({"request_success_total": QueryFailed("down")}), metrics(), "demo", "demo-llm")
     assert s.error == "request rate: down"
-    s = sample_with(Canned({"prompt_tokens": QueryFailed("x"), "request_success_total": vec("1")}), metrics(), "demo")
+    s = sample_with(
+        Canned({"prompt_tokens": QueryFailed("x"), "request_success_total": vec("1")}), metrics(), "demo", "demo-llm"
+    )
     assert s.error is None and s.prompt_tokens_per_request is None
 
 
 def test_zero_demand_has_no_per_request_figures() -> None:
-    s = sample_with(Canned({"request_success_total": vec("0"), "generation_tokens_total": vec("0")}), metrics(), "demo")
+    s = sample_with(
+        Canned({"request_success_total": vec("0"), "generation_tokens_total": vec("0")}), metrics(), "demo", "demo-llm"
+    )
     assert s.request_rate == 0.0 and s.generated_tokens_per_request is None and s.generation is None
 
 
@@ -139,7 +169,7 @@ OK = {"status": "success", "data": {"resultType": "vector", "result": [{"metric"
 async def test_prometheus_client_sends_auth_and_parses(kmock: kmock.RawHandler) -> None:
     kmock["get /api/v1/query"] << OK
     creds = PrometheusCredentials(bearer_token="t0ken")
-    s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", creds)
+    s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", creds)
     assert s.error is None and s.request_rate == 2.5
     first = kmock["get /api/v1/query"][0]
     assert first.headers["Authorization"] == "Bearer t0ken"
@@ -151,7 +181,9 @@ async def test_prometheus_client_sends_auth_and_parses(kmock: kmock.RawHandler) 
 @pytest.mark.parametrize("reply", [b"<html>oops</html>", {"status": "success"}, {"data": {"result": "x"}}])
 async def test_prometheus_garbage_is_an_error(kmock: kmock.RawHandler, reply: Any) -> None:
     kmock["get /api/v1/query"] << reply
-    s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", PrometheusCredentials())
+    s = await asyncio.to_thread(
+        PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials()
+    )
     assert s.error is not None and s.request_rate is None
 
 
@@ -159,11 +191,13 @@ async def test_prometheus_garbage_is_an_error(kmock: kmock.RawHandler, reply: An
 @pytest.mark.kmock(cls=kmock.RawHandler)
 async def test_prometheus_http_error_is_an_error(kmock: kmock.RawHandler) -> None:
     kmock["get /api/v1/query"] << 503 << b"overloaded"
-    s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", PrometheusCredentials())
+    s = await asyncio.to_thread(
+        PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials()
+    )
     assert s.error is not None and "503" in s.error
 
 
 def test_unreachable_prometheus_is_an_error_without_credentials() -> None:
     m = metrics("http://user:hunter2@127.0.0.1:9", timeoutSeconds=1)
-    s = PrometheusMetrics().sample(m, "demo", PrometheusCredentials(basic_auth=("user", "hunter2")))
+    s = PrometheusMetrics().sample(m, "demo", "demo-llm", PrometheusCredentials(basic_auth=("user", "hunter2")))
     assert s.error is not None and "unreachable" in s.error and "hunter2" not in s.error

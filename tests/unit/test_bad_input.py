@@ -82,7 +82,7 @@ class ByNamespace:
 
     answers: dict[str, DemandSample | Exception] = field(default_factory=dict)
 
-    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample:
+    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
         answer = self.answers[namespace]
         if isinstance(answer, Exception):
             raise answer
@@ -228,10 +228,10 @@ answers = hs.lists(series, max_size=4) | json_any
 
 
 @settings(max_examples=400, deadline=None)
-@given(rate=answers, rest=hs.lists(answers, min_size=7, max_size=7))
+@given(rate=answers, rest=hs.lists(answers, min_size=8, max_size=8))
 def test_any_query_answer_becomes_a_sample_never_an_exception(rate: Any, rest: list[Any]) -> None:
     replies = iter([rate, *rest])
-    s = sample_with(lambda q: next(replies), METRICS, "demo")
+    s = sample_with(lambda q: next(replies), METRICS, "demo", "demo-llm")
     assert s.error is not None or s.request_rate is None or s.at is not None
     for value in (s.prompt_tokens_per_request, s.generated_tokens_per_request, s.requests_waiting):
         assert value is None or value == value  # never NaN: unknown is None
@@ -263,7 +263,7 @@ bodies = (
 def test_any_http_answer_from_prometheus_becomes_a_sample(status: int, body: bytes) -> None:
     # At the transport: PrometheusConnect mounts its own adapters on the session it is given.
     with mock.patch.object(requests.adapters.HTTPAdapter, "send", canned(status, body)):
-        s = PrometheusMetrics().sample(METRICS, "demo", PrometheusCredentials(bearer_token="t0ken"))
+        s = PrometheusMetrics().sample(METRICS, "demo", "demo-llm", PrometheusCredentials(bearer_token="t0ken"))
     if status != 200:
         assert s.error is not None and f"HTTP Status Code {status}" in s.error
     assert s.error is None or ("t0ken" not in s.error and "unreachable" not in s.error)
@@ -309,7 +309,7 @@ class HungFor:
     hung: set[str]
     release: threading.Event = field(default_factory=threading.Event)
 
-    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample:
+    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
         if namespace in self.hung:
             self.release.wait(30)
             return DemandSample(error="request rate: unreachable: ReadTimeout")
@@ -384,7 +384,7 @@ def test_concurrent_queries_to_one_prometheus_reuse_their_connections(caplog: py
         m = Metrics.model_validate({"prometheusUrl": f"http://127.0.0.1:{server.server_address[1]}"})
         source = PrometheusMetrics()
         with ThreadPoolExecutor(METRICS_THREADS) as pool:
-            samples = list(pool.map(lambda _: source.sample(m, "demo", PrometheusCredentials()), range(64)))
+            samples = list(pool.map(lambda _: source.sample(m, "demo", "demo-llm", PrometheusCredentials()), range(64)))
     finally:
         server.shutdown()
         server.server_close()

@@ -14,7 +14,7 @@ import yaml
 from modelbudget.api.status import ControllerState
 from modelbudget.controller import status as st
 from modelbudget.controller.reconciler import ObjectRef, Outcome, Reconciler
-from modelbudget.core.observation import DemandSample
+from modelbudget.core.observation import DemandSample, GateReport
 from tests.unit.fakes import FakeCluster, as_the_apiserver_stores_it, demand
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "local-demo.yaml"
@@ -252,3 +252,56 @@ def test_status_document_round_trips_through_the_api_model(cluster: FakeCluster)
 
     parsed = ModelBudgetStatus.model_validate(h.status)
     assert st.status_document(parsed)["plan"] == h.status["plan"]
+
+
+def test_stopped_gates_turn_token_limit_enforced_false_with_a_warning_and_back(cluster: FakeCluster) -> None:
+    cluster.metrics.next = demand(T0, rps=4)
+    h = Harness(cluster, demo_spec())
+    h.tick(T0)
+    assert h.condition("TokenLimitEnforced")["status"] == "True"
+    cluster.gates_running = False
+    cluster.metrics.next = demand(T0 + timedelta(seconds=15), rps=4)
+    out = h.tick(T0 + timedelta(seconds=15))
+    assert (h.condition("TokenLimitEnforced")["status"], h.condition("TokenLimitEnforced")["reason"]) == (
+        "False",
+        "NoGate",
+    )
+    assert [(e.type, e.reason) for e in out.events if e.type == "Warning"] == [("Warning", "NoGate")]
+    assert "LimitNotEnforced" in {r["reason"] for r in h.status["plan"]["reasons"]}
+    cluster.gates_running = True
+    cluster.metrics.next = demand(T0 + timedelta(seconds=30), rps=4)
+    out = h.tick(T0 + timedelta(seconds=30))
+    assert h.condition("TokenLimitEnforced")["status"] == "True"
+    assert ("Normal", "Enforced") in [(e.type, e.reason) for e in out.events]
+
+
+def test_a_gate_that_keeps_an_old_limit_past_the_grace_period_is_stale(cluster: FakeCluster) -> None:
+    cluster.metrics.next = demand(T0, rps=4)
+    h = Harness(cluster, demo_spec())
+    h.tick(T0)
+    stuck = float(cluster.tokens.limit or 0) * 2  # what a gate that stopped reading the ConfigMap applies
+    cluster.metrics.gates = lambda: GateReport((stuck,))
+    for t in (15, 30):
+        cluster.metrics.next = demand(T0 + timedelta(seconds=t), rps=4)
+        h.tick(T0 + timedelta(seconds=t))
+        assert h.condition("TokenLimitEnforced")["status"] == "True"  # within the 30 s grace: Propagating
+    cluster.metrics.next = demand(T0 + timedelta(seconds=50), rps=4)
+    out = h.tick(T0 + timedelta(seconds=50))
+    assert (h.condition("TokenLimitEnforced")["status"], h.condition("TokenLimitEnforced")["reason"]) == (
+        "False",
+        "Stale",
+    )
+    assert ("Warning", "Stale") in [(e.type, e.reason) for e in out.events]
+
+
+def test_the_admission_cap_is_published_per_ready_pod_and_removed_when_it_lifts(cluster: FakeCluster) -> None:
+    cluster.scaler.replicas = cluster.scaler.ready = 4
+    cluster.metrics.next = demand(T0, rps=500)  # far more than the ceiling buys even at the smallest limit
+    h = Harness(cluster, demo_spec())
+    out = h.tick(T0)
+    admitted = h.status["plan"]["admittedRequestsPerSecond"]
+    assert cluster.tokens.admitted_rps_per_pod == pytest.approx(admitted / 4, rel=1e-2)
+    assert "AdmissionChanged" in {e.reason for e in out.events}
+    cluster.metrics.next = demand(T0 + timedelta(seconds=15), rps=1)
+    h.tick(T0 + timedelta(seconds=15))
+    assert cluster.tokens.admitted_rps_per_pod is None

@@ -24,8 +24,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from modelbudget.api.spec import Metrics
+from modelbudget.api.status import DemandSource
 from modelbudget.core.generation import GenerationProfile
-from modelbudget.core.observation import DemandSample
+from modelbudget.core.observation import DemandSample, GateReport
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,20 @@ class PrometheusCredentials:
 
 
 class MetricsSource(Protocol):
-    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample: ...
+    def sample(
+        self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
+    ) -> DemandSample: ...
 
 
 class QueryFailed(Exception):
     """One query could not be answered; the message is safe to show (no credentials)."""
 
 
-def render_query(template: str, metrics: Metrics, namespace: str) -> str:
-    """Substitute ``$selector`` and ``$window``, then ``$namespace`` (which the selector may use)."""
+def render_query(template: str, metrics: Metrics, namespace: str, target: str) -> str:
+    """Substitute ``$selector`` and ``$window``, then ``$namespace`` and ``$target`` (which the
+    selector may use)."""
     text = Template(template).safe_substitute(selector=metrics.selector, window=metrics.window)
-    return Template(text).safe_substitute(namespace=namespace)
+    return Template(text).safe_substitute(namespace=namespace, target=target)
 
 
 # Queries in flight at once per process (the controller runs them on this many threads), and so
@@ -137,12 +141,31 @@ class QueryRunner(Protocol):
     def __call__(self, query: str) -> Any: ...
 
 
-def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSample:
-    """Run the spec's queries through ``run`` and turn the answers into a ``DemandSample``."""
+def parse_per_series(result: Any) -> tuple[float, ...]:
+    """The values of an instant vector, one per series (NaN and garbage values left out)."""
+    if not isinstance(result, list):
+        raise QueryFailed(f"expected a vector, got {type(result).__name__}")
+    return tuple(v for _, v in (_sample_pair(item) for item in result) if v is not None)
+
+
+def _gates(run: QueryRunner, query: str) -> GateReport:
+    try:
+        return GateReport(applied_limits=parse_per_series(run(query)))
+    except QueryFailed as exc:
+        return GateReport(error=str(exc))
+
+
+def sample_with(run: QueryRunner, metrics: Metrics, namespace: str, target: str) -> DemandSample:
+    """Run the spec's queries through ``run`` and turn the answers into a ``DemandSample``.
+
+    Demand is the gates' arrival rate where gate series exist (every request, served or not), else
+    the server's completion rate. Per-request figures always divide server totals by the server's
+    completion rate, so the two sources are never mixed in one ratio.
+    """
     q = metrics.queries
 
     def scalar(template: str) -> tuple[float | None, float | None]:
-        return parse_scalar(run(render_query(template, metrics, namespace)))
+        return parse_scalar(run(render_query(template, metrics, namespace, target)))
 
     try:
         rate, at_ts = scalar(q.request_rate)
@@ -150,7 +173,16 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSam
         return DemandSample(error=f"request rate: {exc}")
     if at_ts is None:
         return DemandSample()  # no series at all: the core calls this MetricsMissing
-    sample = DemandSample(at=datetime.fromtimestamp(at_ts, UTC), request_rate=rate)
+    try:
+        arrivals, _ = scalar(q.gate_arrival_rate)
+    except QueryFailed:
+        arrivals = None  # no gate answer: the server's rate is the demand
+    sample = DemandSample(
+        at=datetime.fromtimestamp(at_ts, UTC),
+        request_rate=rate if arrivals is None else arrivals,
+        demand_source=DemandSource.SERVER if arrivals is None else DemandSource.GATE,
+        gates=_gates(run, render_query(q.gate_token_limits, metrics, namespace, target)),
+    )
     optional: dict[str, float | None] = {}
     for name, template in (
         ("truncated", q.truncated_request_rate),
@@ -164,7 +196,7 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str) -> DemandSam
         except QueryFailed:
             optional[name] = None  # a secondary figure missing is survivable; the rate is not
     try:
-        buckets = parse_buckets(run(render_query(q.generation_tokens_histogram, metrics, namespace)))
+        buckets = parse_buckets(run(render_query(q.generation_tokens_histogram, metrics, namespace, target)))
     except QueryFailed:
         buckets = []
     truncated = _per_request(optional["truncated"], rate) or 0.0
@@ -217,7 +249,7 @@ class PrometheusMetrics:
             self._clients[key] = client
         return client
 
-    def sample(self, metrics: Metrics, namespace: str, credentials: PrometheusCredentials) -> DemandSample:
+    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
         client = self._client(metrics, credentials)
         where = redact_url(metrics.prometheus_url)
 
@@ -233,4 +265,4 @@ class PrometheusMetrics:
             except (ValueError, KeyError, TypeError) as exc:  # JSON without data.result
                 raise QueryFailed(f"{where} sent a malformed answer: {type(exc).__name__}") from exc
 
-        return sample_with(run, metrics, namespace)
+        return sample_with(run, metrics, namespace, target)

@@ -87,6 +87,12 @@ PRINTER_COLUMNS = [
     {"name": "Allowed/h", "type": "number", "jsonPath": ".status.spend.allowedPerHour", "priority": 1},
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.plan.replicas"},
     {"name": "TokenLimit", "type": "integer", "jsonPath": ".status.plan.tokenLimit"},
+    {
+        "name": "Enforced",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="TokenLimitEnforced")].status',
+    },
+    {"name": "Demand", "type": "string", "jsonPath": ".status.demand.source", "priority": 1},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {
         "name": "Reason",

@@ -27,6 +27,7 @@ class Reason(StrEnum):
     CAPACITY_CATCHING_UP = "CapacityCatchingUp"
     TOKEN_STEP_UP_LIMIT = "TokenStepUpLimit"
     TOKEN_LIMIT_HELD = "TokenLimitHeld"
+    LIMIT_NOT_ENFORCED = "LimitNotEnforced"
     FALLBACK_SCALE_TO = "FallbackScaleTo"
 
     # --- The metrics verdict (MetricsAvailable; also why replicas are held) ---
@@ -35,6 +36,13 @@ class Reason(StrEnum):
     METRICS_STALE = "MetricsStale"
     METRICS_MISSING = "MetricsMissing"
     METRICS_ABSURD = "MetricsAbsurd"
+
+    # --- Whether the gates apply the published limit (TokenLimitEnforced) ---
+    ENFORCED = "Enforced"
+    PROPAGATING = "Propagating"
+    STALE = "Stale"
+    NO_GATE = "NoGate"
+    GATES_UNKNOWN = "GatesUnknown"
 
     # --- Conditions ---
     ENFORCING = "Enforcing"
@@ -55,6 +63,7 @@ class Reason(StrEnum):
     RESCALED = "Rescaled"
     NODE_POOL_RESIZED = "NodePoolResized"
     TOKEN_LIMIT_CHANGED = "TokenLimitChanged"
+    ADMISSION_CHANGED = "AdmissionChanged"
 
 
 # Plan reasons that make the BudgetLimited condition True, most severe first: the first one the

@@ -249,6 +249,13 @@ class TokenLimits(ApiModel):
         default=2.0, ge=1.0, le=100, description="The limit rises at most this factor per reconcile."
     )
     publish: TokenLimitPublish = Field(default_factory=TokenLimitPublish)
+    enforcement_grace_seconds: float = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description="How long the gates may take to apply a published limit before TokenLimitEnforced "
+        "turns False (reason Stale) with a Warning Event.",
+    )
 
 
 class SecretKeyRef(ApiModel):
@@ -266,12 +273,26 @@ class PrometheusAuth(ApiModel):
 DEFAULT_SELECTOR = 'namespace="$namespace"'
 
 
-class Queries(ApiModel):
-    """PromQL for each observed quantity. ``$selector`` and ``$window`` are substituted.
+GATE_SELECTOR = 'namespace="$namespace",target="$target"'
 
-    Defaults follow vLLM's metric names; any server exporting the same series works.
+
+class Queries(ApiModel):
+    """PromQL for each observed quantity. ``$selector``, ``$window``, ``$namespace`` and ``$target``
+    (the Deployment's name) are substituted.
+
+    Defaults follow vLLM's metric names and the gate's (``modelbudget gate``); any server exporting
+    the same series works.
     """
 
+    gate_arrival_rate: PromQL = Field(
+        default=f"sum(rate(modelbudget_gate_arrivals_total{{{GATE_SELECTOR}}}[$window]))",
+        description="Requests/s arriving at the gates: the demand, when gate series exist "
+        "(else requestRate, which counts completions).",
+    )
+    gate_token_limits: PromQL = Field(
+        default=f"modelbudget_gate_token_limit{{{GATE_SELECTOR}}}",
+        description="The token limit each gate applies now, one series per gate (not aggregated).",
+    )
     request_rate: PromQL = "sum(rate(vllm:request_success_total{$selector}[$window]))"
     truncated_request_rate: PromQL = (
         'sum(rate(vllm:request_success_total{$selector,finished_reason="length"}[$window]))'

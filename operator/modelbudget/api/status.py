@@ -29,6 +29,7 @@ class ConditionType(StrEnum):
     METRICS_AVAILABLE = "MetricsAvailable"
     CURVE_FITTED = "CurveFitted"
     BUDGET_LIMITED = "BudgetLimited"
+    TOKEN_LIMIT_ENFORCED = "TokenLimitEnforced"
     DEGRADED = "Degraded"
 
 
@@ -89,6 +90,7 @@ class ControllerState(StatusModel):
     scale_ups: list[ScaleUpEvent] = Field(default_factory=list, max_length=2048)
     metrics_missing_since: datetime | None = None
     token_limit: int | None = None
+    limit_unenforced_since: datetime | None = None
 
 
 class Plan(StatusModel):
@@ -125,7 +127,13 @@ class SpendStatus(StatusModel):
     utilization: float = Field(description="current / allowed.")
 
 
+class DemandSource(StrEnum):
+    GATE = "Gate"  # arrivals counted by the gates: every request, served or not
+    SERVER = "Server"  # completions counted by the model server (requestRate): lags a surge
+
+
 class DemandStatus(StatusModel):
+    source: DemandSource | None = Field(default=None, description="Where the request rate was read.")
     requests_per_second: float | None = None
     prompt_tokens_per_request: float | None = None
     generated_tokens_per_request: float | None = None

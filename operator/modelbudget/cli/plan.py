@@ -17,6 +17,7 @@ from modelbudget.cli.common import load_manifest
 from modelbudget.core import DemandSample, Observation, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.generation import QUANTILES, GenerationProfile
+from modelbudget.core.observation import GateReport
 from modelbudget.core.pacing import period_bounds
 
 OBSERVED_KEYS = {
@@ -27,6 +28,7 @@ OBSERVED_KEYS = {
     "waiting": "requests waiting in the queue",
     "meanWantedTokens": "mean tokens a request wants (exponential); default: every request uses the whole limit",
     "spent": "dollars spent so far this period (Day/Month ceilings)",
+    "gates": "gates applying the published limit (default 1; 0: nothing enforces it)",
 }
 
 
@@ -75,13 +77,19 @@ def build_inputs(
     else:
         profile = GenerationProfile(np.full(QUANTILES, np.inf))
     limit = observed.get("tokenLimit")
+    gates = int(observed.get("gates", 1))
+    applied = (limit if limit is not None else float(spec.token_limits.max or spec.curve.max_tokens),) * gates
     obs = Observation(
         current_replicas=replicas,
         ready_replicas=int(observed.get("readyReplicas", replicas)),
         current_nodes=nodes,
         current_token_limit=int(limit) if limit is not None else None,
         demand=DemandSample(
-            at=now, request_rate=demand, generation=profile, requests_waiting=observed.get("waiting", 0.0)
+            at=now,
+            request_rate=demand,
+            generation=profile,
+            requests_waiting=observed.get("waiting", 0.0),
+            gates=GateReport(applied),
         ),
     )
     state = ControllerState()

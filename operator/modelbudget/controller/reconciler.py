@@ -24,10 +24,10 @@ from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
 from modelbudget.adapters.scaler import Scaler, ScaleState
 from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
-from modelbudget.adapters.tokenlimit import TokenLimitSink, config_map_name
+from modelbudget.adapters.tokenlimit import Published, TokenLimitSink, config_map_name
 from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool
-from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus
+from modelbudget.api.status import ConditionType, ControllerState, Knob, ModelBudgetStatus, Plan
 from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
@@ -89,7 +89,7 @@ class Cluster:
     scale: ScaleState | None  # None: the Deployment does not exist
     nodes: dict[str, int]
     pool_sizes: dict[str, int | None]  # what each provider object is set to now
-    token_limit: int | None
+    published: Published
     conflicts: list[str]
 
 
@@ -181,6 +181,7 @@ class Reconciler:
             conflicts=cluster.conflicts if spec.mode is Mode.ENFORCE else [],
             target_missing=None if cluster.scale else f"Deployment {ref.namespace}/{spec.target_ref.name} not found",
             failures=failures,
+            previous_enforced=st.condition_status(before.conditions, ConditionType.TOKEN_LIMIT_ENFORCED),
         )
         new = st.build_status(before, facts, ref.generation, now)
         return Outcome(
@@ -198,7 +199,7 @@ class Reconciler:
             scale: ScaleState | None = await self._call(a.scaler.get, namespace, target)
         except NotFound:
             scale = None
-        counts, sizes, limit, conflicts = await asyncio.gather(
+        counts, sizes, published, conflicts = await asyncio.gather(
             asyncio.gather(*(self._call(a.node_pools.count_nodes, node_selector(p)) for p in pools)),
             asyncio.gather(*(self._sized_to(p, namespace) for p in pools)),
             self._call(a.token_limits.read, namespace, target, spec.token_limits.publish),
@@ -208,7 +209,7 @@ class Reconciler:
             scale=scale,
             nodes={p.name: n for p, n in zip(pools, counts, strict=True)},
             pool_sizes={p.name: s for p, s in zip(pools, sizes, strict=True)},
-            token_limit=limit,
+            published=published,
             conflicts=conflicts,
         )
 
@@ -225,7 +226,12 @@ class Reconciler:
         try:
             creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
             return await asyncio.get_running_loop().run_in_executor(
-                self._metrics_threads, self.adapters.metrics.sample, spec.metrics, namespace, creds
+                self._metrics_threads,
+                self.adapters.metrics.sample,
+                spec.metrics,
+                namespace,
+                spec.target_ref.name,
+                creds,
             )
         except SecretMissing as exc:
             return DemandSample(error=f"credentials: {exc}")
@@ -246,20 +252,27 @@ class Reconciler:
         actions: list[st.KnobChange] = []
         failures: list[str] = []
 
-        async def attempt(action: st.KnobChange, fn: Callable[..., None], *args: Any) -> None:
+        async def attempt(changes: list[st.KnobChange], fn: Callable[..., None], *args: Any) -> None:
             try:
                 await self._call(fn, *args)
-                actions.append(action)
+                actions.extend(changes)
             except Exception as exc:  # one knob failing must not keep the others from moving
-                failures.append(_failure(action, exc))
+                failures.append(_failure(changes[0], exc))
 
         publish = spec.token_limits.publish
-        limit_before = cluster.token_limit
-        limit_action = st.KnobChange(Knob.TOKEN_LIMIT, config_map_name(publish, target), limit_before, plan.token_limit)
-        limit_changes = limit_before != plan.token_limit
-        tightening = limit_before is None or plan.token_limit < limit_before
-        if limit_changes and tightening:
-            await attempt(limit_action, a.token_limits.publish, namespace, target, publish, plan.token_limit)
+        before, wanted = cluster.published, fast_knobs(plan, cluster.scale.ready_replicas)
+        where = config_map_name(publish, target)
+        fast_changes = [
+            st.KnobChange(knob, where, was, now)
+            for knob, was, now in (
+                (Knob.TOKEN_LIMIT, before.token_limit, wanted.token_limit),
+                (Knob.ADMITTED_RATE, before.admitted_rps_per_pod, wanted.admitted_rps_per_pod),
+            )
+            if was != now
+        ]
+        tightening = _tightens(before, wanted)
+        if fast_changes and tightening:
+            await attempt(fast_changes, a.token_limits.publish, namespace, target, publish, wanted)
 
         wanted_nodes = plan.nodes_by_pool()
         resizes = [
@@ -271,11 +284,11 @@ class Reconciler:
         shrinking = [r for r in resizes if r not in growing]
         for pool, size, nodes in growing:
             await attempt(
-                st.KnobChange(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes
+                [st.KnobChange(Knob.NODES, pool.name, size, nodes)], a.node_pools.resize, pool, namespace, nodes
             )
         if plan.replicas != cluster.scale.replicas:
             await attempt(
-                st.KnobChange(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas),
+                [st.KnobChange(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas)],
                 a.scaler.set_replicas,
                 namespace,
                 target,
@@ -283,11 +296,27 @@ class Reconciler:
             )
         for pool, size, nodes in shrinking:
             await attempt(
-                st.KnobChange(Knob.NODES, pool.name, size, nodes), a.node_pools.resize, pool, namespace, nodes
+                [st.KnobChange(Knob.NODES, pool.name, size, nodes)], a.node_pools.resize, pool, namespace, nodes
             )
-        if limit_changes and not tightening:
-            await attempt(limit_action, a.token_limits.publish, namespace, target, publish, plan.token_limit)
+        if fast_changes and not tightening:
+            await attempt(fast_changes, a.token_limits.publish, namespace, target, publish, wanted)
         return actions, failures
+
+
+def fast_knobs(plan: Plan, ready_replicas: int) -> Published:
+    """What the gates should apply: the limit, and each ready pod's share of the admitted rate
+    (3 significant digits, so that noise in the plan does not rewrite the ConfigMap)."""
+    admitted = plan.admitted_requests_per_second
+    share = None if admitted is None else float(f"{admitted / max(ready_replicas, 1):.3g}")
+    return Published(plan.token_limit, share)
+
+
+def _tightens(before: Published, wanted: Published) -> bool:
+    """A lower limit or a lower (or new) admission cap: it goes out before the slow knobs move."""
+    lower_limit = before.token_limit is None or (wanted.token_limit or 0) < before.token_limit
+    was, now = before.admitted_rps_per_pod, wanted.admitted_rps_per_pod
+    lower_cap = now is not None and (was is None or now < was)
+    return lower_limit or lower_cap
 
 
 def _observation(cluster: Cluster, sample: DemandSample) -> Observation:
@@ -296,6 +325,6 @@ def _observation(cluster: Cluster, sample: DemandSample) -> Observation:
         current_replicas=scale.replicas,
         ready_replicas=scale.ready_replicas,
         current_nodes=cluster.nodes,
-        current_token_limit=cluster.token_limit,
+        current_token_limit=cluster.published.token_limit,
         demand=sample,
     )

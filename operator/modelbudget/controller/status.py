@@ -52,8 +52,8 @@ class KnobChange:
 
     knob: Knob
     target: str  # what was changed: the Deployment, a pool's name, the ConfigMap
-    before: int | None
-    after: int
+    before: float | None  # None: unset
+    after: float | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class Facts:
     decision: Decision
     conflicts: Sequence[str] = ()
     target_missing: str | None = None
+    previous_enforced: Status | None = None  # TokenLimitEnforced's status before this reconcile
     failures: Sequence[str] = ()  # actuation errors, already free of secrets
 
 
@@ -98,6 +99,10 @@ def merge_conditions(
         )
     order = [t.value for t in ConditionType]
     return sorted(merged.values(), key=lambda c: order.index(c.type) if c.type in order else len(order))
+
+
+def condition_status(conditions: Sequence[Condition], kind: ConditionType) -> Status | None:
+    return next((c.status for c in conditions if c.type == kind), None)
 
 
 def invalid_status(
@@ -179,7 +184,23 @@ def conditions_for(facts: Facts) -> list[Wanted]:
         ready = Wanted(ConditionType.READY, "True", Reason.RECOMMENDING, "computing and reporting; changing nothing")
     else:
         ready = Wanted(ConditionType.READY, "True", Reason.ENFORCING, "")
-    return [ready, metrics, fitted, budget_condition(plan), degraded]
+    return [ready, metrics, fitted, budget_condition(plan), enforcement_condition(facts), degraded]
+
+
+def enforcement_condition(facts: Facts) -> Wanted:
+    """Whether the gates apply the published limit. While they pick up a new one (Propagating) the
+    status stays what it was, so a limit change is not a flap; Unknown when they cannot be asked."""
+    e, previous = facts.decision.enforcement, facts.previous_enforced
+    status: Status
+    if e.reason is Reason.ENFORCED:
+        status = "True"
+    elif e.reason in (Reason.STALE, Reason.NO_GATE):
+        status = "False"
+    elif e.reason is Reason.PROPAGATING and previous is not None:
+        status = previous
+    else:
+        status = "Unknown"
+    return Wanted(ConditionType.TOKEN_LIMIT_ENFORCED, status, e.reason, e.message)
 
 
 def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | None, now: datetime) -> ModelBudgetStatus:
@@ -198,6 +219,7 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
             utilization=running / plan.allowed_spend_per_hour if plan.allowed_spend_per_hour > 0 else 0.0,
         )
     demand = DemandStatus(
+        source=obs.demand.demand_source if obs.demand.at is not None else None,
         requests_per_second=_finite(obs.demand.request_rate),
         prompt_tokens_per_request=_finite(obs.demand.prompt_tokens_per_request),
         generated_tokens_per_request=_finite(obs.demand.generated_tokens_per_request),
@@ -308,6 +330,8 @@ _FLIP_EVENTS: dict[tuple[ConditionType, Status], tuple[Literal["Normal", "Warnin
     (ConditionType.METRICS_AVAILABLE, "False"): ("Warning", Reason.METRICS_UNAVAILABLE),
     (ConditionType.METRICS_AVAILABLE, "True"): ("Normal", Reason.METRICS_RECOVERED),
     (ConditionType.BUDGET_LIMITED, "True"): ("Normal", Reason.BUDGET_LIMITED),
+    (ConditionType.TOKEN_LIMIT_ENFORCED, "False"): ("Warning", None),
+    (ConditionType.TOKEN_LIMIT_ENFORCED, "True"): ("Normal", Reason.ENFORCED),
     (ConditionType.DEGRADED, "True"): ("Warning", None),
 }
 
@@ -335,7 +359,9 @@ def events_for(
             Knob.REPLICAS: (Reason.RESCALED, f"Deployment {a.target} replicas"),
             Knob.NODES: (Reason.NODE_POOL_RESIZED, f"node pool {a.target} nodes"),
             Knob.TOKEN_LIMIT: (Reason.TOKEN_LIMIT_CHANGED, f"token limit ({a.target})"),
+            Knob.ADMITTED_RATE: (Reason.ADMISSION_CHANGED, f"admitted req/s per pod ({a.target})"),
         }[a.knob]
-        was = "unset" if a.before is None else a.before
-        notes.append(EventNote("Normal", reason, f"{what}: {was} -> {a.after}"))
+        was = "unset" if a.before is None else f"{a.before:g}"
+        now = "unset" if a.after is None else f"{a.after:g}"
+        notes.append(EventNote("Normal", reason, f"{what}: {was} -> {now}"))
     return notes

@@ -15,6 +15,7 @@ from datetime import datetime
 
 from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ModelBudgetSpec
+from modelbudget.api.status import DemandSource
 from modelbudget.core.generation import GenerationProfile
 
 # Beyond these, a number is a broken query or exporter, not demand.
@@ -23,11 +24,21 @@ ABSURD_TOKENS_FACTOR = 100.0  # generated tokens per request vs the curve's maxT
 
 
 @dataclass(frozen=True)
+class GateReport:
+    """What the gates say they apply now: one token limit per gate (empty: no gate reports)."""
+
+    applied_limits: tuple[float, ...] = ()
+    error: str | None = None  # the gates' query failed: unknown, not "no gate"
+
+
+@dataclass(frozen=True)
 class DemandSample:
     """What the metrics source saw: ``None`` means unknown, ``error`` says why nothing was seen."""
 
     at: datetime | None = None
     request_rate: float | None = None
+    demand_source: DemandSource = DemandSource.SERVER
+    gates: GateReport | None = None  # None: not asked (the metrics source failed)
     prompt_tokens_per_request: float | None = None
     generated_tokens_per_request: float | None = None
     generation: GenerationProfile | None = None

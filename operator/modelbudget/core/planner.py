@@ -13,6 +13,9 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
    at the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
    Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
    fallback, which can only scale down.
+   ``size_for_limit_in_force``: when no gate applies the published limit (TokenLimitEnforced),
+   replicas are sized for the limit actually in force (unbounded without gates) and for demand
+   without the admission cap: the ceiling is then kept by the slow knobs alone.
 2. ``limit_scale_up`` and 3. ``stabilise_scale_down``: the HPA's behaviour rules.
 4. ``enforce_ceiling``: last and unconditional for replicas, cut to what the allowance buys.
 5. ``hold_nodes``: nodes wanted recently are kept through their window, as far as it pays.
@@ -26,6 +29,7 @@ running spend: status, Events and metrics are projections of it, never worked ou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -49,6 +53,7 @@ from modelbudget.api.status import (
 from modelbudget.core.capacity import CapacityLadder, cost_per_token, node_price, spend_of
 from modelbudget.core.curve import LogCurve, resolve_curve
 from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised_replicas
+from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 
@@ -116,6 +121,7 @@ class Context:
     state: ControllerState
     now: datetime
     verdict: MetricsVerdict
+    enforcement: Enforcement
     running_spend: float  # $/h of the nodes running now
     ledger: Ledger
     allowance: Allowance
@@ -161,6 +167,7 @@ class Decision:
     plan: Plan
     next_state: ControllerState
     verdict: MetricsVerdict
+    enforcement: Enforcement
     curve: LogCurve
     running_spend: float
     allowance: Allowance
@@ -177,6 +184,7 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         plan=_plan(draft, ctx),
         next_state=_next_state(draft, ctx),
         verdict=ctx.verdict,
+        enforcement=ctx.enforcement,
         curve=resolved.curve,
         running_spend=ctx.running_spend,
         allowance=ctx.allowance,
@@ -206,6 +214,13 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         state=state,
         now=now,
         verdict=assess(obs, spec, now),
+        enforcement=assess_enforcement(
+            obs.demand.gates,
+            obs.current_token_limit,
+            state.limit_unenforced_since,
+            now,
+            spec.token_limits.enforcement_grace_seconds,
+        ),
         running_spend=running,
         ledger=ledger,
         allowance=allowance,
@@ -348,6 +363,26 @@ def hold_or_fall_back(draft: Draft, ctx: Context) -> Draft:
     return draft.because(Knob.REPLICAS, ctx.verdict.reason, message)
 
 
+def size_for_limit_in_force(draft: Draft, ctx: Context) -> Draft:
+    """Never plan on a knob that is not there: without gates applying the published limit (and the
+    admission cap), requests take what they want up to the limit actually in force."""
+    if not ctx.verdict.ok or ctx.enforcement.plannable:
+        return draft
+    profile = ctx.verdict.profile
+    assert profile is not None
+    in_force = ctx.enforcement.limit_in_force
+    tokens_per_second = ctx.demand * profile.mean_generated(in_force) if ctx.demand > 0 else 0.0
+    need = ctx.ladder.replicas_for(tokens_per_second)
+    n = min(ctx.affordable, ctx.spec.replicas.max) if need is None else max(need, ctx.min_replicas)
+    n = max(draft.replicas, n)
+    what = "unbounded requests" if math.isinf(in_force) else f"the {in_force:g} tokens the gates apply"
+    message = (
+        f"{ctx.enforcement.message}; sizing for {what} and all {ctx.demand:.3g} req/s: "
+        f"{n} replicas (the ceiling is kept by replicas and nodes alone)"
+    )
+    return draft.because(Knob.REPLICAS, Reason.LIMIT_NOT_ENFORCED, message, replicas=n, raw_replicas=n)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2.-4. The slow knobs' dynamics and the ceiling
 
@@ -454,7 +489,15 @@ def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
     return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_LIMIT_HELD, message, limit=previous)
 
 
-STAGES: tuple[Stage, ...] = (target, limit_scale_up, stabilise_scale_down, enforce_ceiling, hold_nodes, fast_limit)
+STAGES: tuple[Stage, ...] = (
+    target,
+    size_for_limit_in_force,
+    limit_scale_up,
+    stabilise_scale_down,
+    enforce_ceiling,
+    hold_nodes,
+    fast_limit,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,4 +563,5 @@ def _next_state(draft: Draft, ctx: Context) -> ControllerState:
         scale_ups=ups,
         metrics_missing_since=draft.missing_since,
         token_limit=draft.limit,
+        limit_unenforced_since=ctx.enforcement.mismatch_since,
     )

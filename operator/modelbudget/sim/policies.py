@@ -28,6 +28,7 @@ from modelbudget.api.status import ControllerState, Plan
 from modelbudget.core import DemandSample, Observation, decide, resolve
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.generation import GenerationProfile
+from modelbudget.core.observation import GateReport
 from modelbudget.core.pacing import period_bounds
 from modelbudget.sim.metrics import Scrape
 from modelbudget.sim.world import Action
@@ -68,6 +69,8 @@ def observation(seen: Scrape, now: datetime) -> Observation:
             generation=profile,
             requests_waiting=seen.waiting,
             latency_p95_seconds=seen.latency_p95,
+            # The simulated serving path clamps every request to the published limit.
+            gates=GateReport((float(seen.token_limit),)),
         ),
     )
 
