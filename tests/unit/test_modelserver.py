@@ -268,3 +268,32 @@ class TestModelServerMetrics:
                 server.control({"rps": bad})
         with pytest.raises(ValueError):
             server.control({"speed": 3})
+
+
+class TestBuiltInGate:
+    """The server clamps every request itself, so it reports under the gate's names what a gate would."""
+
+    def make(self, pods: list[str], gate_target: str | None) -> tuple[ModelServer, CollectorRegistry]:
+        server, _ = make_server(pods, rps=8)
+        registry = CollectorRegistry()
+        server.metrics = VllmMetrics(registry, "m", "ns", gate_target)
+        return server, registry
+
+    def test_it_counts_every_arrival_and_reports_the_limit_each_ready_pod_applies(self) -> None:
+        server, registry = self.make(["p0", "p1"], gate_target="llm")
+        server.model.set_token_limit(512)
+        for _ in range(8):  # 2 s at 8 req/s
+            server.step()
+        gate = {"namespace": "ns", "target": "llm"}
+        assert registry.get_sample_value("modelbudget_gate_arrivals_total", gate) == server.state()["arrived"] == 16
+        for pod in ("p0", "p1"):
+            assert registry.get_sample_value("modelbudget_gate_token_limit", {**gate, "pod": pod}) == 512
+        server.model.set_ready_pods(["p0"])
+        server.step()
+        assert registry.get_sample_value("modelbudget_gate_token_limit", {**gate, "pod": "p1"}) is None
+
+    def test_with_real_gates_in_front_it_reports_nothing_of_theirs(self) -> None:
+        server, registry = self.make(["p0"], gate_target=None)
+        server.model.set_token_limit(512)
+        server.step()
+        assert not [s for m in registry.collect() for s in m.samples if s.name.startswith("modelbudget_gate")]

@@ -73,7 +73,9 @@ OBSERVED_RATE_WINDOW = 10.0  # seconds of arrivals behind the observed req/s in 
 class VllmMetrics:
     """The vLLM metric families, one series per (model, namespace, pod)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str, namespace: str) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, model_name: str, namespace: str, gate_target: str | None = None
+    ) -> None:
         self.base = (model_name, namespace)
         labels = ["model_name", "namespace", "pod"]
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=registry)
@@ -123,6 +125,35 @@ class VllmMetrics:
         self._per_pod = [self.prompt_tokens, self.generation_tokens, self.running, self.waiting]
         self._per_pod += [self.e2e, self.ttft, self.generation_hist, self.prompt_hist]
         self._pods: set[str] = set()
+        # This server applies the published limit to every request itself, as if each simulated pod
+        # had a gate (modelbudget gate): it reports what a gate reports, under the gate's names, so
+        # the operator sees the limit enforced and reads demand from arrivals. Off when a test runs
+        # real gates instead.
+        self.gate_target = gate_target
+        self.gate_arrivals = Counter(
+            "modelbudget_gate_arrivals",
+            "Requests that arrived (built-in gate).",
+            ["namespace", "target"],
+            registry=registry,
+        )
+        self.gate_limit = Gauge(
+            "modelbudget_gate_token_limit",
+            "Token limit applied now (built-in gate).",
+            ["namespace", "target", "pod"],
+            registry=registry,
+        )
+
+    def record_arrivals(self, count: int) -> None:
+        if self.gate_target is not None:
+            self.gate_arrivals.labels(self.base[1], self.gate_target).inc(count)
+
+    def set_gate_limits(self, pods: list[str], limit: int | None) -> None:
+        if self.gate_target is None:
+            return
+        self.gate_limit.clear()  # a pod that is gone takes its gate with it
+        if limit is not None:
+            for pod in pods:
+                self.gate_limit.labels(self.base[1], self.gate_target, pod).set(limit)
 
     def record(self, result: TickResult) -> None:
         for pod, request in result.started:
@@ -217,8 +248,10 @@ class ModelServer:
         reasoning_factor: float,
         poisson: bool,
         rng: np.random.Generator,
+        default_limit: int | None = None,
     ) -> None:
         self.model = model
+        self.default_limit = default_limit
         self.demand = demand
         self.sizes = sizes
         self.cluster = cluster
@@ -240,7 +273,8 @@ class ModelServer:
             return
         with self.lock:
             self.model.set_ready_pods(pods)
-            self.model.set_token_limit(limit)
+            # Like a gate, the server applies its default until a limit is published.
+            self.model.set_token_limit(limit if limit is not None else self.default_limit)
 
     def step(self) -> None:
         with self.lock:
@@ -251,7 +285,9 @@ class ModelServer:
             result = self.model.tick(end, self.tick_seconds)
             self.now = end
             self.metrics.record(result)
+            self.metrics.record_arrivals(len(arrivals))
             self.metrics.set_queue(self.model.running(), self.model.waiting)
+            self.metrics.set_gate_limits(self.model.ready_pods, self.model.token_limit)
             self.totals["arrived"] += len(arrivals)
             self.totals["finished"] += len(result.finished)
             self.totals["dropped"] += result.dropped
@@ -345,6 +381,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--listen", default=os.environ.get("MB_MODELSERVER_ADDR", "127.0.0.1:19400"), help="host:port")
     p.add_argument("--token-limit-configmap", help="default: <deployment>-token-limit")
     p.add_argument("--token-limit-key", default="max_tokens")
+    p.add_argument(
+        "--default-max-tokens", type=int, default=8192, help="limit applied until one is published (0: none)"
+    )
+    p.add_argument(
+        "--no-builtin-gate",
+        action="store_true",
+        help="do not report the gate's metrics (real gates run in front of this server)",
+    )
     demand = p.add_argument_group("demand")
     demand.add_argument("--trace", help="trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
     demand.add_argument("--time-scale", type=float, default=1.0, help="trace time * this = wall time")
@@ -388,7 +432,8 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
         configmap = args.token_limit_configmap or f"{args.deployment}-token-limit"
         cluster = ClusterView(api, args.namespace, args.deployment, configmap, args.token_limit_key)
     registry = CollectorRegistry()
-    metrics = VllmMetrics(registry, args.model_name or args.deployment, args.namespace)
+    gate_target = None if args.no_builtin_gate else args.deployment
+    metrics = VllmMetrics(registry, args.model_name or args.deployment, args.namespace, gate_target)
     server = ModelServer(
         model,
         demand,
@@ -400,7 +445,10 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
         reasoning_factor=args.reasoning_factor,
         poisson=args.arrivals == "poisson",
         rng=rng,
+        default_limit=args.default_max_tokens or None,
     )
+    if args.no_cluster:
+        model.set_token_limit(server.default_limit)
     return server, registry
 
 
