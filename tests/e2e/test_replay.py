@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "single-pool-hourly.yaml"
 TRACE = data_dir() / "traces" / "azure_llm_2023_conv.csv"
 FACTOR = 20.0  # W = generated x 20, as bench/simulate.py and the README use
-START, END = "2023-11-16T00:00:00+00:00", "2023-11-16T01:00:00+00:00"
+HOUR = ["--start", "2023-11-16T00:00:00+00:00", "--end", "2023-11-16T01:00:00+00:00"]
 SHAPES = {
     "plain": Shape(),
     "gap": Shape(gaps=((1200.0, 1500.0),)),  # Prometheus down for 5 minutes
@@ -83,8 +83,7 @@ def results(path: Path) -> dict[str, Any]:
 def replay(url: str, tmp: Path, namespace: str, *extra: str) -> dict[str, Any]:
     out = tmp / f"replay-{namespace}"
     code = main(
-        ["replay", "-f", str(manifest_for(tmp, namespace)), "--prometheus", url, "--start", START, "--end", END]
-        + ["--out", str(out), *extra]
+        ["replay", "-f", str(manifest_for(tmp, namespace)), "--prometheus", url, *HOUR, "--out", str(out), *extra]
     )
     assert code == 0
     (path,) = out.glob("*.json")
@@ -94,10 +93,8 @@ def replay(url: str, tmp: Path, namespace: str, *extra: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("simulate")
-    code = main(
-        ["simulate", "-f", str(EXAMPLE), "--trace", str(TRACE), "--reasoning-factor", str(FACTOR)]
-        + ["--skip-factor-one", "--out", str(out)]
-    )
+    trace = ["--trace", str(TRACE), "--reasoning-factor", str(FACTOR), "--skip-factor-one"]
+    code = main(["simulate", "-f", str(EXAMPLE), *trace, "--out", str(out)])
     assert code == 0
     (path,) = out.glob("*.json")
     return results(path)
@@ -158,14 +155,10 @@ def test_missing_histogram_falls_back_to_mean_sizes(history: tuple[str, Path], p
     assert within(got["planner"]["dollars"], plain["planner"]["dollars"], 0.25)
 
 
-def test_no_size_figures_at_all_is_a_clear_error(
-    history: tuple[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_no_size_figures_at_all_is_a_clear_error(history: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     url, tmp = history
-    code = main(
-        ["replay", "-f", str(manifest_for(tmp, "nosizes")), "--prometheus", url, "--start", START, "--end", END]
-        + ["--out", str(tmp / "nosizes-out")]
-    )
+    manifest = str(manifest_for(tmp, "nosizes"))
+    code = main(["replay", "-f", manifest, "--prometheus", url, *HOUR, "--out", str(tmp / "nosizes-out")])
     assert code == 2
     assert "request sizes cannot be rebuilt" in capsys.readouterr().err
 
@@ -174,8 +167,6 @@ def test_selector_matching_nothing_is_a_clear_error(
     history: tuple[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, tmp = history
-    code = main(
-        ["replay", "-f", str(manifest_for(tmp, "elsewhere")), "--prometheus", url, "--start", START, "--end", END]
-    )
+    code = main(["replay", "-f", str(manifest_for(tmp, "elsewhere")), "--prometheus", url, *HOUR])
     assert code == 2
     assert "request-rate query returned no series" in capsys.readouterr().err
