@@ -87,12 +87,22 @@ def place(result: Any, grid: Grid, into: dict[Labels, npt.NDArray[np.float64]]) 
             frozenset((str(k), str(v)) for k, v in labels.items()) if isinstance(labels, Mapping) else frozenset()
         )
         series = into.setdefault(key, np.full(grid.size, np.nan))
-        for point in item["values"]:
-            if not isinstance(point, Sequence) or len(point) != 2:
-                raise QueryFailed(f"unexpected point in the answer: {str(point)[:60]}")
-            index = (_value(point[0]) - grid.start) / grid.step
-            if math.isfinite(index) and abs(index - round(index)) < 1e-6 and 0 <= round(index) < grid.size:
-                series[round(index)] = _value(point[1])
+        times, values = _points(item["values"])
+        index = (times - grid.start) / grid.step
+        whole = np.round(index)
+        on_grid = np.isfinite(index) & (np.abs(index - whole) < 1e-6) & (whole >= 0) & (whole < grid.size)
+        series[whole[on_grid].astype(np.int64)] = values[on_grid]
+
+
+def _points(raw: Sequence[Any]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """``[[time, "value"], ...]`` as two arrays; values that are not numbers become NaN."""
+    bad = next((p for p in raw if not (isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2)), None)
+    if bad is not None:
+        raise QueryFailed(f"unexpected point in the answer: {str(bad)[:60]}")
+    try:  # the usual answer, converted in one go
+        return np.array([p[0] for p in raw], dtype=float), np.array([p[1] for p in raw], dtype=float)
+    except (TypeError, ValueError):
+        return np.array([_value(p[0]) for p in raw]), np.array([_value(p[1]) for p in raw])
 
 
 def fetch(

@@ -6,7 +6,7 @@ that served the trace: the vLLM metric families of ``testbed/modelserver.py`` (s
 and buckets), one series per pod, plus the kube-state-metrics series a cluster would show for
 the fleet (``kube_deployment_status_replicas``, ``kube_node_labels``).  ``--tsdb`` then loads the
 file with ``promtool tsdb create-blocks-from openmetrics``; ``serve_history`` (or
-``hack/history-prometheus.sh``) starts a Prometheus on those blocks.
+``--serve PORT``) starts a Prometheus on those blocks.
 
 The server is an ample fixed fleet: every request starts when it arrives (nothing waits), on
 pod ``i mod pods``, and decodes at ``tokensPerSecond / maxConcurrency`` tokens/s like a vLLM
@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -266,10 +267,22 @@ def fleet_for(manifest: ModelBudget, pods: int, tokens_per_second: float | None,
 
 
 def create_blocks(openmetrics: Path, tsdb: Path, promtool: str = "promtool") -> None:
-    """Load an OpenMetrics file into TSDB blocks under ``tsdb`` (``promtool`` prints what it made)."""
+    """Load an OpenMetrics file into TSDB blocks under ``tsdb`` (``promtool`` prints what it made).
+
+    promtool reads the whole file once per block, and its blocks are 2 h by default: a week of
+    history took it 140 s that way, and 5 s with week-long blocks.
+    """
     tsdb.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics), str(tsdb)],
+        [
+            promtool,
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            "--max-block-duration=168h",
+            str(openmetrics),
+            str(tsdb),
+        ],
         capture_output=True,
         text=True,
     )
@@ -373,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--without", action="append", default=[], help="a metric family to leave out")
     p.add_argument("--out", required=True, help="the OpenMetrics file to write")
     p.add_argument("--tsdb", help="also load it into TSDB blocks in this directory (promtool)")
+    p.add_argument("--serve", type=int, metavar="PORT", help="then serve --tsdb on 127.0.0.1:PORT until Ctrl-C")
     args = p.parse_args(argv)
     manifest = load_manifest(args.file)
     trace = read_trace(args.trace)
@@ -400,6 +414,13 @@ def main(argv: list[str] | None = None) -> None:
         began = time.monotonic()
         create_blocks(Path(args.out), Path(args.tsdb), shutil.which("promtool") or "promtool")
         print(f"loaded into {args.tsdb} in {time.monotonic() - began:.1f}s")
+    if args.serve:
+        if not args.tsdb:
+            p.error("--serve needs --tsdb")
+        with serve_history(Path(args.tsdb), args.serve) as url:
+            print(f"Prometheus on {url} (history from {start.isoformat()}); Ctrl-C stops it", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
 
 
 if __name__ == "__main__":
