@@ -114,11 +114,12 @@ def test_rule_only_where_the_api_exists_and_when_enabled() -> None:
     assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def test_schema_refuses_a_share_over_one() -> None:
+@pytest.mark.parametrize("share", ["1.5", "0", "high"])
+def test_schema_refuses_a_share_outside_0_1(share: str) -> None:
     helm = _helm_binary()
     if helm is None:
         pytest.skip("needs helm: the schema is checked by helm")
-    args = ["template", RELEASE, str(CHART), "--api-versions", RULE_API, "--set", "alerts.spendShareOfCeiling=1.5"]
+    args = ["template", RELEASE, str(CHART), "--api-versions", RULE_API, "--set", f"alerts.spendShareOfCeiling={share}"]
     assert run_helm(helm, *args).returncode != 0
 
 
