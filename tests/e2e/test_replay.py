@@ -170,3 +170,19 @@ def test_selector_matching_nothing_is_a_clear_error(
     code = main(["replay", "-f", str(manifest_for(tmp, "elsewhere")), "--prometheus", url, *HOUR])
     assert code == 2
     assert "request-rate query returned no series" in capsys.readouterr().err
+
+
+def test_range_wider_than_the_history_replays_only_the_history(
+    history: tuple[str, Path], plain: dict[str, Any]
+) -> None:
+    """--since 7d on a Prometheus with a day of data: the missing days are no data, not demand."""
+    url, tmp = history
+    wide = ["--start", "2023-11-15T22:00:00+00:00", "--end", "2023-11-16T03:00:00+00:00"]
+    out = tmp / "replay-wide"
+    assert main(["replay", "-f", str(manifest_for(tmp, "plain")), "--prometheus", url, *wide, "--out", str(out)]) == 0
+    (path,) = out.glob("*.json")
+    got = results(path)
+    assert any("the replay covers that" in note for note in got["_doc"]["notes"])
+    assert got["_doc"]["range"]["start"] == "2023-11-16T00:00:00+00:00"
+    assert within(got["planner"]["requests"], plain["planner"]["requests"], 0.01)
+    assert within(got["planner"]["dollars"], plain["planner"]["dollars"], 0.05)

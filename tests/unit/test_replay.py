@@ -19,7 +19,7 @@ from modelbudget.adapters.history import MAX_POINTS_PER_SERIES, Grid, fetch, sin
 from modelbudget.adapters.metrics import QueryFailed
 from modelbudget.cli import CliError, main
 from modelbudget.cli.replay import credentials_from, grid_from, parse_duration
-from modelbudget.sim.history import History, fill_gaps, missing_runs, rebuild
+from modelbudget.sim.history import History, extent, fill_gaps, missing_runs, rebuild
 from modelbudget.sim.trace import TraceError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,3 +196,15 @@ def test_unreachable_prometheus_is_a_clear_error(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "request rate" in err and f"127.0.0.1:{port} unreachable" in err
     assert "pw" not in err
+
+
+def test_history_cut_to_where_it_has_data() -> None:
+    rate = np.full(41, np.nan)
+    rate[10:31] = 2.0
+    full = History(START, 15.0, rate, 15.0, requests_waiting=np.arange(41.0))
+    assert extent(rate) == (10, 30)
+    cut = full.between(9, 31)
+    assert cut.start == datetime(2023, 11, 16, 0, 2, 15, tzinfo=UTC)
+    assert cut.request_rate.size == 22 and np.isnan(cut.request_rate[0])
+    assert cut.requests_waiting is not None and cut.requests_waiting[0] == 9
+    assert extent(np.full(3, np.nan)) is None

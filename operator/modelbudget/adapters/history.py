@@ -58,9 +58,6 @@ class Grid:
             first = last + self.step
         return out
 
-    def datetime(self, t: float) -> datetime:
-        return datetime.fromtimestamp(t, UTC)
-
 
 class RangeSource(Protocol):
     """One PromQL range query -> the raw ``data.result`` (a matrix); raises ``QueryFailed``."""

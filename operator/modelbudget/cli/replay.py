@@ -43,7 +43,7 @@ from modelbudget.cli.simulate import (
 from modelbudget.core.capacity import node_price
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds
-from modelbudget.sim.history import History, fill_gaps, missing_runs, rebuild
+from modelbudget.sim.history import History, extent, fill_gaps, missing_runs, rebuild
 from modelbudget.sim.metrics import window_seconds
 from modelbudget.sim.trace import TraceError
 
@@ -185,10 +185,9 @@ def _histogram(series: dict[Labels, FloatArray]) -> tuple[FloatArray, FloatArray
     """``(finite bounds, cumulative rates with +Inf last)`` from a ``sum by (le)`` answer."""
     by_le: dict[float, FloatArray] = {}
     for labels, values in series.items():
-        le = dict(labels).get("le")
         try:
-            by_le[float(le)] = values  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+            by_le[float(dict(labels).get("le", "none"))] = values
+        except ValueError:
             continue
     if math.inf not in by_le or len(by_le) < 2:
         return None
@@ -213,7 +212,7 @@ def read_history(manifest: ModelBudget, reader: Reader, window: str) -> Fetched:
     if rate is None:
         raise CliError(
             f"the request-rate query returned no series in this range: {query(q.request_rate)} "
-            "(check spec.metrics.selector and the range)"
+            "(check spec.metrics.selector, the range, and that --resolution is at least the scrape interval)"
         )
 
     def one(template: str) -> Callable[[], FloatArray | None]:
@@ -252,6 +251,29 @@ def read_history(manifest: ModelBudget, reader: Reader, window: str) -> Fetched:
         requests_running=optional["running requests"],
     )
     return Fetched(history, notes)
+
+
+def covered(fetched: Fetched, actual: Actual) -> tuple[History, Actual]:
+    """The steps from the first to the last request rate Prometheus has: outside them is no data,
+    not a rate to extrapolate (a history shorter than --since)."""
+    history = fetched.history
+    span = extent(history.request_rate)
+    if span is None:
+        return history, actual
+    first, last = max(span[0] - 1, 0), span[1]  # one step before the first rate: the reference point
+    if (first, last) == (0, history.request_rate.size - 1):
+        return history, actual
+    trimmed = history.between(first, last + 1)
+    end = trimmed.start + timedelta(seconds=trimmed.step * (trimmed.request_rate.size - 1))
+    fetched.notes.append(
+        f"Prometheus has the request rate from {trimmed.start.isoformat()} to {end.isoformat()} only: "
+        "the replay covers that"
+    )
+
+    def cut(values: FloatArray | None) -> FloatArray | None:
+        return None if values is None else values[first : last + 1]
+
+    return trimmed, Actual(cut(actual.spend), cut(actual.replicas), cut(actual.nodes), actual.sources)
 
 
 @dataclass(frozen=True)
@@ -317,9 +339,9 @@ def read_actual(manifest: ModelBudget, reader: Reader) -> Actual:
     return Actual(spend_rate, replicas[0] if replicas else None, total_nodes, sources)
 
 
-def actual_table(actual: Actual, grid: Grid, console: Console) -> dict[str, Any]:
+def actual_table(actual: Actual, step: float, console: Console) -> dict[str, Any]:
     """Print what ran over the range (from step 1 on: step 0 is the reference point); the JSON of it."""
-    step_hours = grid.step / 3600.0
+    step_hours = step / 3600.0
     row: dict[str, Any] = {}
     if actual.spend is not None:
         row["dollars"] = float(np.sum(actual.spend[1:]) * step_hours)
@@ -390,24 +412,26 @@ def run(args: argparse.Namespace) -> int:
         reader = Reader(source, grid, lambda points: bar.advance(task, points))
         fetched = read_history(manifest, reader, window)
         actual = read_actual(manifest, reader)
+    history, actual = covered(fetched, actual)
     upper = float(token_bounds(spec, resolve_curve(spec.curve))[1])
+    start = history.start
     try:
-        trace = rebuild(fetched.history, upper, args.seed, name=f"prometheus-{start:%Y%m%dT%H%M}")
+        trace = rebuild(history, upper, args.seed, name=f"prometheus-{start:%Y%m%dT%H%M}")
     except TraceError as exc:
         raise CliError(str(exc)) from exc
     for note in fetched.notes:
         console.print(f"[yellow]{note}[/yellow]")
-    gaps = missing_runs(fetched.history.request_rate)
+    gaps = missing_runs(history.request_rate[1:])
     config = config_from(args, start)
     out = Path(args.out)
     summary = replay_and_report(console, manifest, trace, [args.reasoning_factor], config, policies, out)
-    ran = actual_table(actual, grid, console)
+    ran = actual_table(actual, history.step, console)
     document = {
         "spec": manifest.metadata.name,
         "prometheus": redact_url(url),
         "range": {
             "start": start.isoformat(),
-            "end": datetime.fromtimestamp(grid.end, UTC).isoformat(),
+            "end": (start + timedelta(seconds=history.step * (history.request_rate.size - 1))).isoformat(),
             "stepSeconds": grid.step,
             "rateWindow": window,
             "gapSteps": sum(b - a for a, b in gaps),

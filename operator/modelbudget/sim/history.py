@@ -22,8 +22,8 @@ business (``rate`` handles them); what reaches this module is already a rate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +54,30 @@ class History:
     histogram: FloatArray | None = None  # (steps, len(bounds) + 1)
     requests_waiting: FloatArray | None = None
     requests_running: FloatArray | None = None
+
+    def between(self, first: int, end: int) -> History:
+        """Steps ``[first, end)``, the first of them the new reference point."""
+
+        def cut(values: FloatArray | None) -> FloatArray | None:
+            return None if values is None else values[first:end]
+
+        return replace(
+            self,
+            start=self.start + timedelta(seconds=first * self.step),
+            request_rate=self.request_rate[first:end],
+            truncated_rate=cut(self.truncated_rate),
+            prompt_tokens_rate=cut(self.prompt_tokens_rate),
+            generation_tokens_rate=cut(self.generation_tokens_rate),
+            histogram=cut(self.histogram),
+            requests_waiting=cut(self.requests_waiting),
+            requests_running=cut(self.requests_running),
+        )
+
+
+def extent(values: FloatArray) -> tuple[int, int] | None:
+    """First and last index with a value; ``None`` when there is none."""
+    known = np.flatnonzero(~np.isnan(values))
+    return (int(known[0]), int(known[-1])) if known.size else None
 
 
 def missing_runs(values: FloatArray) -> list[tuple[int, int]]:
