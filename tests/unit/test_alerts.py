@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.unit.test_chart import CHART, NAMESPACE, RELEASE, _helm_binary, run_helm
+from tests.unit.test_chart import CHART, NAMESPACE, RELEASE, _exported_metric_names, _helm_binary, run_helm
 
 TEMPLATE = CHART / "templates" / "prometheusrule.yaml"
 TROUBLESHOOTING = CHART.parents[1] / "docs" / "troubleshooting.md"
@@ -31,6 +31,16 @@ ALERTS = {
     "ModelBudgetTokenLimitNotEnforced",
     "ModelBudgetReconcileErrors",
     "ModelBudgetOperatorAbsent",
+}
+
+
+# Metrics the alerts use that controller/telemetry.py does not export yet (the lead adds them:
+# the condition gauge and the period's spend and projection). Each entry must still be missing:
+# the test below fails once it is exported, so that the entry goes.
+NOT_YET_EXPORTED = {
+    "modelbudget_condition",
+    "modelbudget_period_to_date_dollars",
+    "modelbudget_projected_period_end_dollars",
 }
 
 
@@ -100,6 +110,13 @@ def test_every_alert_has_a_runbook_section() -> None:
         assert url.endswith(f"troubleshooting.md#{name.lower()}"), url
         assert name in headings, f"docs/troubleshooting.md has no section for {name}"
         assert rule["labels"]["severity"] in {"warning", "critical"}
+
+
+def test_alerts_use_only_exported_metrics() -> None:
+    (doc,) = rendered()
+    used = {m for r in rules_of(doc).values() for m in re.findall(r"\bmodelbudget_[a-z_]+", r["expr"])}
+    exported = _exported_metric_names()
+    assert used - exported == NOT_YET_EXPORTED, "the alerts use metrics the operator does not export"
 
 
 def test_rule_only_where_the_api_exists_and_when_enabled() -> None:
