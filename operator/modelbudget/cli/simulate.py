@@ -186,7 +186,7 @@ def write_results(console: Console, out: Path, name: str, document: dict[str, An
 
 
 def wide_console() -> Console:
-    return Console(width=max(Console().width, 132))  # the table is wide; do not squeeze it into 80
+    return Console(width=max(Console().width, 150))  # the table is wide; do not squeeze it into 80
 
 
 def run(args: argparse.Namespace) -> int:
