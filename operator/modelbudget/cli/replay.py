@@ -233,10 +233,11 @@ def read_history(manifest: ModelBudget, reader: Reader, window: str) -> Fetched:
         histogram = _histogram(reader.series(query(q.generation_tokens_histogram)))
     except QueryFailed as exc:
         notes.append(f"generation-length histogram: query failed ({exc})")
-    if histogram is None:
-        notes.append(
-            f"generation-length histogram: no buckets with le=+Inf from {query(q.generation_tokens_histogram)}"
-        )
+    else:
+        if histogram is None:
+            notes.append(
+                f"generation-length histogram: no buckets with le=+Inf from {query(q.generation_tokens_histogram)}"
+            )
     history = History(
         start=datetime.fromtimestamp(reader.grid.start, UTC),
         step=float(reader.grid.step),
