@@ -425,7 +425,11 @@ def run(args: argparse.Namespace) -> int:
     gaps = missing_runs(history.request_rate[1:])
     config = config_from(args, start)
     out = Path(args.out)
-    summary = replay_and_report(console, manifest, trace, [args.reasoning_factor], config, policies, out)
+    from modelbudget.sim.plot import Observed  # matplotlib is slow to import: only when drawing
+
+    times = np.arange(history.request_rate.size, dtype=np.float64) * history.step
+    observed = Observed(times, actual.spend, actual.replicas)
+    summary = replay_and_report(console, manifest, trace, [args.reasoning_factor], config, policies, out, observed)
     ran = actual_table(actual, history.step, console)
     document = {
         "spec": manifest.metadata.name,

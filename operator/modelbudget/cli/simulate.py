@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -21,6 +21,9 @@ from modelbudget.sim.benchmark import COLUMNS, Benchmark, run_benchmark, table_r
 from modelbudget.sim.run import POLICIES, SimConfig
 from modelbudget.sim.trace import Columns, Trace, TraceError, read_trace, repeat_daily, stretch
 from modelbudget.sim.world import Delays
+
+if TYPE_CHECKING:
+    from modelbudget.sim.plot import Observed  # matplotlib is slow to import: only when drawing
 
 DEFAULT_FACTOR = 20.0
 
@@ -151,6 +154,7 @@ def replay_and_report(
     config: SimConfig,
     policies: list[str],
     out: Path,
+    observed: Observed | None = None,
 ) -> list[dict[str, Any]]:
     """Run the benchmark at each reasoning factor: print its table, draw its figure; the JSON runs."""
     spec = manifest.spec
@@ -164,7 +168,7 @@ def replay_and_report(
         render(bench, console, bench.describe(spec))
         from modelbudget.sim.plot import plot  # matplotlib is slow to import: only when drawing
 
-        figure = plot(bench, out / f"{manifest.metadata.name}-{trace.name}-F{factor:g}.png")
+        figure = plot(bench, out / f"{manifest.metadata.name}-{trace.name}-F{factor:g}.png", observed)
         console.print(f"wrote {figure}")
         summary.append(
             {
