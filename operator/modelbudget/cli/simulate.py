@@ -8,17 +8,22 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelbudget.api import ModelBudget
 from modelbudget.cli import CliError
 from modelbudget.cli.common import load_manifest
 from modelbudget.sim.benchmark import COLUMNS, Benchmark, run_benchmark, table_rows
 from modelbudget.sim.run import POLICIES, SimConfig
 from modelbudget.sim.trace import Columns, Trace, TraceError, read_trace, repeat_daily, stretch
 from modelbudget.sim.world import Delays
+
+if TYPE_CHECKING:
+    from modelbudget.sim.plot import Observed  # matplotlib is slow to import: only when drawing
 
 DEFAULT_FACTOR = 20.0
 
@@ -36,13 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_FACTOR,
         help=f"wanted tokens W = generated x F (default {DEFAULT_FACTOR:g}); factor 1 is also reported",
     )
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
-    p.add_argument("--out", default="report", help="directory for the figures and the results (JSON)")
-    p.add_argument("--step", type=float, default=5.0, help="simulation step, seconds")
-    p.add_argument("--replica-start", type=float, default=60.0, help="seconds from scheduled to serving")
-    p.add_argument("--node-provision", type=float, default=120.0, help="seconds from requested to ready")
-    p.add_argument("--timeout", type=float, default=None, help="queue timeout, seconds (default: 2 x SLO)")
-    p.add_argument("--warmup", type=float, default=600.0, help="unscored replay of the trace's start, seconds")
+    add_simulator_arguments(p)
     p.add_argument("--stretch", type=float, default=1.0, help="multiply arrival times (slower demand)")
     p.add_argument(
         "--repeat-daily",
@@ -62,6 +61,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def add_simulator_arguments(p: argparse.ArgumentParser) -> None:
+    """The simulated cluster and the report: shared by ``simulate`` and ``replay``."""
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
+    p.add_argument("--out", default="report", help="directory for the figures and the results (JSON)")
+    p.add_argument("--step", type=float, default=5.0, help="simulation step, seconds")
+    p.add_argument("--replica-start", type=float, default=60.0, help="seconds from scheduled to serving")
+    p.add_argument("--node-provision", type=float, default=120.0, help="seconds from requested to ready")
+    p.add_argument("--timeout", type=float, default=None, help="queue timeout, seconds (default: 2 x SLO)")
+    p.add_argument("--warmup", type=float, default=600.0, help="unscored replay of the trace's start, seconds")
+
+
+def parse_policies(text: str) -> list[str]:
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = set(policies) - set(POLICIES)
+    if unknown or not policies:
+        raise CliError(
+            f"--policies: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from {', '.join(POLICIES)}"
+        )
+    return policies
+
+
 def load_trace(args: argparse.Namespace, start: datetime) -> Trace:
     columns = Columns(args.time_column, args.prompt_column, args.generated_column)
     try:
@@ -74,11 +94,18 @@ def load_trace(args: argparse.Namespace, start: datetime) -> Trace:
     return trace
 
 
-def config_from(args: argparse.Namespace, start: datetime) -> SimConfig:
-    for name in ("step", "replica_start", "node_provision", "warmup", "stretch", "reasoning_factor"):
+def check_positive(args: argparse.Namespace, *names: str, zero_ok: tuple[str, ...] = ()) -> None:
+    for name in names:
         value = getattr(args, name)
-        if value < 0 or (value == 0 and name in {"step", "stretch", "reasoning_factor"}):
+        if value < 0 or (value == 0 and name not in zero_ok):
             raise CliError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+
+
+def config_from(args: argparse.Namespace, start: datetime) -> SimConfig:
+    """The simulated cluster from ``add_simulator_arguments``' flags."""
+    check_positive(
+        args, "step", "replica_start", "node_provision", "warmup", zero_ok=("replica_start", "node_provision", "warmup")
+    )
     return SimConfig(
         step=args.step,
         delays=Delays(args.replica_start, args.node_provision),
@@ -119,25 +146,18 @@ def _with_progress(console: Console, label: str, job: Callable[[Callable[[str, f
         return job(tick)
 
 
-def run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.file)
+def replay_and_report(
+    console: Console,
+    manifest: ModelBudget,
+    trace: Trace,
+    factors: list[float],
+    config: SimConfig,
+    policies: list[str],
+    out: Path,
+    observed: Observed | None = None,
+) -> list[dict[str, Any]]:
+    """Run the benchmark at each reasoning factor: print its table, draw its figure; the JSON runs."""
     spec = manifest.spec
-    try:
-        start = datetime.fromisoformat(args.start)
-    except ValueError as exc:
-        raise CliError(f"--start {args.start!r} is not an ISO 8601 time") from exc
-    start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = set(policies) - set(POLICIES)
-    if unknown or not policies:
-        raise CliError(
-            f"--policies: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from {', '.join(POLICIES)}"
-        )
-    trace = load_trace(args, start)
-    config = config_from(args, start)
-    console = Console(width=max(Console().width, 150))  # the table is wide; do not squeeze it into 80
-    factors = [args.reasoning_factor] + ([] if args.skip_factor_one or args.reasoning_factor == 1 else [1.0])
-    out = Path(args.out)
     summary = []
     for factor in factors:
 
@@ -148,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         render(bench, console, bench.describe(spec))
         from modelbudget.sim.plot import plot  # matplotlib is slow to import: only when drawing
 
-        figure = plot(bench, out / f"{manifest.metadata.name}-{trace.name}-F{factor:g}.png")
+        figure = plot(bench, out / f"{manifest.metadata.name}-{trace.name}-F{factor:g}.png", observed)
         console.print(f"wrote {figure}")
         summary.append(
             {
@@ -159,14 +179,35 @@ def run(args: argparse.Namespace) -> int:
                 ],
             }
         )
+    return summary
+
+
+def write_results(console: Console, out: Path, name: str, document: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results = out / f"{manifest.metadata.name}-{trace.name}.json"
-    results.write_text(
-        json.dumps(
-            {"spec": manifest.metadata.name, "trace": args.trace, "config": asdict(config), "runs": summary},
-            indent=2,
-            default=str,
-        )
-    )
+    results = out / f"{name}.json"
+    results.write_text(json.dumps(document, indent=2, default=str))
     console.print(f"wrote {results}")
+
+
+def wide_console() -> Console:
+    return Console(width=max(Console().width, 150))  # the table is wide; do not squeeze it into 80
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.file)
+    try:
+        start = datetime.fromisoformat(args.start)
+    except ValueError as exc:
+        raise CliError(f"--start {args.start!r} is not an ISO 8601 time") from exc
+    start = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+    policies = parse_policies(args.policies)
+    check_positive(args, "stretch", "reasoning_factor")
+    trace = load_trace(args, start)
+    config = config_from(args, start)
+    console = wide_console()
+    factors = [args.reasoning_factor] + ([] if args.skip_factor_one or args.reasoning_factor == 1 else [1.0])
+    out = Path(args.out)
+    summary = replay_and_report(console, manifest, trace, factors, config, policies, out)
+    document = {"spec": manifest.metadata.name, "trace": args.trace, "config": asdict(config), "runs": summary}
+    write_results(console, out, f"{manifest.metadata.name}-{trace.name}", document)
     return 0

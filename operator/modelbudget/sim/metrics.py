@@ -38,6 +38,17 @@ def buckets_1_2_5(largest: float) -> list[float]:
         magnitude *= 10
 
 
+def p95(values: np.ndarray) -> float:
+    """``np.quantile(values, 0.95)`` (its default, linear method) without its per-call overhead,
+    which on the small arrays of one scrape window cost more than the sort (a week's replay
+    scrapes 40,000 times)."""
+    ordered = np.sort(values)
+    position = 0.95 * (ordered.size - 1)
+    low = int(position)
+    high = min(low + 1, ordered.size - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
 @dataclass(frozen=True)
 class Scrape:
     # rates over the window (per second), as the default queries return them
@@ -70,7 +81,7 @@ def scrape(world: World, now: float, window: float, bounds: list[float]) -> Scra
         generation_tokens_rate=float(tokens.sum()) / window,
         prompt_tokens_rate=float(world.prompt[done].sum()) / window,
         generation_histogram=histogram,
-        latency_p95=float(np.quantile(latency, 0.95)) if done.size else None,
+        latency_p95=p95(latency) if done.size else None,
         waiting=float(world.waiting()),
         replicas=world.replicas(),
         ready_replicas=world.ready_replicas(now),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,15 +11,25 @@ matplotlib.use("Agg")  # files only: no display on servers and in CI
 
 import matplotlib.pyplot as plt
 import numpy as np
+import numpy.typing as npt
 
 from modelbudget.sim.benchmark import Benchmark
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What actually ran over the replayed range (``modelbudget replay``), drawn beside the policies."""
+
+    t: npt.NDArray[np.float64]  # seconds from the range's start
+    spend: npt.NDArray[np.float64] | None
+    replicas: npt.NDArray[np.float64] | None
 
 
 def _minutes(t: np.ndarray) -> np.ndarray:
     return t / 60.0
 
 
-def plot(bench: Benchmark, path: Path) -> Path:
+def plot(bench: Benchmark, path: Path, observed: Observed | None = None) -> Path:
     fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
     demand, replicas, limit, spend = axes
     any_run = next(iter(bench.runs.values()))
@@ -32,6 +43,10 @@ def plot(bench: Benchmark, path: Path) -> Path:
         replicas.step(x, s.replicas, where="post", lw=1, label=name)
         limit.step(x, s.token_limit, where="post", lw=1, label=name)
         spend.step(x, s.spend_rate, where="post", lw=1, label=name)
+    if observed is not None:
+        for ax, values in ((replicas, observed.replicas), (spend, observed.spend)):
+            if values is not None:
+                ax.step(_minutes(observed.t), values, where="post", lw=1.2, color="black", ls=":", label="actual")
     judged = bench.runs.get("planner", any_run)
     spend.plot(
         _minutes(judged.series.t),
