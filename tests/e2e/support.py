@@ -567,6 +567,9 @@ def restart_apiserver(api: client.ApiClient, down_for: float = 3.0) -> float:
     core = client.CoreV1Api(api)
 
     def ready() -> bool:
+        if proc.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise AssertionError(f"the restarted kube-apiserver exited ({proc.returncode}); {log}:\n{tail}")
         try:
             core.list_namespace(limit=1, _request_timeout=2)
         except Exception:
