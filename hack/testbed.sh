@@ -212,7 +212,7 @@ kwokctl_up() {
 restart_components() {
   local c
   for c in "$@"; do
-    grep -q "address already in use" "$(component_log "$c")" 2>/dev/null \
+    new_log_tail "$(component_log "$c")" 50 | grep -q "address already in use" \
       && fail_phase "$c could not bind its port" "$(component_log "$c")"
     say "  $c exited during start-up; starting it once more"
     new_log_tail "$(component_log "$c")" 5
@@ -226,9 +226,14 @@ restart_components() {
 }
 
 start_control_plane() {
-  local dead c
+  local dead c pid
   mark_log "$LOGS/kwokctl.log"
-  for c in "${COMPONENTS[@]}"; do mark_log "$(component_log "$c")"; done
+  for c in "${COMPONENTS[@]}"; do
+    mark_log "$(component_log "$c")"
+    # A pid file left by an earlier run (a reboot, a kill) would read as a death right away;
+    # and kwokctl takes a zombie's pid for a running component and would not start it.
+    if pid=$(component_pid "$c") && ! pid_alive "$pid"; then rm -f "$CLUSTER_DIR/pids/$c.pid"; fi
+  done
   dead=$(kwokctl_up) && return 0
   [ -n "$dead" ] || fail_phase "kwokctl failed" "$LOGS/kwokctl.log"
   restart_components $dead
