@@ -3,7 +3,9 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes)
 #   etcd (go.etcd.io/etcd/server/v3), kwok + kwokctl (sigs.k8s.io/kwok), helm (helm.sh/helm/v3)
 # No release binaries can be downloaded here, so everything is compiled.  A second run with the
-# cache present only checks that the binaries exist.
+# cache present only checks that the binaries exist.  Two copies may run at once (CI's
+# background build and `make demo`, say): each component is built holding a lock on
+# $MB_CACHE/<component>.lock, so the second copy waits for the first and then finds it cached.
 #
 # Usage: hack/build-binaries.sh [all|etcd|kwok|k8s|helm]...   (default: all)
 # Prints the bin directory of each component on its last line ("BIN <name> <dir>").
@@ -105,11 +107,25 @@ build_helm() {
   log "helm: $("$out/helm" version --short)"
 }
 
+# locked NAME: build_NAME holding NAME's lock. Without it, two concurrent builds share the
+# wrapper module and the .tmp output directory and break each other.
+locked() {
+  local lock="$MB_CACHE/$1.lock" fd
+  mkdir -p "$MB_CACHE"
+  exec {fd}>"$lock"
+  if ! flock -n "$fd"; then
+    log "$1: another build holds $lock; waiting for it"
+    flock "$fd"
+  fi
+  "build_$1"
+  exec {fd}>&-
+}
+
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(all)
 for t in "${targets[@]}"; do
   case $t in
-    all) build_etcd; build_kwok; build_k8s; build_helm ;;
-    etcd|kwok|k8s|helm) "build_$t" ;;
+    all) locked etcd; locked kwok; locked k8s; locked helm ;;
+    etcd|kwok|k8s|helm) locked "$t" ;;
     *) die "unknown target '$t' (all|etcd|kwok|k8s|helm)" ;;
   esac
 done

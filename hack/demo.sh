@@ -17,24 +17,28 @@ INTERVAL=${MB_DEMO_INTERVAL:-10}
 TOKENS=${MB_DEMO_TOKENS:-800}
 PYTHON=${MB_PYTHON:-$REPO/.venv/bin/python}
 MODELBUDGET=$(dirname "$PYTHON")/modelbudget
-LOGS=$REPO/.local/logs
-RUN=$REPO/.local/run
+OPERATOR_METRICS=127.0.0.1:19300
+OPERATOR_LIVENESS=127.0.0.1:19301
+LOCAL=$REPO/.local
+LOGS=$LOCAL/logs
+RUN=$LOCAL/run
+source "$REPO/hack/lib.sh"
 
 say() { echo "[demo] $*"; }
+die() { echo "demo: $*" >&2; exit 1; }
 
+# stop NAME: stop the demo process of .local/run/NAME.pid and wait until it has exited.
 stop() {
   local name=$1 pid
   pid=$(cat "$RUN/$name.pid" 2>/dev/null) || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    say "stopped $name (pid $pid)"
+  if pid_alive "$pid" && belongs_to "$pid" "$LOCAL"; then
+    stop_pid "$pid" && say "stopped $name (pid $pid)"
   fi
   rm -f "$RUN/$name.pid"
 }
 
 start_bg() {
   local name=$1; shift
-  stop "$name"
   (cd "$REPO" && exec setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null) &
   echo $! >"$RUN/$name.pid"
   say "started $name (pid $!, log $LOGS/$name.log)"
@@ -56,9 +60,16 @@ cmd_down() {
 }
 
 cmd_up() {
+  mkdir -p "$LOGS" "$RUN"
+  # The demo's own ports first, checked as the testbed checks its own: free, or the holder named.
+  stop demo-operator
+  stop demo-modelserver
+  local server=${MB_MODELSERVER_ADDR:-127.0.0.1:19400}
+  ports_free "${server##*:}:model server" "${OPERATOR_METRICS##*:}:operator metrics" \
+    "${OPERATOR_LIVENESS##*:}:operator liveness" \
+    || die "cannot start: ports are taken (above); stop the holder (or hack/demo.sh down for an earlier demo)"
   "$REPO/hack/testbed.sh" up
   testbed_env
-  mkdir -p "$LOGS" "$RUN"
 
   kubectl apply -f "$REPO/crds/modelbudget.dev_modelbudgets.yaml" >/dev/null
   kubectl wait --for condition=Established --timeout 60s crd/modelbudgets.modelbudget.dev >/dev/null
@@ -104,7 +115,8 @@ EOF
     --namespace demo --deployment demo-llm --listen "$MB_MODELSERVER_ADDR" \
     --rate-curve "$RAMP" --generated-tokens-mean "$TOKENS" --tokens-per-second-per-replica 1000
   start_bg demo-operator "$MODELBUDGET" run --kubeconfig "$KUBECONFIG" --namespace demo \
-    --interval "$INTERVAL" --lease-namespace demo
+    --interval "$INTERVAL" --lease-namespace demo \
+    --metrics-addr "$OPERATOR_METRICS" --liveness "http://$OPERATOR_LIVENESS/healthz"
   kubectl apply -f "$REPO/examples/local-demo.yaml" >/dev/null
   say "ModelBudget demo-llm applied (examples/local-demo.yaml); demand ramps along $RAMP req/s"
   cat <<EOF
@@ -115,7 +127,7 @@ Watch it:
   kubectl get deploy,pods -n demo -w             # replicas following demand
   kubectl get kwoknodepools,nodes -w             # GPU nodes following replicas
   kubectl describe mb -n demo demo-llm           # conditions and Events
-  curl -s http://127.0.0.1:19300/metrics | grep ^modelbudget_
+  curl -s http://$OPERATOR_METRICS/metrics | grep ^modelbudget_
 Step the demand by hand:  curl -X POST -d '{"rps": 20}' http://$MB_MODELSERVER_ADDR/control
 Stop:                     hack/demo.sh down
 EOF

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (README: `make test`):
-#   set-up -> control-plane build in the background -> lint + unit tier -> wait for the build
+#   set-up -> control-plane build in the background -> lint + unit tier (and the hack/ script
+#   tests) -> wait for the build -> testbed lifecycle tests (they start and stop it themselves)
 #   -> testbed up -> e2e tier -> testbed down.
 # Set MB_SKIP_E2E=1 for the unit tier only.
 set -euo pipefail
@@ -30,9 +31,9 @@ log "lint: ruff, mypy"
 chart_tests=(tests/unit/test_chart.py tests/unit/test_alerts.py)
 log "unit tier"
 if [ -n "$build_pid" ]; then
-  "$PY/pytest" tests/unit -q -p no:cacheprovider "${chart_tests[@]/#/--ignore=}"
+  "$PY/pytest" tests/unit tests/hack -q -p no:cacheprovider "${chart_tests[@]/#/--ignore=}"
 else
-  "$PY/pytest" tests/unit -q -p no:cacheprovider
+  "$PY/pytest" tests/unit tests/hack -q -p no:cacheprovider
 fi
 log "unit tier passed ($((SECONDS - start)) s so far)"
 
@@ -44,7 +45,11 @@ fi
 log "control plane built ($((SECONDS - start)) s so far)"
 "$PY/pytest" "${chart_tests[@]}" -q -p no:cacheprovider
 
-trap 'hack/testbed.sh down >/dev/null 2>&1 || true' EXIT
+# The lifecycle tests need the testbed down (the run ends with it down in any case).
+hack/testbed.sh down
+log "testbed lifecycle: up and down themselves"
+CI=${CI:-1} "$PY/pytest" tests/e2e -m testbed_lifecycle -q -p no:cacheprovider
+trap 'hack/testbed.sh down || true' EXIT
 hack/testbed.sh up
 log "e2e tier"
 CI=${CI:-1} "$PY/pytest" tests/e2e -m e2e -q -p no:cacheprovider

@@ -1,9 +1,11 @@
-"""Fixtures of the e2e tier: one local testbed (hack/testbed.sh) for the whole session.
+"""Fixtures of the e2e tier: one local testbed (hack/testbed.sh) for the whole session, and one
+test's world (``env``), parametrised indirectly with ``support.world``.
 
 The session brings the testbed up once (``hack/testbed.sh up`` is idempotent, so an already
 running one is reused) and tears it down at the end only if this session started it and
 ``MB_KEEP_TESTBED`` is not ``1``. Without the binaries from hack/build-binaries.sh the tier
-is skipped, except under CI (env ``CI`` set), where that is a failure.
+is skipped, except under CI (env ``CI`` set), where that is a failure. Helpers the tests share
+are in support.py.
 """
 
 from __future__ import annotations
@@ -12,98 +14,43 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
-import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-
-REPO = Path(__file__).resolve().parents[2]
-TESTBED = REPO / "hack" / "testbed.sh"
-POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
-T = TypeVar("T")
-
-
-def _wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
-
-
-@dataclass(frozen=True)
-class Testbed:
-    kubeconfig: str
-    prometheus_url: str
-    targets_dir: str  # Prometheus file discovery: one JSON file per extra scrape target
-    path: str  # PATH with the testbed's kubectl first
-
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["kubectl", "--kubeconfig", self.kubeconfig, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=check,
-            env={**os.environ, "PATH": self.path},
-            timeout=120,
-        )
-
-    def promql(self, query: str) -> list[dict[str, Any]]:
-        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = json.load(r)
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-
-def _missing_binaries() -> list[str]:
-    dirs = subprocess.run(
-        ["bash", "-c", f"source {REPO}/hack/versions.sh; k8s_bin; etcd_bin; kwok_bin"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    wanted = [f"{dirs[0]}/{b}" for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")] + [
-        f"{dirs[1]}/etcd",
-        f"{dirs[2]}/kwok",
-        f"{dirs[2]}/kwokctl",
-    ]
-    return [b for b in wanted if not os.access(b, os.X_OK)]
-
-
-def _testbed(command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(TESTBED), command], capture_output=True, text=True, timeout=600)
+from support import (
+    GPUS_PER_NODE,
+    POOLS,
+    REPO,
+    Env,
+    Testbed,
+    World,
+    free_port,
+    gpu_deployment,
+    missing_binaries,
+    run_testbed,
+    skip_or_fail,
+    stop_process,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
-    missing = _missing_binaries()
+    missing = missing_binaries()
     if missing:
-        reason = f"testbed binaries missing ({', '.join(missing)}): run hack/build-binaries.sh"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    already_up = "apiserver: ready" in _testbed("status").stdout
-    up = _testbed("up")
+        skip_or_fail(f"testbed binaries missing ({', '.join(missing)}): run hack/build-binaries.sh")
+    already_up = "apiserver: ready" in run_testbed("status").stdout
+    up = run_testbed("up")
     if up.returncode != 0:
         pytest.fail(f"hack/testbed.sh up failed:\n{up.stdout}\n{up.stderr}")
     sys.stderr.write(up.stdout)
-    env = dict(re.findall(r"^export (\w+)=(.*)$", _testbed("env").stdout, re.M))
+    env = dict(re.findall(r"^export (\w+)=(.*)$", run_testbed("env").stdout, re.M))
     yield Testbed(
         kubeconfig=env["KUBECONFIG"],
         prometheus_url=env["PROMETHEUS_URL"],
@@ -111,17 +58,12 @@ def testbed() -> Iterator[Testbed]:
         path=env["PATH"].replace("$PATH", os.environ.get("PATH", "")),
     )
     if not already_up and os.environ.get("MB_KEEP_TESTBED") != "1":
-        _testbed("down")
+        run_testbed("down")
 
 
 @pytest.fixture(scope="session")
 def api_client(testbed: Testbed) -> client.ApiClient:
     return config.new_client_from_config(config_file=testbed.kubeconfig)
-
-
-@pytest.fixture(scope="session")
-def prometheus_url(testbed: Testbed) -> str:
-    return testbed.prometheus_url
 
 
 def _unique(prefix: str) -> str:
@@ -135,7 +77,7 @@ def namespace(api_client: client.ApiClient, request: pytest.FixtureRequest) -> I
     name = _unique("e2e-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-"))
     core.create_namespace({"metadata": {"name": name}})
     # Pods need the default ServiceAccount, which kube-controller-manager adds a moment later.
-    _wait_for(lambda: _exists(lambda: core.read_namespaced_service_account("default", name)), 30, "default SA")
+    wait_for(lambda: _exists(lambda: core.read_namespaced_service_account("default", name)), 30, "default SA")
     yield name
     core.delete_namespace(name)
 
@@ -180,44 +122,6 @@ def node_pool(api_client: client.ApiClient) -> Iterator[Callable[..., str]]:
             custom.delete_cluster_custom_object(*POOLS, name)
 
 
-def _gpu_deployment(name: str, pool: str, replicas: int, gpus: int = 1, startup_delay: str = "") -> dict[str, Any]:
-    """A Deployment of fake GPU pods pinned to one pool's nodes, tolerating the GPU taint.
-
-    ``startup_delay`` (a Go duration, "45s") keeps each pod Pending that long after it is bound,
-    like a model loading (hack/manifests/kwok-stages.yaml).
-    """
-    labels = {"app": name}
-    annotations = {"testbed.modelbudget.dev/startup-delay": startup_delay} if startup_delay else {}
-    container = {"name": "server", "image": "fake.invalid/vllm:latest"}
-    container["resources"] = {
-        "requests": {"nvidia.com/gpu": str(gpus)},
-        "limits": {"nvidia.com/gpu": str(gpus)},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels, "annotations": annotations},
-                "spec": {
-                    "nodeSelector": {"modelbudget.dev/pool": pool},
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [container],
-                },
-            },
-        },
-    }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
     """Factory: start a synthetic model server that Prometheus scrapes.
@@ -230,7 +134,7 @@ def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(namespace: str, deployment: str, *args: str) -> str:
-        addr = f"127.0.0.1:{_free_port()}"
+        addr = f"127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "modelbudget.testbed.modelserver", "--kubeconfig", testbed.kubeconfig]
         cmd += ["--namespace", namespace, "--deployment", deployment, "--listen", addr, *args]
         proc = subprocess.Popen(cmd, cwd=REPO)
@@ -246,7 +150,7 @@ def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
             except OSError:
                 return False
 
-        _wait_for(healthy, 30, "the model server")
+        wait_for(healthy, 30, "the model server")
         # Write then rename: Prometheus must never read a half-written file.
         target.with_suffix(".tmp").write_text(json.dumps([{"targets": [addr]}]))
         target.with_suffix(".tmp").rename(target)
@@ -255,17 +159,39 @@ def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
     yield start
     for proc, target in started:
         target.unlink(missing_ok=True)
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc, grace=10)
 
 
 @pytest.fixture(scope="session")
-def wait_for() -> Callable[..., Any]:
-    """``wait_for(predicate, timeout, what)``: poll until truthy, return the value, else fail."""
-    return _wait_for
+def modelbudget_crd(testbed: Testbed) -> None:
+    """The ModelBudget CRD, applied and Established once per session."""
+    testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
+    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", "crd/modelbudgets.modelbudget.dev")
 
 
-@pytest.fixture(scope="session")
-def gpu_deployment() -> Callable[..., dict[str, Any]]:
-    """``gpu_deployment(name, pool, replicas, gpus=1, startup_delay="")``: fake GPU pods on one pool."""
-    return _gpu_deployment
+@pytest.fixture
+def env(
+    testbed: Testbed,
+    api_client: client.ApiClient,
+    modelbudget_crd: None,
+    namespace: str,
+    node_pool: Callable[..., str],
+    model_server: Callable[..., str],
+    request: pytest.FixtureRequest,
+) -> Iterator[Env]:
+    """One test's world, parametrised indirectly with a ``World`` (``@world(replicas, rps)``): a
+    namespace, a pool of 2-GPU nodes big enough for the replicas, Deployment ``llm`` with them all
+    Running, and a model server with steady, even demand of 400-token requests. The test applies
+    its ModelBudget and starts its operators through ``Env``; afterwards the operators are
+    stopped and the ModelBudgets freed of the finalizer, then the namespace and pool go."""
+    spec: World = request.param
+    nodes = max(1, -(-spec.replicas // GPUS_PER_NODE))
+    pool = node_pool(replicas=nodes, gpus_per_node=GPUS_PER_NODE, delay=spec.delay)
+    client.AppsV1Api(api_client).create_namespaced_deployment(namespace, gpu_deployment("llm", pool, spec.replicas))
+    demand = ["--rate-curve", f"0:{spec.rps}", "--arrivals", "even", "--tokens-sigma", "0"]
+    demand += ["--generated-tokens-mean", "400", "--prompt-tokens-mean", "100"]
+    url = model_server(namespace, "llm", *demand, "--tokens-per-second-per-replica", "1000")
+    e = Env(api_client, namespace, pool, url, testbed)
+    wait_for(lambda: e.running_pods() == spec.replicas, 60, f"{spec.replicas} running pods")
+    yield e
+    e.cleanup()

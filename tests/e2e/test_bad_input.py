@@ -9,14 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from faults import install_crd, operator_env, start_operator, status_written_after
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from test_operator import MB, Env, budget
+from support import MB, Env, budget, status_written_after, world
 
 pytestmark = pytest.mark.e2e
 
@@ -45,14 +43,14 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.fixture
-def crd(testbed: Any) -> None:
-    install_crd(testbed)
-
-
 @pytest.mark.parametrize(("case", "changes", "fragment"), REJECTED, ids=[r[0] for r in REJECTED])
 def test_the_schema_rejects_with_a_clear_message(
-    crd: None, api_client: client.ApiClient, namespace: str, case: str, changes: dict[str, Any], fragment: str
+    modelbudget_crd: None,
+    api_client: client.ApiClient,
+    namespace: str,
+    case: str,
+    changes: dict[str, Any],
+    fragment: str,
 ) -> None:
     body = budget("bad", "pool", "http://127.0.0.1:19090")
     for key, value in changes.items():
@@ -68,7 +66,7 @@ def test_the_schema_rejects_with_a_clear_message(
 
 
 def test_unknown_fields_are_rejected_when_strict_and_pruned_otherwise(
-    crd: None, api_client: client.ApiClient, namespace: str
+    modelbudget_crd: None, api_client: client.ApiClient, namespace: str
 ) -> None:
     custom = client.CustomObjectsApi(api_client)
     body = budget("unknown", "pool", "http://127.0.0.1:19090")
@@ -82,23 +80,10 @@ def test_unknown_fields_are_rejected_when_strict_and_pruned_otherwise(
     assert "maxReplicas" not in created["spec"]["replicas"]
 
 
-@pytest.fixture
-def env(
-    testbed: Any,
-    api_client: client.ApiClient,
-    namespace: str,
-    node_pool: Callable[..., str],
-    model_server: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
-) -> Iterator[Env]:
-    install_crd(testbed)
-    yield from operator_env(testbed, api_client, namespace, node_pool, model_server, gpu_deployment, wait_for, 1, 4.0)
-
-
+@world(replicas=1, rps=4.0)
 def test_accepted_but_broken_specs_are_reported_and_the_neighbour_keeps_reconciling(env: Env) -> None:
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    start_operator(env, "a")
+    env.start_operator("a")
     env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "the neighbour Ready")
 
     metrics = budget("x", "p", env.prometheus)["spec"]["metrics"]
@@ -163,4 +148,4 @@ def test_accepted_but_broken_specs_are_reported_and_the_neighbour_keeps_reconcil
     assert env.condition("Ready")["status"] == "True"
     env.demand(20)
     env.wait_for(lambda: env.replicas() > 2, 60, "the neighbour scaling up")
-    assert all(p.poll() is None for p in env.operators)
+    assert all(o.proc.poll() is None for o in env.operators)

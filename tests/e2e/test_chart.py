@@ -12,7 +12,6 @@ import base64
 import contextlib
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,15 +22,22 @@ import pytest
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from support import (
+    MB,
+    POOLS,
+    REPO,
+    free_port,
+    gpu_deployment,
+    skip_or_fail,
+    start_modelbudget,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "modelbudget-operator"
 CRD_NAME = "modelbudgets.modelbudget.dev"
-MB = ("modelbudget.dev", "v1alpha1")
-KWOK_POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
-MODELBUDGET = str(Path(sys.executable).parent / "modelbudget")
 # kopf scans namespaces and CRDs to follow them at run time unless settings.scanning.disabled;
 # without list on those (not granted: the operator does not need them) it retries, warns and
 # carries on. These refusals are expected; any other is a permission the chart lacks.
@@ -55,10 +61,7 @@ def _helm_binary() -> str:
 def helm(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
     binary = _helm_binary()
     if not os.access(binary, os.X_OK):
-        reason = f"helm not found at {binary}: run hack/build-binaries.sh"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"helm not found at {binary}: run hack/build-binaries.sh")
     home = tmp_path_factory.mktemp("helm-home")
     # Keep helm's cache and config out of $HOME; nothing here uses a chart repository.
     env = {
@@ -77,12 +80,6 @@ def helm(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         return out
 
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def token_kubeconfig(admin_kubeconfig: str, namespace: str, service_account: str, testbed: Any, path: Path) -> str:
@@ -199,16 +196,13 @@ def operator_process(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[
 
     def start(*args: str) -> subprocess.Popen[bytes]:
         log = tmp_path / f"operator-{len(procs)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([MODELBUDGET, "run", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = start_modelbudget(["run", *args], log)
         procs.append((proc, log))
         return proc
 
     yield start
     for proc, log in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
+        stop_process(proc, grace=20)
         sys.stderr.write(f"--- {log.name} (last lines) ---\n" + "\n".join(log.read_text().splitlines()[-40:]) + "\n")
 
 
@@ -219,9 +213,7 @@ def test_install_rbac_is_enough_and_no_wider_then_uninstall_keeps_the_crd(
     api_client: client.ApiClient,
     namespace: str,
     node_pool: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
     operator_process: Callable[..., subprocess.Popen[bytes]],
-    wait_for: Callable[..., Any],
     tmp_path: Path,
     watch: str,
 ) -> None:
@@ -279,7 +271,7 @@ def test_install_rbac_is_enough_and_no_wider_then_uninstall_keeps_the_crd(
             "the fallback to scale the Deployment to 0",
         )
         wait_for(
-            lambda: custom.get_cluster_custom_object(*KWOK_POOLS, pool)["spec"]["replicas"] == 0,
+            lambda: custom.get_cluster_custom_object(*POOLS, pool)["spec"]["replicas"] == 0,
             60,
             "the pool resized to 0",
         )
@@ -313,7 +305,7 @@ def test_install_rbac_is_enough_and_no_wider_then_uninstall_keeps_the_crd(
                     namespace, {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "x", "image": "x"}]}}
                 ),
             ),
-            ("delete a node pool", lambda: client.CustomObjectsApi(sa).delete_cluster_custom_object(*KWOK_POOLS, pool)),
+            ("delete a node pool", lambda: client.CustomObjectsApi(sa).delete_cluster_custom_object(*POOLS, pool)),
             ("read another Lease", lambda: client.CoordinationV1Api(sa).read_namespaced_lease("other", namespace)),
             ("delete the CRD", lambda: client.ApiextensionsV1Api(sa).delete_custom_resource_definition(CRD_NAME)),
         ]

@@ -14,25 +14,29 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import (
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from support import (
+    MB,
+    NODE_PRICE,
+    POOLS,
+    Env,
     FaultyPrometheus,
     PrometheusProcess,
     Sampler,
     assert_no_double_actuation,
-    install_crd,
-    operator_env,
+    budget,
+    gpu_deployment,
+    post_json,
+    record,
     restart_apiserver,
-    start_operator,
     status_written_after,
+    world,
 )
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from test_operator import MB, NODE_PRICE, POOLS, Env, budget, post_json, record
 
 pytestmark = pytest.mark.e2e
 
@@ -46,28 +50,6 @@ HOLD: dict[str, Any] = {
     "fallback": {"afterSeconds": 600, "action": "Hold"},
     "queueDrainSeconds": 30,
 }
-
-
-@pytest.fixture
-def env(
-    testbed: Any,
-    api_client: client.ApiClient,
-    namespace: str,
-    node_pool: Callable[..., str],
-    model_server: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
-    request: pytest.FixtureRequest,
-) -> Iterator[Env]:
-    p = request.param
-    install_crd(testbed)
-    yield from operator_env(
-        testbed, api_client, namespace, node_pool, model_server, gpu_deployment, wait_for, p["replicas"], p["rps"]
-    )
-
-
-def condition(env: Env, type_: str) -> dict[str, Any]:
-    return env.condition(type_)
 
 
 def within_ceiling(s: Sampler) -> None:
@@ -87,29 +69,29 @@ def ledger_kept(s: Sampler) -> None:
         assert p1 != p2 or b >= a - 1e-9, (p1, a, b)
 
 
-@pytest.mark.parametrize("env", [{"replicas": 2, "rps": 4.0}], indirect=True, ids=[""])
+@world(replicas=2, rps=4.0)
 def test_prometheus_sigkilled_holds_then_recovers(env: Env, tmp_path: Path) -> None:
     prom = PrometheusProcess(env.server.removeprefix("http://"), tmp_path)
     prom.start()
     try:
         env.apply_budget(budget("llm", env.pool, prom.url, behavior=HOLD))
-        start_operator(env, "a")
-        env.wait_for(lambda: condition(env, "MetricsAvailable").get("status") == "True", 60, "metrics")
+        env.start_operator("a")
+        env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "True", 60, "metrics")
         with Sampler(env) as s:
             before, pool_before = env.replicas(), env.pool_size()
             killed_at, killed_wall = time.monotonic(), time.time()
             prom.kill()
             env.demand(40)  # unseen: must not cause a scale-up
-            env.wait_for(lambda: condition(env, "MetricsAvailable").get("status") == "False", 30, "the outage seen")
+            env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "False", 30, "the outage seen")
             record("fault_prometheus_killed_detect_seconds", time.monotonic() - killed_at)
-            metrics = condition(env, "MetricsAvailable")
+            metrics = env.condition("MetricsAvailable")
             assert metrics["reason"] == "MetricsUnreachable" and "unreachable" in metrics["message"]
             assert env.events("MetricsUnavailable")
             # Blind ticks keep being decided (and written at the heartbeat): still no scale-up.
             env.wait_for(lambda: status_written_after(env, time.time() - 1), 20, "a plan decided while blind")
             restarted = time.monotonic()
             prom.start()
-            env.wait_for(lambda: condition(env, "MetricsAvailable").get("status") == "True", 60, "recovery")
+            env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "True", 60, "recovery")
             record("fault_prometheus_killed_recovery_seconds", time.monotonic() - restarted)
             assert s.max("replicas", killed_at, restarted) <= before
             assert s.max("pool", killed_at, restarted) <= pool_before
@@ -133,14 +115,14 @@ BAD_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("env", [{"replicas": 2, "rps": 4.0}], indirect=True, ids=[""])
+@world(replicas=2, rps=4.0)
 def test_prometheus_hung_erroring_or_answering_garbage_never_scales_up(env: Env) -> None:
     proxy = FaultyPrometheus(env.prometheus)
     proxy.start()
     try:
         env.apply_budget(budget("llm", env.pool, proxy.url, behavior=HOLD))
-        start_operator(env, "a")
-        env.wait_for(lambda: condition(env, "MetricsAvailable").get("status") == "True", 60, "metrics")
+        env.start_operator("a")
+        env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "True", 60, "metrics")
         with Sampler(env) as s:
             for mode, reason, fragment in BAD_ANSWERS:
                 before, pool_before = env.replicas(), env.pool_size()
@@ -149,16 +131,16 @@ def test_prometheus_hung_erroring_or_answering_garbage_never_scales_up(env: Env)
                 env.demand(40)
 
                 def seen(reason: str = reason) -> bool:
-                    return condition(env, "MetricsAvailable").get("reason") == reason
+                    return env.condition("MetricsAvailable").get("reason") == reason
 
                 env.wait_for(seen, 30, f"{mode}: MetricsAvailable={reason}")
                 record(f"fault_prometheus_{mode}_detect_seconds", time.monotonic() - faulted)
-                assert fragment in condition(env, "MetricsAvailable")["message"]
-                assert condition(env, "Ready")["reason"] == "MetricsUnavailable"
+                assert fragment in env.condition("MetricsAvailable")["message"]
+                assert env.condition("Ready")["reason"] == "MetricsUnavailable"
                 cleared = time.monotonic()
                 proxy.set("forward")
                 env.demand(4)
-                env.wait_for(lambda: condition(env, "MetricsAvailable").get("status") == "True", 30, "recovery")
+                env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "True", 30, "recovery")
                 record(f"fault_prometheus_{mode}_recovery_seconds", time.monotonic() - cleared)
                 assert s.max("replicas", faulted, cleared) <= before, mode
                 assert s.max("pool", faulted, cleared) <= pool_before, mode
@@ -170,11 +152,11 @@ def test_prometheus_hung_erroring_or_answering_garbage_never_scales_up(env: Env)
         proxy.stop()
 
 
-@pytest.mark.parametrize("env", [{"replicas": 1, "rps": 2.0}], indirect=True, ids=[""])
+@world(replicas=1, rps=2.0)
 def test_apiserver_restarted_mid_ramp(env: Env, api_client: client.ApiClient) -> None:
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    proc, *_ = start_operator(env, "a")
-    env.wait_for(lambda: condition(env, "Ready").get("status") == "True", 60, "Ready=True")
+    proc = env.start_operator("a").proc
+    env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "Ready=True")
     with Sampler(env) as s:
         env.demand(30)
         env.wait_for(lambda: env.replicas() > 1, 60, "the ramp under way")
@@ -194,7 +176,7 @@ def test_apiserver_restarted_mid_ramp(env: Env, api_client: client.ApiClient) ->
     assert_no_double_actuation(env)
 
 
-@pytest.mark.parametrize("env", [{"replicas": 2, "rps": 4.0}], indirect=True, ids=[""])
+@world(replicas=2, rps=4.0)
 def test_concurrent_writers_on_the_deployment_and_the_status(env: Env) -> None:
     """Another writer sets the Deployment's replicas and zeroes the ledger in status, repeatedly.
     The operator only sends merge patches without a resourceVersion (on /scale, the provider
@@ -202,7 +184,7 @@ def test_concurrent_writers_on_the_deployment_and_the_status(env: Env) -> None:
     operator, level-triggered, puts its plan back on its next tick. (409s on each write are
     injected in tests/unit/test_bad_input.py.)"""
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    start_operator(env, "a")
+    env.start_operator("a")
     env.wait_for(lambda: env.status().get("spend", {}).get("periodToDate", 0) > 0, 60, "spend accrued")
     planned = env.wait_for(lambda: env.status().get("plan", {}).get("replicas"), 30, "a plan")
     env.wait_for(lambda: env.replicas() == env.status()["plan"]["replicas"], 30, "the plan applied")
@@ -232,38 +214,38 @@ def test_concurrent_writers_on_the_deployment_and_the_status(env: Env) -> None:
     within_ceiling(s)  # the rogue raised replicas, never nodes: spend stayed under the ceiling
 
 
-@pytest.mark.parametrize("env", [{"replicas": 2, "rps": 4.0}], indirect=True, ids=[""])
-def test_target_deployment_deleted_and_recreated(env: Env, gpu_deployment: Callable[..., Any]) -> None:
+@world(replicas=2, rps=4.0)
+def test_target_deployment_deleted_and_recreated(env: Env) -> None:
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    start_operator(env, "a")
-    env.wait_for(lambda: condition(env, "Ready").get("status") == "True", 60, "Ready=True")
+    env.start_operator("a")
+    env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "Ready=True")
     pool_before = env.pool_size()
     env.apps.delete_namespaced_deployment("llm", env.ns)
     deleted = time.monotonic()
-    env.wait_for(lambda: condition(env, "Ready").get("reason") == "TargetNotFound", 30, "TargetNotFound")
+    env.wait_for(lambda: env.condition("Ready").get("reason") == "TargetNotFound", 30, "TargetNotFound")
     record("fault_target_deleted_detect_seconds", time.monotonic() - deleted)
-    assert "Deployment" in condition(env, "Ready")["message"] and "not found" in condition(env, "Ready")["message"]
+    assert "Deployment" in env.condition("Ready")["message"] and "not found" in env.condition("Ready")["message"]
     assert env.events("TargetNotFound")
     assert env.pool_size() == pool_before  # nothing acted on without a target
     env.apps.create_namespaced_deployment(env.ns, gpu_deployment("llm", env.pool, 1))
     recreated = time.monotonic()
-    env.wait_for(lambda: condition(env, "Ready").get("status") == "True", 30, "Ready again")
+    env.wait_for(lambda: env.condition("Ready").get("status") == "True", 30, "Ready again")
     record("fault_target_recreated_recovery_seconds", time.monotonic() - recreated)
     env.wait_for(lambda: env.replicas() == env.status()["plan"]["replicas"], 30, "the plan applied to it")
     assert_no_double_actuation(env)
 
 
-@pytest.mark.parametrize("env", [{"replicas": 2, "rps": 4.0}], indirect=True, ids=[""])
+@world(replicas=2, rps=4.0)
 def test_node_pool_object_missing(env: Env) -> None:
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    start_operator(env, "a")
-    env.wait_for(lambda: condition(env, "Ready").get("status") == "True", 60, "Ready=True")
+    env.start_operator("a")
+    env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "Ready=True")
     spec = env.custom.get_cluster_custom_object(*POOLS, env.pool)["spec"]
     env.custom.delete_cluster_custom_object(*POOLS, env.pool)
     deleted = time.monotonic()
-    env.wait_for(lambda: condition(env, "Degraded").get("reason") == "ActuationFailed", 60, "ActuationFailed")
+    env.wait_for(lambda: env.condition("Degraded").get("reason") == "ActuationFailed", 60, "ActuationFailed")
     record("fault_pool_missing_detect_seconds", time.monotonic() - deleted)
-    message = condition(env, "Degraded")["message"]
+    message = env.condition("Degraded")["message"]
     assert env.pool in message and "HTTP 404" in message, message
     assert env.events("ActuationFailed")
     # The pool's nodes went with it: spend is what runs, zero, and nothing was created behind it.
@@ -271,7 +253,7 @@ def test_node_pool_object_missing(env: Env) -> None:
     body = {"apiVersion": "/".join(POOLS[:2]), "kind": "KwokNodePool", "metadata": {"name": env.pool}, "spec": spec}
     env.custom.create_cluster_custom_object(*POOLS, body)
     recreated = time.monotonic()
-    env.wait_for(lambda: condition(env, "Degraded").get("status") == "False", 60, "Degraded=False")
+    env.wait_for(lambda: env.condition("Degraded").get("status") == "False", 60, "Degraded=False")
     record("fault_pool_recreated_recovery_seconds", time.monotonic() - recreated)
     env.wait_for(lambda: env.running_pods() == env.replicas(), 60, "pods running on the new nodes")
 
@@ -280,15 +262,15 @@ KILLS = int(os.environ.get("MB_CHAOS_KILLS", "3"))
 SEED = int(os.environ.get("MB_CHAOS_SEED", "7"))
 
 
-@pytest.mark.parametrize("env", [{"replicas": 1, "rps": 2.0}], indirect=True, ids=[""])
+@world(replicas=1, rps=2.0)
 def test_operator_killed_at_random_points_during_a_ramp(env: Env) -> None:
     """SIGKILL the operator ``MB_CHAOS_KILLS`` times (seeded) while demand ramps, restarting it at
     once each time (the same identity, so it takes the lease straight back, like a restarted Pod
     of a StatefulSet). bench/chaos.py runs this longer with other seeds."""
     rng = random.Random(SEED)
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    proc, *_ = start_operator(env, "a")
-    env.wait_for(lambda: condition(env, "Ready").get("status") == "True", 60, "Ready=True")
+    proc = env.start_operator("a").proc
+    env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "Ready=True")
     with Sampler(env) as s:
         post_json(f"{env.server}/control", {"rateCurve": "0:2,40:30"})
         for _ in range(KILLS):
@@ -296,7 +278,7 @@ def test_operator_killed_at_random_points_during_a_ramp(env: Env) -> None:
             time.sleep(rng.uniform(0.5, 6.0))
             proc.kill()
             proc.wait()
-            proc, *_ = start_operator(env, "a")
+            proc = env.start_operator("a").proc
         restarted = time.monotonic()
 
         def converged() -> bool:

@@ -4,43 +4,29 @@ the standby takes over within a measured bound and no decision is applied twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from faults import (
+from support import (
+    NODE_PRICE,
+    Env,
     Sampler,
     assert_no_double_actuation,
-    install_crd,
-    operator_env,
-    start_operator,
+    budget,
+    post_json,
+    record,
     status_written_after,
+    world,
 )
-from kubernetes import client
-from test_operator import NODE_PRICE, Env, budget, post_json, record
 
 pytestmark = pytest.mark.e2e
 
-LEASE_DURATION = 6  # start_operator's --lease-duration
+LEASE_DURATION = 6  # Env.start_operator's --lease-duration
 
 
-@pytest.fixture
-def env(
-    testbed: Any,
-    api_client: client.ApiClient,
-    namespace: str,
-    node_pool: Callable[..., str],
-    model_server: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
-) -> Iterator[Env]:
-    install_crd(testbed)
-    yield from operator_env(testbed, api_client, namespace, node_pool, model_server, gpu_deployment, wait_for, 1, 2.0)
-
-
+@world(replicas=1, rps=2.0)
 def test_leader_killed_mid_ramp_the_standby_takes_over_once(env: Env) -> None:
     env.apply_budget(budget("llm", env.pool, env.prometheus))
-    procs = {f"operator-{t}": start_operator(env, t)[0] for t in ("a", "b")}
+    procs = {f"operator-{t}": env.start_operator(t).proc for t in ("a", "b")}
     env.wait_for(lambda: env.condition("Ready").get("status") == "True", 60, "Ready=True")
     with Sampler(env) as s:
         post_json(f"{env.server}/control", {"rateCurve": "0:2,30:30"})
@@ -67,7 +53,7 @@ def test_leader_killed_mid_ramp_the_standby_takes_over_once(env: Env) -> None:
     # A clean shutdown (SIGTERM) hands the lease back at once.
     new_leader = env.leader()
     assert new_leader is not None
-    replacement = start_operator(env, "c")[0]
+    replacement = env.start_operator("c").proc
     procs[new_leader].terminate()
     stopped = time.monotonic()
     env.wait_for(lambda: env.leader() == "operator-c", 30, "operator-c taking the released lease")

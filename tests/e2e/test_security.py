@@ -6,13 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import urllib.request
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from faults import FaultyPrometheus, install_crd, operator_env, start_operator
-from kubernetes import client
-from test_operator import MB, Env, budget
+from support import MB, Env, FaultyPrometheus, budget, world
 
 pytestmark = pytest.mark.e2e
 
@@ -21,20 +17,7 @@ USER, PASSWORD = "reader", "pw-e2e-8c2d4e6a1f"
 BASIC = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
-@pytest.fixture
-def env(
-    testbed: Any,
-    api_client: client.ApiClient,
-    namespace: str,
-    node_pool: Callable[..., str],
-    model_server: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
-) -> Iterator[Env]:
-    install_crd(testbed)
-    yield from operator_env(testbed, api_client, namespace, node_pool, model_server, gpu_deployment, wait_for, 1, 4.0)
-
-
+@world(replicas=1, rps=4.0)
 def test_secrets_are_used_and_never_shown(env: Env) -> None:
     proxy = FaultyPrometheus(env.prometheus, require={f"Bearer {TOKEN}", f"Basic {BASIC}"})
     proxy.start()
@@ -49,7 +32,7 @@ def test_secrets_are_used_and_never_shown(env: Env) -> None:
         basic["spec"]["metrics"]["auth"] = {"basicAuthSecretRef": "prom-basic"}
         env.apply_budget(bearer)
         env.apply_budget(basic)
-        _, metrics_addr, liveness, log = start_operator(env, "a", "--debug")
+        operator = env.start_operator("a", "--debug")
         env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "True", 60, "metrics with a token")
         env.wait_for(lambda: len(proxy.auth_seen) == 2, 30, "both kinds of credentials sent")
         # Failures are reported too: their messages must not carry the credentials either.
@@ -57,14 +40,14 @@ def test_secrets_are_used_and_never_shown(env: Env) -> None:
         env.wait_for(lambda: env.condition("MetricsAvailable").get("status") == "False", 30, "a reported failure")
         proxy.set("forward")
 
-        with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{operator.metrics_addr}/metrics", timeout=5) as r:
             exposed = r.read().decode()
-        with urllib.request.urlopen(liveness, timeout=5) as r:
+        with urllib.request.urlopen(operator.liveness_url, timeout=5) as r:
             health = r.read().decode()
         objects = env.custom.list_namespaced_custom_object(*MB, env.ns, "modelbudgets")
         events = env.core.list_namespaced_event(env.ns).items
         shown = {
-            "log": log.read_text(),
+            "log": operator.log.read_text(),
             "status": json.dumps([o.get("status") for o in objects["items"]]),
             "events": json.dumps([(e.reason, e.message) for e in events]),
             "metrics": exposed,

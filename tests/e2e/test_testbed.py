@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+from support import POOLS, REPO, gpu_deployment, wait_for
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
 
 CRDS = sorted((REPO / "crds").glob("*.yaml"))
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -100,8 +99,6 @@ def test_gpu_pods_fit_the_pool_and_a_bigger_pool_runs_the_rest(
     api_client: client.ApiClient,
     namespace: str,
     node_pool: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
 ) -> None:
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     delay = 5
@@ -158,8 +155,6 @@ def test_startup_delay_annotation_holds_pods_back(
     api_client: client.ApiClient,
     namespace: str,
     node_pool: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
-    wait_for: Callable[..., Any],
 ) -> None:
     core = client.CoreV1Api(api_client)
     pool = node_pool(replicas=1, gpus_per_node=2, delay=0)
@@ -191,9 +186,7 @@ def test_prometheus_scrapes_the_model_server_token_rate(
     api_client: client.ApiClient,
     namespace: str,
     node_pool: Callable[..., str],
-    gpu_deployment: Callable[..., dict[str, Any]],
     model_server: Callable[..., str],
-    wait_for: Callable[..., Any],
 ) -> None:
     core = client.CoreV1Api(api_client)
     pool = node_pool(replicas=1, gpus_per_node=2, delay=0)
