@@ -43,24 +43,36 @@ class ClampedRequest:
     clamped: bool  # the gate lowered (or imposed) the cap
 
 
-def clamp(endpoint: Endpoint, raw: bytes, limit: int) -> ClampedRequest:
+def parse_request(raw: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object")
+    return payload
+
+
+def requested_tokens(endpoint: Endpoint, payload: dict[str, Any]) -> int | None:
+    """The token cap a request asks for (None: uncapped), validated as the servers do."""
     given = {field: _token_count(payload, field) for field in TOKEN_FIELDS if field in payload}
     if endpoint is Endpoint.CHAT:
-        requested = given.get("max_completion_tokens") or given.get("max_tokens")
-        fields: tuple[str, ...] = TOKEN_FIELDS
-    else:
-        requested = given.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
-        # The completions API has no max_completion_tokens; clamp it only if a client sent one.
-        fields = tuple(f for f in TOKEN_FIELDS if f == "max_tokens" or given.get(f) is not None)
+        return given.get("max_completion_tokens") or given.get("max_tokens")
+    return given.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+
+def clamp(endpoint: Endpoint, raw: bytes, limit: int) -> ClampedRequest:
+    payload = parse_request(raw)
+    requested = requested_tokens(endpoint, payload)
     applied = limit if requested is None else min(requested, limit)
-    for field in fields:
-        payload[field] = applied
+    for field in TOKEN_FIELDS:
+        # The completions API has no max_completion_tokens: set it there only if a client sent one.
+        if endpoint is Endpoint.CHAT or field == "max_tokens" or payload.get(field) is not None:
+            payload[field] = applied
+    # vLLM refuses min_tokens > max_tokens: a clamped request must not turn into a 400.
+    min_tokens = payload.get("min_tokens")
+    if isinstance(min_tokens, int) and not isinstance(min_tokens, bool) and min_tokens > applied:
+        payload["min_tokens"] = applied
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return ClampedRequest(body, requested, applied, requested is None or applied < requested)
 
