@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,9 @@ import openai
 import pytest
 from aiohttp import web
 
+from modelbudget.testbed.demand import read_trace, wanted_tokens
 from tests.gatekit import (
+    REPO,
     GateProcess,
     Process,
     abandon_stream,
@@ -274,3 +278,20 @@ def test_upstream_breaking_off_mid_stream_ends_the_client_stream_with_an_error(
         assert g.metric("modelbudget_gate_errors_total", reason="upstream_reset") == 1
     finally:
         g.stop()
+
+
+TRACE = REPO.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"{TRACE} is not there")
+def test_loadgen_replays_a_real_trace_through_the_gate(gate: GateProcess) -> None:
+    rows = read_trace(TRACE)[:30]
+    cmd = [sys.executable, "-m", "modelbudget.testbed.loadgen", "--url", gate.url, "--trace", str(TRACE)]
+    cmd += ["--max-requests", "30", "--time-scale", "0.01", "--reasoning-factor", "2", "--stream", "--duration", "30"]
+    summary = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout)
+    wanted = [wanted_tokens(r.generated_tokens, 2) for r in rows]
+    assert summary["sent"] == summary["ok"] == 30
+    assert summary["finishLength"] == sum(w > LIMIT for w in wanted) > 0
+    assert summary["generatedTokens"] == sum(min(w, LIMIT) for w in wanted)
+    assert gate.metric("modelbudget_gate_arrivals_total") == 30
+    assert gate.metric("modelbudget_gate_uncapped_total") == 30
