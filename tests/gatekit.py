@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -163,3 +166,57 @@ def abandon_stream(url: str, json_body: object) -> bytes:
             return first
 
     return asyncio.run(go())
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 that a test can cut: the apiserver becomes unreachable without touching it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        relay = self
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                try:
+                    upstream = socket.create_connection(relay.target, timeout=5)
+                except OSError:
+                    return
+                with relay._lock:
+                    relay._open.update({self.request, upstream})
+                try:
+                    pair = {self.request: upstream, upstream: self.request}
+                    while True:
+                        readable, _, _ = select.select(list(pair), [], [], 1.0)
+                        for sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            pair[sock].sendall(data)
+                except OSError:
+                    return
+                finally:
+                    upstream.close()
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Pipe)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def cut(self) -> None:
+        """Stop listening and drop every relayed connection."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+            self._open.clear()

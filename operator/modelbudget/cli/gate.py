@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 from modelbudget.cli import CliError
+from modelbudget.gate import GATE_PORT, METRICS_PORT
 
-DEFAULT_LISTEN = "0.0.0.0:8000"
-DEFAULT_UPSTREAM = "http://127.0.0.1:8001"
-DEFAULT_METRICS_LISTEN = "0.0.0.0:9464"
+DEFAULT_LISTEN = f"0.0.0.0:{GATE_PORT}"
+DEFAULT_UPSTREAM = "http://127.0.0.1:8000"  # vLLM's default port
+DEFAULT_METRICS_LISTEN = f"0.0.0.0:{METRICS_PORT}"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -8,6 +8,7 @@ import sys
 import yaml
 
 from modelbudget.cli import CliError
+from modelbudget.gate import GATE_PORT, METRICS_PORT
 from modelbudget.gate.inject import DEFAULT_IMAGE, InjectError, InjectOptions, inject
 
 
@@ -23,8 +24,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--image", default=DEFAULT_IMAGE, help=f"the gate image (the operator's; default {DEFAULT_IMAGE})")
     p.add_argument("--container", help="the model server's container (default: the first)")
     p.add_argument("--port", help="its served port, name or number (default: its first port)")
-    p.add_argument("--gate-port", type=int, default=8080, help="the port the gate listens on (default 8080)")
-    p.add_argument("--metrics-port", type=int, default=9464, help="the gate's /metrics port (default 9464)")
+    p.add_argument("--gate-port", type=int, default=GATE_PORT, help=f"the gate's serving port (default {GATE_PORT})")
+    p.add_argument(
+        "--metrics-port", type=int, default=METRICS_PORT, help=f"the gate's /metrics port (default {METRICS_PORT})"
+    )
     p.add_argument("--config-map", help="the published ConfigMap (default: <deployment>-token-limit)")
     p.add_argument("--limit-key", help="its token-limit key (default max_tokens)")
     p.add_argument("--default-max-tokens", type=int, help="the gate's limit until one is published (default: 503)")

@@ -8,3 +8,6 @@ applies now). docs/gate.md has the contract.
 
 Depends on nothing in modelbudget but ``api``.
 """
+
+GATE_PORT = 8080  # the gate's serving port (the Service's targetPort lands here)
+METRICS_PORT = 9464  # the gate's own /metrics and /healthz, never forwarded

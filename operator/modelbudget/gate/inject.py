@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelbudget import __version__
+from modelbudget.gate import GATE_PORT, METRICS_PORT
 
 GATE_CONTAINER = "modelbudget-gate"
 LIMITS_VOLUME = "modelbudget-limits"
@@ -52,8 +53,8 @@ class InjectOptions:
     image: str = DEFAULT_IMAGE
     container: str | None = None  # the model server's container (default: the first)
     port: str | None = None  # the served port, by name or number (default: the container's first)
-    gate_port: int = 8080
-    metrics_port: int = 9464
+    gate_port: int = GATE_PORT
+    metrics_port: int = METRICS_PORT
     config_map: str | None = None  # default: <deployment>-token-limit
     limit_key: str | None = None
     default_max_tokens: int | None = None
