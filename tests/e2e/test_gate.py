@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import yaml
+from gatekit import REPO, GateProcess, Process, TcpRelay, start_gate, start_model_server
 from kubernetes import client, config
-from tests.gatekit import REPO, GateProcess, Process, TcpRelay, start_gate, start_model_server
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from modelbudget.testbed.demand import read_trace, wanted_tokens
-from tests.gatekit import (
+from tests.e2e.gatekit import (
     REPO,
     GateProcess,
     Process,

@@ -1,4 +1,4 @@
-"""Running the gate and the synthetic model server as real processes on 127.0.0.1, for unit, e2e and bench."""
+"""Running the gate and the synthetic model server as real processes on 127.0.0.1 (unit and e2e tests, bench)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
