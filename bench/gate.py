@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,9 @@ OUT = REPO / ".local" / "bench-gate"
 LITELLM = REPO / ".local" / "bench-venv" / "bin" / "litellm"
 PROXY_CPU, LOAD_CPU = "0", "1"
 CHAT = {"model": "model", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 64}
+# LiteLLM refuses to start without a master key; every path gets the same header.
+MASTER_KEY = f"sk-bench-{secrets.token_hex(16)}"
+HEADERS = {"Authorization": f"Bearer {MASTER_KEY}"}
 
 
 def start_nginx(upstream: str) -> Process:
@@ -90,6 +94,7 @@ def start_litellm(upstream: str) -> Process:
                     }
                 ],
                 "litellm_settings": {"telemetry": False},
+                "general_settings": {"master_key": MASTER_KEY},
             }
         )
     )
@@ -115,7 +120,7 @@ async def latencies(url: str, n: int, stream: bool) -> np.ndarray:
     """Seconds to the whole response (non-streaming) or to its first body byte (streaming), one at a time."""
     out = []
     body = {**CHAT, "stream": stream}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=HEADERS) as session:
         for i in range(n + n // 10):
             start = time.perf_counter()
             async with session.post(f"{url}/v1/chat/completions", json=body) as r:
@@ -137,6 +142,7 @@ def max_rps(url: str, seconds: int, connections: int) -> float:
     script = OUT / "chat.lua"
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "{HEADERS["Authorization"]}"\n'
         f"wrk.body = {json.dumps(json.dumps(CHAT))}\n"
     )
     cmd = ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script)]
