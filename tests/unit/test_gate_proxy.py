@@ -35,7 +35,7 @@ from tests.e2e.gatekit import (
 
 LIMIT = 40
 # Fast enough for tests, slow enough that a long generation is still running when a client leaves.
-SERVER_ARGS = ("--tokens-per-second-per-replica", "2000", "--max-concurrency", "2", "--queue-timeout", "3")
+SERVER_ARGS = ("--tokens-per-second-per-replica", "2000", "--max-concurrency", "2", "--queue-timeout", "5")
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +213,13 @@ class TestBadInput:
         ok = client(gate.url).completions.create(model="model", prompt="x", max_tokens=3, **wanted(3))
         assert ok.usage and ok.usage.completion_tokens == 3
 
-    def test_client_leaving_mid_stream_cancels_the_upstream_request(self, gate: GateProcess) -> None:
-        # Two batch slots and a 3 s queue timeout upstream: if the gate kept the abandoned
-        # generations (5000 tokens at 1000 tok/s each) running, the next request would find no slot.
+    def test_client_leaving_mid_stream_cancels_the_upstream_request(self, gate: GateProcess, limits_dir: Path) -> None:
+        # Two batch slots upstream and a 5 s queue timeout: had the gate kept the two abandoned
+        # generations (50000 tokens at 1000 tokens/s each) running, the next request would find no slot.
+        write_limits(limits_dir, max_tokens="100000")
+        wait_for_metric(gate, "modelbudget_gate_token_limit", 100000)
         for _ in range(2):
-            body = {"model": "model", "prompt": "x", "max_tokens": 100, "stream": True, "wanted_tokens": 5000}
+            body = {"model": "model", "prompt": "x", "max_tokens": 50000, "stream": True, "wanted_tokens": 50000}
             assert abandon_stream(gate.url + "/v1/completions", body).startswith(b"data: ")
         reply = client(gate.url).completions.create(model="model", prompt="x", max_tokens=100, **wanted(10))
         assert reply.usage and reply.usage.completion_tokens == 10
