@@ -14,7 +14,8 @@ CPU 0 (one core; nginx with one worker, LiteLLM with one worker):
 Per path: added latency over direct, p50 and p99, for sequential non-streaming chat requests
 and for the time to the first byte of streaming ones (an aiohttp client, one request at a
 time); and the most requests/s it carries on its one core (wrk, 64 connections,
-non-streaming). Goal (issue 11): the gate's added p99 within 2x nginx's and below LiteLLM's,
+non-streaming; the median of the rounds). The paths take turns over ``--rounds`` rounds, so
+that load from elsewhere on a shared machine falls on all of them alike. Goal (issue 11): the gate's added p99 within 2x nginx's and below LiteLLM's,
 and >= 10x one vLLM replica's request rate (a few hundred req/s).
 """
 
@@ -156,9 +157,10 @@ def max_rps(url: str, seconds: int, connections: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=2000, help="sequential requests per latency measurement")
-    p.add_argument("--seconds", type=int, default=8, help="wrk duration per throughput measurement")
+    p.add_argument("--requests", type=int, default=2000, help="sequential requests per path and latency column")
+    p.add_argument("--seconds", type=int, default=3, help="wrk duration per throughput measurement")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="the paths take turns this many times (shared machines)")
     args = p.parse_args()
     for tool in ("taskset", "wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -186,21 +188,28 @@ def main() -> int:
         )
         started.append(gate)
         paths["gate"] = gate.url
-        rows = {}
-        for name, url in paths.items():
-            plain = asyncio.run(latencies(url, args.requests, stream=False))
-            first = asyncio.run(latencies(url, args.requests, stream=True))
-            rows[name] = (plain, first, max_rps(url, args.seconds, args.connections))
-            print(f"measured {name}", file=sys.stderr)
+        # The paths take turns, so that a load spike from elsewhere on the machine hits all of them alike.
+        samples: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[float]]] = {n: ([], [], []) for n in paths}
+        for round_ in range(args.rounds):
+            for name, url in paths.items():
+                plain, first, rps = samples[name]
+                plain.append(asyncio.run(latencies(url, args.requests // args.rounds, stream=False)))
+                first.append(asyncio.run(latencies(url, args.requests // args.rounds, stream=True)))
+                rps.append(max_rps(url, args.seconds, args.connections))
+            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for proc in reversed(started):
             proc.stop()
+    rows = {n: (np.concatenate(pl), np.concatenate(fi), float(np.median(r))) for n, (pl, fi, r) in samples.items()}
     base_plain, base_first, _ = rows["direct"]
 
     def added(samples: np.ndarray, base: np.ndarray, q: float) -> str:
         return f"{(np.percentile(samples, q) - np.percentile(base, q)) * 1e3:.2f}"
 
-    print(f"\n{args.requests} sequential requests per latency column; wrk -c{args.connections} {args.seconds}s; ms")
+    print(
+        f"\n{args.requests} sequential requests per latency column, ms; max req/s: median of {args.rounds} "
+        f"wrk -c{args.connections} {args.seconds}s runs; paths interleaved over {args.rounds} rounds"
+    )
     print("| path | added p50 | added p99 | stream TTFB added p50 | TTFB added p99 | max req/s (1 core) |")
     print("|---|---|---|---|---|---|")
     for name, (plain, first, rps) in rows.items():

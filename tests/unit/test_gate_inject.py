@@ -97,6 +97,7 @@ def test_vllm_deployment_gets_the_gate_the_port_swap_and_rbac() -> None:
     assert gate["command"] == ["modelbudget", "gate"]
     assert "--upstream=http://127.0.0.1:8000" in gate["args"] and "--target=llama" in gate["args"]
     assert "--config-map=llama-token-limit" in gate["args"]
+    assert gate["env"] == [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
     # The port name the Service may target moved to the gate; the model server keeps its number.
     assert gate["ports"][0] == {"name": "http", "containerPort": 8080, "protocol": "TCP"}
     assert vllm["ports"] == [{"containerPort": 8000}]

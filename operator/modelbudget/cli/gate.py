@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help=f"host:port of the gate's own /metrics and /healthz, never forwarded (default {DEFAULT_METRICS_LISTEN})",
     )
     limits = p.add_argument_group("where the limits come from")
-    limits.add_argument("--namespace", help="the ConfigMap's namespace (default: the pod's)")
+    limits.add_argument("--namespace", help="the ConfigMap's namespace (default: $POD_NAMESPACE, else the pod's)")
     limits.add_argument("--config-map", help="the published ConfigMap (default: <target>-token-limit)")
     limits.add_argument(
         "--limit-key", default=DEFAULT_LIMIT_KEY, help="its token-limit key (spec.tokenLimits.publish.configMap.key)"

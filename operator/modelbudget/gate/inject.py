@@ -197,6 +197,7 @@ def _inject_pod(
             "image": options.image,
             "command": ["modelbudget", "gate"],
             "args": args,
+            "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
             "ports": [
                 {"name": port_name, "containerPort": options.gate_port, "protocol": "TCP"},
                 {"name": METRICS_PORT_NAME, "containerPort": options.metrics_port, "protocol": "TCP"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -117,8 +118,9 @@ class MountedDirectory:
 
 
 def pod_namespace(explicit: str | None) -> str:
-    if explicit:
-        return explicit
+    """``explicit``, else $POD_NAMESPACE (the downward API), else the ServiceAccount's, else ``default``."""
+    if explicit or os.environ.get("POD_NAMESPACE"):
+        return explicit or os.environ["POD_NAMESPACE"]
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
     except OSError:
