@@ -297,3 +297,34 @@ def test_loadgen_replays_a_real_trace_through_the_gate(gate: GateProcess) -> Non
     assert summary["generatedTokens"] == sum(min(w, LIMIT) for w in wanted)
     assert gate.metric("modelbudget_gate_arrivals_total") == 30
     assert gate.metric("modelbudget_gate_uncapped_total") == 30
+
+
+def test_concurrent_streams_never_mix_up_responses(gate: GateProcess) -> None:
+    """Forty streams at once, each with its own size: each client gets exactly its own response."""
+
+    async def one(api: openai.AsyncOpenAI, i: int) -> tuple[int, int, str | None, set[str]]:
+        stream = await api.chat.completions.create(
+            model="model",
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=i,
+            stream=True,
+            extra_body={"wanted_tokens": 2 * i},
+        )
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return i, text.count("tok"), chunks[-1].choices[0].finish_reason, {c.id for c in chunks}
+
+    async def all_at_once() -> list[tuple[int, int, str | None, set[str]]]:
+        api = openai.AsyncOpenAI(base_url=f"{gate.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        try:
+            return await asyncio.gather(*(one(api, i) for i in range(1, 41)))
+        finally:
+            await api.close()
+
+    results = asyncio.run(all_at_once())
+    for i, tokens, reason, ids in results:
+        assert tokens == min(i, LIMIT), i
+        assert reason == "length"
+        assert len(ids) == 1  # every chunk of a stream belongs to that stream
+    assert len({next(iter(ids)) for *_, ids in results}) == 40
+    assert gate.metric("modelbudget_gate_forwarded_total") == 40
