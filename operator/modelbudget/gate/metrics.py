@@ -28,7 +28,7 @@ class GateMetrics:
             "modelbudget_gate_forwarded", "Clamped-path requests forwarded to the model server.", t, registry=r
         ).labels(target)
         self.clamped = Counter(
-            "modelbudget_gate_clamped", "Forwarded requests whose token cap the gate lowered or imposed.", t, registry=r
+            "modelbudget_gate_clamped", "Admitted requests whose token cap the gate lowered or imposed.", t, registry=r
         ).labels(target)
         self.uncapped = Counter(
             "modelbudget_gate_uncapped", "Clamped-path requests that asked for no token cap.", t, registry=r

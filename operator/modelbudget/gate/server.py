@@ -58,8 +58,8 @@ def metrics_app(metrics: GateMetrics, holder: LimitsHolder) -> web.Application:
     return app
 
 
-async def serve(options: GateOptions, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when it is not given)."""
+async def serve(options: GateOptions) -> None:
+    """Serve until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series only double the scrape
     metrics = GateMetrics(options.target)
@@ -102,10 +102,9 @@ async def serve(options: GateOptions, stop: asyncio.Event | None = None) -> None
         options.config_map if options.watch else "(not watched)",
         f" and {options.limits_dir}" if options.limits_dir else "",
     )
-    if stop is None:
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:

@@ -80,7 +80,7 @@ class OpenAIApi:
             return _error(400, str(exc))
         tokens = wanted if cap is None else min(wanted, cap)
         reason = "length" if tokens < wanted else "stop"
-        reply = _Reply(endpoint, self.model_name, payload.get("model") or self.model_name)
+        reply = _Reply(endpoint, payload.get("model") or self.model_name)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
         generation = self.pacer.generate(tokens)
         async with contextlib.aclosing(generation):  # type: ignore[type-var]  # releases the batch slot
@@ -129,10 +129,9 @@ def _event(data: dict[str, Any]) -> bytes:
 class _Reply:
     """Builds the response objects of one request, in the shape of OpenAI's (and vLLM's)."""
 
-    def __init__(self, endpoint: Endpoint, served_model: str, model: str) -> None:
-        self.endpoint, self.model = endpoint, model or served_model
-        chat = endpoint is Endpoint.CHAT
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    def __init__(self, endpoint: Endpoint, model: str) -> None:
+        self.endpoint, self.model = endpoint, model
+        self.id = ("chatcmpl-" if endpoint is Endpoint.CHAT else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
