@@ -220,3 +220,17 @@ class TcpRelay:
                     sock.shutdown(socket.SHUT_RDWR)
                     sock.close()
             self._open.clear()
+
+
+def scrape(targets_dir: str | Path, gate: GateProcess, namespace: str, pod: str) -> Path:
+    """Register the gate's metrics port with the testbed's Prometheus (file discovery), as the pod ``pod``.
+
+    The target carries ``namespace`` and ``pod`` the way pod relabelling would on a cluster.
+    Returns the file; delete it to stop the scrape.
+    """
+    address = gate.metrics_url.removeprefix("http://")
+    path = Path(targets_dir) / f"gate-{namespace}-{pod}.json"
+    tmp = path.with_suffix(".tmp")  # write then rename: Prometheus never reads half a file
+    tmp.write_text(json.dumps([{"targets": [address], "labels": {"namespace": namespace, "pod": pod}}]))
+    tmp.rename(path)
+    return path

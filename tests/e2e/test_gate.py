@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import yaml
-from gatekit import REPO, GateProcess, Process, TcpRelay, start_gate, start_model_server
+from gatekit import REPO, GateProcess, Process, TcpRelay, scrape, start_gate, start_model_server
 from kubernetes import client, config
 
 pytestmark = pytest.mark.e2e
@@ -200,6 +200,27 @@ def test_a_published_limit_is_applied_within_2s_and_cuts_streams(
     print(f"limit applied {took:.3f}s after the patch")
     assert stream_tokens(gate, max_tokens=500, wanted=1000) == (25, "length")
     assert stream_tokens(gate, max_tokens=500, wanted=10) == (10, "stop")
+
+
+def test_prometheus_sees_the_limit_the_gate_applies_per_pod(
+    testbed: Any, gate: GateProcess, kube: client.CoreV1Api, gate_namespace: str
+) -> None:
+    """What the operator reads to tell whether its published limit is enforced, and true demand."""
+    publish(kube, gate_namespace, max_tokens="35")
+    wait_for(gate, "modelbudget_gate_token_limit", 35, timeout=APPLY_DEADLINE)
+    stream_tokens(gate, max_tokens=500, wanted=1000)
+    target = scrape(testbed.targets_dir, gate, gate_namespace, "model-0")
+    try:
+        deadline = time.monotonic() + 60
+        query = f'modelbudget_gate_token_limit{{namespace="{gate_namespace}", target="{TARGET}"}}'
+        while not (result := testbed.promql(query)):
+            assert time.monotonic() < deadline, f"Prometheus never scraped the gate: {query}"
+            time.sleep(1)
+        assert [(r["metric"]["pod"], float(r["value"][1])) for r in result] == [("model-0", 35.0)]
+        arrivals = testbed.promql(f'modelbudget_gate_arrivals_total{{namespace="{gate_namespace}"}}')
+        assert float(arrivals[0]["value"][1]) >= 1
+    finally:
+        target.unlink()
 
 
 def test_an_unparsable_limit_keeps_the_last_good_one(

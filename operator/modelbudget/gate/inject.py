@@ -133,7 +133,7 @@ def _one(
     pod = deployment["spec"]["template"]["spec"]
     gate = next((c for c in pod.get("containers") or [] if c.get("name") == GATE_CONTAINER), None)
     if gate is None:
-        model_port, port_name = _inject_pod(pod, name, config_map, options, notes)
+        model_port, port_name = inject_pod(pod, name, config_map, options, notes)
     else:  # already injected: the upstream and the gate's served port say where things are
         upstream = next(a for a in gate.get("args", []) if a.startswith("--upstream="))
         model_port, port_name = int(upstream.rpartition(":")[2]), gate["ports"][0]["name"]
@@ -145,10 +145,20 @@ def _one(
     return [deployment, *fresh]
 
 
-def _inject_pod(
-    pod: Manifest, target: str, config_map: str, options: InjectOptions, notes: list[str]
+def inject_pod(
+    pod: Manifest,
+    target: str,
+    config_map: str,
+    options: InjectOptions,
+    notes: list[str],
+    *,
+    own_service_account: bool = True,
 ) -> tuple[int, str]:
-    """Add the gate to ``pod``; returns the model server's port and the served port's name (now the gate's)."""
+    """Add the gate to the pod spec ``pod``; returns the model server's port and the served port's name.
+
+    ``own_service_account``: give a pod without one the gate's ServiceAccount (which ``inject``
+    emits); the admission webhook cannot create it and leaves the pod's as it is.
+    """
     containers = pod.get("containers") or []
     if not containers:
         raise InjectError(f"Deployment {target} has no containers")
@@ -213,7 +223,7 @@ def _inject_pod(
     # Optional: pods start before the operator first publishes; the watch picks the limit up then.
     volume = {"name": LIMITS_VOLUME, "configMap": {"name": config_map, "optional": True}}
     pod["volumes"] = [*(v for v in pod.get("volumes") or [] if v.get("name") != LIMITS_VOLUME), volume]
-    if not pod.get("serviceAccountName") or pod.get("serviceAccountName") == "default":
+    if own_service_account and pod.get("serviceAccountName") in (None, "", "default"):
         pod["serviceAccountName"] = _gate_name(target)
         pod.pop("serviceAccount", None)  # the deprecated alias would contradict it
     return model_port, port_name
