@@ -8,6 +8,7 @@ apiserver unreachable. The `openai` client sends the requests.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import secrets
 import subprocess
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import yaml
-from gatekit import REPO, GateProcess, Process, TcpRelay, scrape, start_gate, start_model_server
+from gatekit import REPO, GateProcess, Process, TcpRelay, free_port, scrape, start_gate, start_model_server
 from kubernetes import client, config
 
 pytestmark = pytest.mark.e2e
@@ -286,3 +287,103 @@ def test_apiserver_unreachable_keeps_the_last_good_limit(
     # Back: it lists again and takes the value published meanwhile.
     wait_for(gate, "modelbudget_gate_token_limit", 60, timeout=15)
     assert stream_tokens(gate, max_tokens=500, wanted=1000) == (60, "length")
+
+
+def make_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 it signed (openssl): what the chart makes for its webhook Service."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.crt", "tls.key", "tls.csr", "tls.crt"))
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=e2e-webhook-ca",
+        "-keyout", str(ca_key), "-out", str(ca),
+    )  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "1", "-extfile", str(directory / "san.ext"), "-out", str(cert),
+    )  # fmt: skip
+    return ca, cert, key
+
+
+@pytest.fixture(scope="module")
+def webhook(testbed: Any, gate_namespace: str, tmp_path_factory: Any) -> Iterator[str]:
+    """``modelbudget webhook`` on 127.0.0.1, registered for labelled pods of this test's namespace only."""
+    directory = tmp_path_factory.mktemp("webhook")
+    ca, cert, key = make_tls(directory)
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("modelbudget")), "webhook", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    name = f"{gate_namespace}-gate"
+    config = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            {
+                "name": "gate.modelbudget.dev",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Ignore",
+                "timeoutSeconds": 5,
+                "clientConfig": {
+                    "url": f"https://127.0.0.1:{port}/mutate",
+                    "caBundle": base64.b64encode(ca.read_bytes()).decode(),
+                },
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+                "objectSelector": {"matchLabels": {"modelbudget.dev/gate": "enabled"}},
+                # Only this test's namespace: the testbed is shared.
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": gate_namespace}},
+            }
+        ],
+    }
+    testbed.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(config))
+    try:
+        yield gate_namespace
+    finally:
+        testbed.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found", check=False)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_webhook_adds_the_gate_to_pods_of_a_labelled_deployment(
+    testbed: Any, kube: client.CoreV1Api, webhook: str
+) -> None:
+    deployment = yaml.safe_load(DEPLOYMENT)
+    deployment["metadata"]["name"] = "webhooked"
+    deployment["spec"]["selector"]["matchLabels"] = {"app": "webhooked"}
+    deployment["spec"]["template"]["metadata"]["labels"] = {"app": "webhooked", "modelbudget.dev/gate": "enabled"}
+    # The apiserver takes a moment to load a new webhook configuration: wait until a dry-run pod is mutated.
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "probe",
+            "labels": {"modelbudget.dev/gate": "enabled"},
+            "annotations": {"modelbudget.dev/gate-target": "probe"},
+        },
+        "spec": deployment["spec"]["template"]["spec"],
+    }
+    deadline = time.monotonic() + 30
+    while (
+        "modelbudget-gate"
+        not in testbed.kubectl(
+            "create", "-n", webhook, "--dry-run=server", "-o", "yaml", "-f", "-", stdin=yaml.safe_dump(probe)
+        ).stdout
+    ):
+        assert time.monotonic() < deadline, "the webhook never mutated a pod"
+        time.sleep(1)
+    testbed.kubectl("apply", "-n", webhook, "-f", "-", stdin=yaml.safe_dump(deployment))
+    deadline = time.monotonic() + 60
+    while not (pods := kube.list_namespaced_pod(webhook, label_selector="app=webhooked").items):
+        assert time.monotonic() < deadline, "the Deployment made no pod"
+        time.sleep(1)
+    containers = {c.name: c for c in pods[0].spec.containers}
+    assert set(containers) == {"vllm", "modelbudget-gate"}
+    assert "--target=webhooked" in containers["modelbudget-gate"].args
+    assert containers["vllm"].readiness_probe.http_get.port == 8000
+    assert pods[0].spec.volumes and any(v.name == "modelbudget-limits" for v in pods[0].spec.volumes)
