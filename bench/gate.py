@@ -15,8 +15,9 @@ Per path: added latency over direct, p50 and p99, for sequential non-streaming c
 and for the time to the first byte of streaming ones (an aiohttp client, one request at a
 time); and the most requests/s it carries on its one core (wrk, 64 connections,
 non-streaming; the median of the rounds). The paths take turns over ``--rounds`` rounds, so
-that load from elsewhere on a shared machine falls on all of them alike. Goal (issue 11): the gate's added p99 within 2x nginx's and below LiteLLM's,
-and >= 10x one vLLM replica's request rate (a few hundred req/s).
+that load from elsewhere on a shared machine falls on all of them alike. Goal (issue 11): the
+gate's added p99 within 2x nginx's and below LiteLLM's, and >= 10x one vLLM replica's request
+rate (a few hundred req/s).
 """
 
 from __future__ import annotations
