@@ -369,12 +369,9 @@ def test_the_webhook_adds_the_gate_to_pods_of_a_labelled_deployment(
         "spec": deployment["spec"]["template"]["spec"],
     }
     deadline = time.monotonic() + 30
-    while (
-        "modelbudget-gate"
-        not in testbed.kubectl(
-            "create", "-n", webhook, "--dry-run=server", "-o", "yaml", "-f", "-", stdin=yaml.safe_dump(probe)
-        ).stdout
-    ):
+    dry_run = ("create", "-n", webhook, "--dry-run=server", "-o", "yaml", "-f", "-")
+    # check=False: a fresh namespace may not have its default ServiceAccount yet.
+    while "modelbudget-gate" not in testbed.kubectl(*dry_run, stdin=yaml.safe_dump(probe), check=False).stdout:
         assert time.monotonic() < deadline, "the webhook never mutated a pod"
         time.sleep(1)
     testbed.kubectl("apply", "-n", webhook, "-f", "-", stdin=yaml.safe_dump(deployment))
