@@ -6,6 +6,7 @@ Without it these tests skip, except under CI (env ``CI`` set), where that is a f
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -81,6 +82,7 @@ VARIANTS = {
     "ha": ("replicaCount=2", "podDisruptionBudget.enabled=true"),
     "service-monitor": ("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom"),
     "dashboard": ("dashboard.enabled=true", "dashboard.namespace=grafana"),
+    "gate-webhook": ("gateWebhook.enabled=true",),
     "everything": (
         "watchNamespaces={team-a}",
         "replicaCount=3",
@@ -401,3 +403,48 @@ def test_dashboard_plots_only_exported_metrics(helm: str) -> None:
     used = {m for e in exprs for m in re.findall(r"\bmodelbudget_[a-z_]+", e)}
     exported = _exported_metric_names()
     assert used - exported == set(), "the dashboard plots metrics the operator does not export"
+
+
+def test_gate_webhook_is_off_by_default(helm: str) -> None:
+    assert not by_kind(render(helm), "MutatingWebhookConfiguration")
+
+
+def test_gate_webhook_ignores_failures_and_trusts_the_certificate_it_serves(helm: str, tmp_path: Path) -> None:
+    docs = render(helm, "gateWebhook.enabled=true", "gateWebhook.port=9555")
+    name = f"{FULLNAME}-gate-webhook"
+    (hook,) = one(docs, "MutatingWebhookConfiguration", name)["webhooks"]
+    assert (hook["failurePolicy"], hook["sideEffects"], hook["admissionReviewVersions"]) == ("Ignore", "None", ["v1"])
+    assert hook["objectSelector"] == {"matchLabels": {"modelbudget.dev/gate": "enabled"}}
+    assert hook["rules"][0]["resources"] == ["pods"] and hook["rules"][0]["operations"] == ["CREATE"]
+    assert hook["clientConfig"]["service"] == {"name": name, "namespace": NAMESPACE, "path": "/mutate", "port": 443}
+    # The chart-made CA in caBundle signed the certificate the server presents, for the Service's name.
+    (tmp_path / "ca.crt").write_bytes(base64.b64decode(hook["clientConfig"]["caBundle"]))
+    secret = one(docs, "Secret", f"{name}-tls")
+    (tmp_path / "tls.crt").write_bytes(base64.b64decode(secret["data"]["tls.crt"]))
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "tls.crt")],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(tmp_path / "tls.crt"), "-noout", "-text"], capture_output=True, text=True
+    ).stdout
+    assert f"DNS:{name}.{NAMESPACE}.svc" in text
+    service = one(docs, "Service", name)
+    deployment = one(docs, "Deployment", name)
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["modelbudget", "webhook"]
+    assert "--listen=0.0.0.0:9555" in container["args"]
+    assert f"--image=modelbudget/operator:{modelbudget.__version__}" in container["args"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    # Neither the operator's Deployment nor its metrics Service selects the webhook's pods.
+    operator = one(docs, "Deployment", FULLNAME)
+    for selector in (
+        operator["spec"]["selector"]["matchLabels"],
+        one(docs, "Service", f"{FULLNAME}-metrics")["spec"]["selector"],
+    ):
+        assert not selector.items() <= pod["metadata"]["labels"].items()

@@ -9,7 +9,7 @@ import sys
 from modelbudget import __version__
 
 # Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("crd", "fit", "plan", "replay", "run", "simulate")
+COMMANDS = ("crd", "fit", "gate", "inject", "plan", "replay", "run", "simulate", "webhook")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,8 +41,9 @@ import numpy.typing as npt
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 from modelbudget.api import ModelBudget
+from modelbudget.gate.metrics import TOKEN_BUCKETS
 from modelbudget.sim.trace import Trace, read_trace, repeat_daily
-from modelbudget.testbed.modelserver import E2E_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
+from modelbudget.testbed.modelserver import E2E_BUCKETS, TTFT_BUCKETS
 
 FloatArray = npt.NDArray[np.float64]
 DEFAULT_START = "2023-11-16T00:00:00+00:00"  # the default start of ``modelbudget simulate``

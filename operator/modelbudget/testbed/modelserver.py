@@ -17,12 +17,18 @@ handful of objects on a local apiserver, and polling is level-triggered with no 
 logic. If the apiserver is unreachable, the last known state is kept.
 
 HTTP on one port: ``GET /metrics``, ``GET /state`` (JSON), ``POST /control`` with JSON
-``{"rps": 40}`` or ``{"rateCurve": "0:2,60:10"}`` (the new curve starts now), ``GET /healthz``.
+``{"rps": 40}`` or ``{"rateCurve": "0:2,60:10"}`` (the new curve starts now), ``GET /healthz``,
+and the OpenAI API of one replica (``openai_api``: ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``) for clients and the gate, paced by ``--pacing`` (``model``: the serving
+model's per-sequence speed, batch slots and queue; ``fast``: at once, for benchmarks). Those
+requests are served apart from the simulated fleet and its metrics, and like vLLM they apply
+no token limit of their own: enforcing one is the gate's job.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,10 +36,10 @@ import os
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import (
@@ -47,6 +53,7 @@ from prometheus_client import (
 )
 from urllib3.exceptions import HTTPError
 
+from modelbudget.gate.metrics import TOKEN_BUCKETS
 from modelbudget.testbed.demand import (
     Demand,
     LognormalSizes,
@@ -56,13 +63,15 @@ from modelbudget.testbed.demand import (
     TraceSizes,
     parse_rate_curve,
     read_trace,
+    wanted_tokens,
 )
+from modelbudget.testbed.openai_api import OpenAIApi
+from modelbudget.testbed.pacing import InstantPacer, Pacer, SlotPacer
 from modelbudget.testbed.serving import ServingModel, TickResult, spread
 
 log = logging.getLogger("modelserver")
 
-# vLLM's buckets (vllm/engine/metrics.py): 1-2-5 token buckets up to 20000, and its latency buckets.
-TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]
+# vLLM's latency buckets (vllm/engine/metrics.py); its 1-2-5 token buckets are the gate's.
 E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0]
 E2E_BUCKETS += [120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
@@ -333,41 +342,45 @@ class ModelServer:
             stop.wait(max(0.0, t0 + self.now - time.monotonic()))
 
 
-def _handler(server: ModelServer, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+def http_app(server: ModelServer, registry: CollectorRegistry, api: OpenAIApi) -> web.Application:
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
 
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif self.path == "/state":
-                self._send(200, json.dumps(server.state()).encode())
-            elif self.path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
-            else:
-                self._send(404, b'{"error": "not found"}')
+    async def state(_request: web.Request) -> web.Response:
+        return web.json_response(server.state())
 
-        def do_POST(self) -> None:
-            if self.path != "/control":
-                self._send(404, b'{"error": "not found"}')
-                return
-            try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                server.control(body)
-            except (ValueError, TypeError) as e:
-                self._send(400, json.dumps({"error": str(e)}).encode())
-                return
-            self._send(200, json.dumps(server.state()).encode())
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug(format, *args)
+    async def control(request: web.Request) -> web.Response:
+        try:
+            server.control(json.loads(await request.read() or b"{}"))
+        except (ValueError, TypeError) as e:
+            return web.json_response({"error": str(e)}, status=400)
+        return web.json_response(server.state())
 
-    return Handler
+    app = web.Application()
+    app.add_routes([web.get("/metrics", metrics), web.get("/state", state), web.get("/healthz", healthz)])
+    app.add_routes([web.post("/control", control), *api.routes()])
+    return app
+
+
+def serve_in_thread(app: web.Application, host: str, port: int) -> None:
+    """Serve ``app`` on its own event loop in a daemon thread; returns once it listens."""
+    listening = threading.Event()
+
+    async def serve() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        listening.set()
+        await asyncio.Event().wait()  # until the process exits
+
+    threading.Thread(target=asyncio.run, args=(serve(),), name="http", daemon=True).start()
+    if not listening.wait(30):
+        raise RuntimeError(f"the HTTP server did not start on {host}:{port}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -406,10 +419,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serving.add_argument("--tick", type=float, default=0.25, help="seconds per model step")
     serving.add_argument("--poll-interval", type=float, default=1.0, help="seconds between cluster polls")
     serving.add_argument("--seed", type=int, default=0)
+    serving.add_argument(
+        "--pacing",
+        choices=["model", "fast"],
+        default="model",
+        help="the OpenAI API's token pace: the serving model of one replica, or at once (benchmarks)",
+    )
     return p.parse_args(argv)
 
 
-def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
+def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry, OpenAIApi]:
     rows = read_trace(args.trace) if args.trace else None
     sizes: TokenSizes = (
         TraceSizes(rows)
@@ -449,24 +468,31 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry]:
     )
     if args.no_cluster:
         model.set_token_limit(server.default_limit)
-    return server, registry
+    pacer: Pacer = (
+        InstantPacer()
+        if args.pacing == "fast"
+        else SlotPacer(args.tokens_per_second_per_replica, args.max_concurrency, args.queue_timeout)
+    )
+    # Its own generator: the tick loop's is used from another thread.
+    api_rng = np.random.default_rng(args.seed + 1)
+    api = OpenAIApi(
+        pacer,
+        args.model_name or args.deployment,
+        lambda: wanted_tokens(sizes.sample(api_rng)[1], args.reasoning_factor),
+    )
+    return server, registry, api
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     disable_created_metrics()  # type: ignore[no-untyped-call]  # vLLM exports no *_created series
-    server, registry = build(args)
+    server, registry, api = build(args)
     host, _, port = args.listen.rpartition(":")
-    httpd = ThreadingHTTPServer((host, int(port)), _handler(server, registry))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    serve_in_thread(http_app(server, registry, api), host, int(port))
     log.info("serving %s/%s on http://%s", args.namespace, args.deployment, args.listen)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.run(threading.Event())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.shutdown()
 
 
 if __name__ == "__main__":
