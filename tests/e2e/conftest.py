@@ -190,7 +190,8 @@ def env(
     client.AppsV1Api(api_client).create_namespaced_deployment(namespace, gpu_deployment("llm", pool, spec.replicas))
     demand = ["--rate-curve", f"0:{spec.rps}", "--arrivals", "even", "--tokens-sigma", "0"]
     demand += ["--generated-tokens-mean", "400", "--prompt-tokens-mean", "100"]
-    url = model_server(namespace, "llm", *demand, "--tokens-per-second-per-replica", "1000")
+    gate = [] if spec.builtin_gate else ["--no-builtin-gate"]
+    url = model_server(namespace, "llm", *demand, *gate, "--tokens-per-second-per-replica", "1000")
     e = Env(api_client, namespace, pool, url, testbed)
     wait_for(lambda: e.running_pods() == spec.replicas, 60, f"{spec.replicas} running pods")
     yield e

@@ -239,16 +239,18 @@ class Operator:
 @dataclass(frozen=True)
 class World:
     """The ``env`` fixture's parameter: the replicas the Deployment starts with and the demand in
-    req/s; ``delay`` is the node pool's provisioning delay in seconds."""
+    req/s; ``delay`` is the node pool's provisioning delay in seconds; ``builtin_gate`` False when
+    the test runs real gates in front of the model server (it then reports no gate metrics)."""
 
     replicas: int
     rps: float
     delay: int = 3
+    builtin_gate: bool = True
 
 
-def world(replicas: int, rps: float, delay: int = 3) -> pytest.MarkDecorator:
+def world(replicas: int, rps: float, delay: int = 3, builtin_gate: bool = True) -> pytest.MarkDecorator:
     """``@world(replicas=1, rps=2.0)`` on a test that takes ``env``: the fixture builds that world."""
-    return pytest.mark.parametrize("env", [World(replicas, rps, delay)], indirect=True, ids=[""])
+    return pytest.mark.parametrize("env", [World(replicas, rps, delay, builtin_gate)], indirect=True, ids=[""])
 
 
 class Env:
