@@ -8,6 +8,7 @@ is skipped, except under CI (env ``CI`` set), where that is a failure.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -24,10 +25,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "modelbudget-operator"
 TESTBED = REPO / "hack" / "testbed.sh"
 POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
 T = TypeVar("T")
@@ -212,7 +215,7 @@ def _gpu_deployment(name: str, pool: str, replicas: int, gpus: int = 1, startup_
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -230,7 +233,7 @@ def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(namespace: str, deployment: str, *args: str) -> str:
-        addr = f"127.0.0.1:{_free_port()}"
+        addr = f"127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "modelbudget.testbed.modelserver", "--kubeconfig", testbed.kubeconfig]
         cmd += ["--namespace", namespace, "--deployment", deployment, "--listen", addr, *args]
         proc = subprocess.Popen(cmd, cwd=REPO)
@@ -269,3 +272,70 @@ def wait_for() -> Callable[..., Any]:
 def gpu_deployment() -> Callable[..., dict[str, Any]]:
     """``gpu_deployment(name, pool, replicas, gpus=1, startup_delay="")``: fake GPU pods on one pool."""
     return _gpu_deployment
+
+
+@pytest.fixture(scope="session")
+def modelbudget_crd(api_client: client.ApiClient, testbed: Any, wait_for: Callable[..., Any]) -> None:
+    testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
+    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", "crd/modelbudgets.modelbudget.dev")
+
+
+def _helm_binary() -> str:
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
+    cached = subprocess.run(
+        ["bash", "-c", f"source {REPO}/hack/versions.sh; helm_bin"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return f"{cached}/helm"
+
+
+@pytest.fixture(scope="module")
+def helm(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
+    binary = _helm_binary()
+    if not os.access(binary, os.X_OK):
+        reason = f"helm not found at {binary}: run hack/build-binaries.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    home = tmp_path_factory.mktemp("helm-home")
+    # Keep helm's cache and config out of $HOME; nothing here uses a chart repository.
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": f"{home}/cache",
+        "HELM_CONFIG_HOME": f"{home}/config",
+        "HELM_DATA_HOME": f"{home}/data",
+    }
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [binary, "--kubeconfig", testbed.kubeconfig, *args], capture_output=True, text=True, env=env, timeout=180
+        )
+        if check:
+            assert out.returncode == 0, f"helm {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+        return out
+
+    return run
+
+
+def token_kubeconfig(admin_kubeconfig: str, namespace: str, service_account: str, testbed: Any, path: Path) -> str:
+    """A kubeconfig that authenticates as the ServiceAccount (a short-lived bound token)."""
+    token = testbed.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    cluster = dict(next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"])
+    if "certificate-authority" in cluster:  # inline it: the file path is relative to the admin kubeconfig
+        ca = (Path(admin_kubeconfig).parent / cluster.pop("certificate-authority")).read_bytes()
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "testbed", "cluster": cluster}],
+                "users": [{"name": service_account, "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": service_account}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    return str(path)

@@ -1,18 +1,15 @@
 """The Helm chart against the local cluster: server-side validation, install, RBAC, uninstall.
 
-The operator image cannot run here (no container runtime), so the chart is installed with
-``replicaCount=0`` and the operator runs as a local process with the chart ServiceAccount's
-token: whatever it manages to do, the chart's RBAC allows; whatever it needs and is refused
-shows up as a 403 in its log or its status.
+The testbed's kwok nodes run no containers, so the chart is installed with ``replicaCount=0``
+and the operator runs as a local process with the chart ServiceAccount's token: whatever it
+manages to do, the chart's RBAC allows; whatever it needs and is refused shows up as a 403 in its
+log or its status. test_image.py runs the built image itself the same way.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import os
 import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from conftest import CHART, free_port, token_kubeconfig
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "modelbudget-operator"
 CRD_NAME = "modelbudgets.modelbudget.dev"
 MB = ("modelbudget.dev", "v1alpha1")
 KWOK_POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
@@ -40,73 +36,6 @@ KOPF_SCANNING = (
     "/api/v1/namespaces ->",
     "Not enough permissions to",
 )
-
-
-def _helm_binary() -> str:
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    cached = subprocess.run(
-        ["bash", "-c", f"source {REPO}/hack/versions.sh; helm_bin"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return f"{cached}/helm"
-
-
-@pytest.fixture(scope="module")
-def helm(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
-    binary = _helm_binary()
-    if not os.access(binary, os.X_OK):
-        reason = f"helm not found at {binary}: run hack/build-binaries.sh"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    home = tmp_path_factory.mktemp("helm-home")
-    # Keep helm's cache and config out of $HOME; nothing here uses a chart repository.
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": f"{home}/cache",
-        "HELM_CONFIG_HOME": f"{home}/config",
-        "HELM_DATA_HOME": f"{home}/data",
-    }
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [binary, "--kubeconfig", testbed.kubeconfig, *args], capture_output=True, text=True, env=env, timeout=180
-        )
-        if check:
-            assert out.returncode == 0, f"helm {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
-        return out
-
-    return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def token_kubeconfig(admin_kubeconfig: str, namespace: str, service_account: str, testbed: Any, path: Path) -> str:
-    """A kubeconfig that authenticates as the ServiceAccount (a short-lived bound token)."""
-    token = testbed.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
-    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    cluster = dict(next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"])
-    if "certificate-authority" in cluster:  # inline it: the file path is relative to the admin kubeconfig
-        ca = (Path(admin_kubeconfig).parent / cluster.pop("certificate-authority")).read_bytes()
-        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "testbed", "cluster": cluster}],
-                "users": [{"name": service_account, "user": {"token": token}}],
-                "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": service_account}}],
-                "current-context": "sa",
-            }
-        )
-    )
-    return str(path)
 
 
 def _server_dry_run(testbed: Any, manifests: str) -> subprocess.CompletedProcess[str]:

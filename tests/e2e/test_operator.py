@@ -212,12 +212,6 @@ class Env:
         return lease.spec.holder_identity if lease.spec else None
 
 
-@pytest.fixture(scope="session")
-def modelbudget_crd(api_client: client.ApiClient, testbed: Any, wait_for: Callable[..., Any]) -> None:
-    testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
-    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", "crd/modelbudgets.modelbudget.dev")
-
-
 @pytest.fixture
 def env(
     testbed: Any,
