@@ -43,7 +43,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_ENV = REPO / ".local" / "image.env"  # written by hack/build-image.sh
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Root on some machines (this kind of sandbox among them) lacks CAP_SYS_RESOURCE, so podman cannot
+# Root in some VMs and containers lacks CAP_SYS_RESOURCE, so podman cannot
 # raise the open-file and process limits to its defaults; these are below any host's hard limits
 # and far above what the operator uses.
 PODMAN_ULIMITS = ("--ulimit", "nofile=8192:8192", "--ulimit", "nproc=4096:4096")
@@ -61,7 +61,7 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(),
     "cap_eff": int(status["CapEff"], 16), "cap_bnd": int(status["CapBnd"], 16),
-    "no_new_privs": int(status["NoNewPrivs"]),
+    "no_new_privs": int(status["NoNewPrivs"]), "seccomp": int(status["Seccomp"]),
     "writable": {p: writable(p) for p in ("/", "/opt/venv", "/etc", "/var/tmp", "/tmp")},
     "token": os.path.exists("%s/token" % os.environ["SA_DIR"]),
 }))
@@ -236,10 +236,13 @@ def runner(image: BuiltImage) -> Runner:
 def chart_run_spec(deployment: Any, entrypoint: tuple[str, ...], credentials: Path, env: dict[str, str]) -> RunSpec:
     """The chart's container, as its Deployment says, on the host network.
 
-    Listeners on 0.0.0.0 bind loopback instead (the container shares the host's network); anything
-    of the Pod spec this does not know how to give the container fails the test instead of being
-    dropped silently.
+    Listeners on 0.0.0.0 bind loopback instead (the container shares the host's network). A volume
+    or an env var this does not know how to give the container fails the test instead of being
+    dropped silently. Left to the runtime: the RuntimeDefault seccomp profile (podman applies its
+    default one; buildah run none); left out: the probes (the test polls /healthz itself), ports
+    and CPU requests.
     """
+    env = dict(env)
     pod = deployment.spec.template.spec
     (container,) = pod.containers
     pod_sc, sc = pod.security_context, container.security_context
@@ -381,6 +384,8 @@ def test_the_image_runs_confined_as_the_chart_says_and_reconciles(
         assert seen["cap_eff"] == 0 and seen["no_new_privs"] == 1, seen
         assert seen["writable"] == {"/": False, "/opt/venv": False, "/etc": False, "/var/tmp": False, "/tmp": True}
         assert seen["token"]
+        if runner.name == "podman":
+            assert seen["seccomp"] == 2, seen  # a filter: podman's default profile (RuntimeDefault)
 
         pool = node_pool(replicas=1, gpus_per_node=2, delay=3)
         apps.create_namespaced_deployment(namespace, gpu_deployment("llm", pool, 1))
