@@ -39,7 +39,9 @@ IMAGE=${MB_IMAGE:-modelbudget/operator:$app_version}
 
 apt_install() {
   local missing=() pkg
-  for pkg in "$@"; do dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg"); done
+  for pkg in "$@"; do  # a command of the package's name on PATH will do too
+    command -v "$pkg" >/dev/null || dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+  done
   ((${#missing[@]})) || return 0
   log "apt-get install ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
