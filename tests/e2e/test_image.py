@@ -118,6 +118,8 @@ class Podman:
 
     def command(self, spec: RunSpec, container: str) -> list[str]:
         cmd = [*self.base, "run", "--rm", "--name", container, "--network", "host", "--user", spec.user]
+        # A kubelet's runtime adds no /etc/passwd entry for runAsUser; podman would, unless told not to.
+        cmd += ["--passwd=false"]
         if spec.read_only_root:
             cmd += ["--read-only", "--read-only-tmpfs=false"]  # writable only where the spec says
         cmd += [f"--cap-drop={cap}" for cap in spec.drop_capabilities]

@@ -105,12 +105,16 @@ def run(args: argparse.Namespace) -> int:
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
     )
+    identity = args.identity or default_identity()
+    # kopf names itself after $POD_ID, else after getpass.getuser(), which raises for a uid with no
+    # passwd entry: the image's user 65532 under a Pod's runAsUser with a read-only root.
+    os.environ.setdefault("POD_ID", identity)
     elector = None
     if args.leader_election:
         duration = args.lease_duration
         elector = LeaderElector(
             KubeLeaseStore(kube, args.lease_namespace, args.lease_name),
-            args.identity or default_identity(),
+            identity,
             lease_duration=duration,
             renew_deadline=duration * 2 / 3,
             retry_period=duration / 7.5,
