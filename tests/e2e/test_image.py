@@ -2,7 +2,7 @@
 
 The chart is installed with ``replicaCount=0`` (the testbed's kwok nodes run no containers); its
 Deployment, read back from the apiserver, says how the operator container runs: the arguments,
-the user, a read-only root filesystem, the dropped capabilities, no privilege escalation, /tmp as
+the user (with no /etc/passwd entry, as a kubelet runs it), a read-only root filesystem, the dropped capabilities, no privilege escalation, /tmp as
 the only writable place, the memory limit and the ServiceAccount whose token the Pod gets. The
 image then runs on this machine with exactly that, on the host network, with the token, the
 cluster CA and the namespace mounted where the kubelet puts them and in-cluster credentials
