@@ -1,14 +1,14 @@
 """The operator image (hack/build-image.sh) run as the chart runs it, against the testbed.
 
 The chart is installed with ``replicaCount=0`` (the testbed's kwok nodes run no containers); its
-Deployment, read back from the apiserver, says how the operator container runs: the arguments,
-the user (with no /etc/passwd entry, as a kubelet runs it), a read-only root filesystem, the dropped capabilities, no privilege escalation, /tmp as
-the only writable place, the memory limit and the ServiceAccount whose token the Pod gets. The
-image then runs on this machine with exactly that, on the host network, with the token, the
-cluster CA and the namespace mounted where the kubelet puts them and in-cluster credentials
-pointing at the testbed's apiserver: with podman where it works, else with ``buildah run``
-(chroot isolation, under a read-only bind of the container's root, which buildah run cannot make
-itself). ``MB_IMAGE_RUNNER=podman|buildah`` forces one.
+Deployment, read back from the apiserver, says how the operator container runs: the arguments, the
+user (with no /etc/passwd entry, as a kubelet runs it), a read-only root filesystem, the dropped
+capabilities, no privilege escalation, /tmp as the only writable place, the memory limit and the
+ServiceAccount whose token the Pod gets. The image then runs on this machine with exactly that, on
+the host network, with the token, the cluster CA and the namespace mounted where the kubelet puts
+them and in-cluster credentials pointing at the testbed's apiserver: with podman where it works,
+else with ``buildah run`` (chroot isolation, under a read-only bind of the container's root, which
+buildah run cannot make itself). ``MB_IMAGE_RUNNER=podman|buildah`` forces one.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ class BuildahRun:
     buildah run has no read-only root and no memory limit: the root is made read-only by a
     read-only bind of the container's root in a private mount namespace around it (but /run, which
     only root may write); the memory limit is not applied. no_new_privs is set by util-linux's
-    setpriv from the image.
+    setpriv from the image. On SIGTERM buildah run kills the command outright: a graceful stop is
+    only shown under podman.
     """
 
     name = "buildah"
