@@ -39,8 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.e2e.gatekit import Process, http_status, start_gate, start_model_server, write_limits  # noqa: E402
-from tests.e2e.support import free_port  # noqa: E402
+from tests.e2e.gatekit import Process, free_port, http_status, start_gate, start_model_server, write_limits  # noqa: E402
 
 OUT = REPO / ".local" / "bench-gate"
 LITELLM = REPO / ".local" / "bench-venv" / "bin" / "litellm"

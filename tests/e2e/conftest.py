@@ -196,3 +196,37 @@ def env(
     wait_for(lambda: e.running_pods() == spec.replicas, 60, f"{spec.replicas} running pods")
     yield e
     e.cleanup()
+
+
+def _helm_binary() -> str:
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
+    cached = subprocess.run(
+        ["bash", "-c", f"source {REPO}/hack/versions.sh; helm_bin"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return f"{cached}/helm"
+
+
+@pytest.fixture(scope="module")
+def helm(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
+    binary = _helm_binary()
+    if not os.access(binary, os.X_OK):
+        skip_or_fail(f"helm not found at {binary}: run hack/build-binaries.sh")
+    home = tmp_path_factory.mktemp("helm-home")
+    # Keep helm's cache and config out of $HOME; nothing here uses a chart repository.
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": f"{home}/cache",
+        "HELM_CONFIG_HOME": f"{home}/config",
+        "HELM_DATA_HOME": f"{home}/data",
+    }
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [binary, "--kubeconfig", testbed.kubeconfig, *args], capture_output=True, text=True, env=env, timeout=180
+        )
+        if check:
+            assert out.returncode == 0, f"helm {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+        return out
+
+    return run

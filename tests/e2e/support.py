@@ -18,12 +18,12 @@ Fault injection, next to the test's own world:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,10 +39,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import yaml
+from gatekit import free_port
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "modelbudget-operator"
 TESTBED = REPO / "hack" / "testbed.sh"
 LOGS = REPO / ".local" / "logs"
 KWOK_PIDS = REPO / ".local" / "run" / "kwok"
@@ -65,12 +68,6 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post_json(url: str, body: dict[str, Any]) -> None:
@@ -587,3 +584,27 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def token_kubeconfig(admin_kubeconfig: str, namespace: str, service_account: str, testbed: Testbed, path: Path) -> str:
+    """A kubeconfig that authenticates as the ServiceAccount (a short-lived bound token)."""
+    token = testbed.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
+    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
+    cluster = dict(next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"])
+    if "certificate-authority" in cluster:  # inline it: the file path is relative to the admin kubeconfig
+        ca = (Path(admin_kubeconfig).parent / cluster.pop("certificate-authority")).read_bytes()
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "testbed", "cluster": cluster}],
+                "users": [{"name": service_account, "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": service_account}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    return str(path)

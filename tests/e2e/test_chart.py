@@ -8,9 +8,7 @@ shows up as a 403 in its log or its status.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import os
 import secrets
 import subprocess
 import sys
@@ -19,24 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from support import (
+    CHART,
     MB,
     POOLS,
-    REPO,
     free_port,
     gpu_deployment,
-    skip_or_fail,
     start_modelbudget,
     stop_process,
+    token_kubeconfig,
     wait_for,
 )
 
 pytestmark = pytest.mark.e2e
 
-CHART = REPO / "charts" / "modelbudget-operator"
 CRD_NAME = "modelbudgets.modelbudget.dev"
 # kopf scans namespaces and CRDs to follow them at run time unless settings.scanning.disabled;
 # without list on those (not granted: the operator does not need them) it retries, warns and
@@ -46,64 +42,6 @@ KOPF_SCANNING = (
     "/api/v1/namespaces ->",
     "Not enough permissions to",
 )
-
-
-def _helm_binary() -> str:
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    cached = subprocess.run(
-        ["bash", "-c", f"source {REPO}/hack/versions.sh; helm_bin"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return f"{cached}/helm"
-
-
-@pytest.fixture(scope="module")
-def helm(testbed: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., subprocess.CompletedProcess[str]]:
-    binary = _helm_binary()
-    if not os.access(binary, os.X_OK):
-        skip_or_fail(f"helm not found at {binary}: run hack/build-binaries.sh")
-    home = tmp_path_factory.mktemp("helm-home")
-    # Keep helm's cache and config out of $HOME; nothing here uses a chart repository.
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": f"{home}/cache",
-        "HELM_CONFIG_HOME": f"{home}/config",
-        "HELM_DATA_HOME": f"{home}/data",
-    }
-
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [binary, "--kubeconfig", testbed.kubeconfig, *args], capture_output=True, text=True, env=env, timeout=180
-        )
-        if check:
-            assert out.returncode == 0, f"helm {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
-        return out
-
-    return run
-
-
-def token_kubeconfig(admin_kubeconfig: str, namespace: str, service_account: str, testbed: Any, path: Path) -> str:
-    """A kubeconfig that authenticates as the ServiceAccount (a short-lived bound token)."""
-    token = testbed.kubectl("create", "token", service_account, "-n", namespace, "--duration", "1h").stdout.strip()
-    admin = yaml.safe_load(Path(admin_kubeconfig).read_text())
-    context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
-    cluster = dict(next(c for c in admin["clusters"] if c["name"] == context["cluster"])["cluster"])
-    if "certificate-authority" in cluster:  # inline it: the file path is relative to the admin kubeconfig
-        ca = (Path(admin_kubeconfig).parent / cluster.pop("certificate-authority")).read_bytes()
-        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "testbed", "cluster": cluster}],
-                "users": [{"name": service_account, "user": {"token": token}}],
-                "contexts": [{"name": "sa", "context": {"cluster": "testbed", "user": service_account}}],
-                "current-context": "sa",
-            }
-        )
-    )
-    return str(path)
 
 
 def _server_dry_run(testbed: Any, manifests: str) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.e2e.gatekit import GateProcess, scrape, start_gate
-from tests.e2e.support import LOGS, Env, Testbed, budget, wait_for, world
+from gatekit import GateProcess, scrape, start_gate
+from support import LOGS, Env, Testbed, budget, wait_for, world
 
 pytestmark = pytest.mark.e2e
 

@@ -23,9 +23,8 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import yaml
+from gatekit import REPO, GateProcess, Process, TcpRelay, free_port, scrape, start_gate, start_model_server
 from kubernetes import client, config
-from tests.e2e.gatekit import REPO, GateProcess, Process, TcpRelay, scrape, start_gate, start_model_server
-from tests.e2e.support import free_port
 
 pytestmark = pytest.mark.e2e
 

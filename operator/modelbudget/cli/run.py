@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
     )
+    identity = args.identity or default_identity()
+    # kopf names itself after $POD_ID, else after getpass.getuser(), which raises for a uid with no
+    # passwd entry: the image's user 65532 under a Pod's runAsUser with a read-only root.
+    os.environ.setdefault("POD_ID", identity)
     elector = None
     identity = args.identity or default_identity()
     if args.leader_election:
