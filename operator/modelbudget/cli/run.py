@@ -111,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     # passwd entry: the image's user 65532 under a Pod's runAsUser with a read-only root.
     os.environ.setdefault("POD_ID", identity)
     elector = None
-    identity = args.identity or default_identity()
     if args.leader_election:
         duration = args.lease_duration
         elector = LeaderElector(
