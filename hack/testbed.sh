@@ -350,6 +350,7 @@ cmd_up() {
   local t0; t0=$(now_ms)
   up_control_plane
   up_pool_controller
+  phase "node pool engines' CRDs"; KUBECONFIG=$KUBECONFIG_FILE "$REPO/hack/crds.sh" install; phase_done
   up_prometheus
   trap - EXIT
   PHASE=total PHASE_T0=$t0 phase_done

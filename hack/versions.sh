@@ -10,3 +10,9 @@ k8s_bin()  { echo "$MB_CACHE/k8s-v$K8S_VERSION/bin"; }
 etcd_bin() { echo "$MB_CACHE/etcd-v$ETCD_VERSION/bin"; }
 kwok_bin() { echo "$MB_CACHE/kwok-v$KWOK_VERSION/bin"; }
 helm_bin() { echo "$MB_CACHE/helm-v$HELM_VERSION/bin"; }
+
+# The node pool engines' real CRDs (hack/crds.sh), read from their Go modules and cached
+# next to the binaries, never committed.
+KARPENTER_VERSION=${KARPENTER_VERSION:-1.15.0}
+CLUSTER_API_VERSION=${CLUSTER_API_VERSION:-1.13.6}
+crd_dir()  { echo "$MB_CACHE/crds/$1-v$2"; }

@@ -65,12 +65,14 @@ class FakeNodePools:
     nodes: dict[str, int] = field(default_factory=dict)  # running, by pool name
     sizes: dict[str, int] = field(default_factory=dict)  # what the provider object says
     resizes: list[tuple[str, int]] = field(default_factory=list)
+    reads: list[str] = field(default_factory=list)  # provider objects read, by pool name
     fail_resize: bool = False
 
     def count_nodes(self, selector: dict[str, str]) -> int:
         return next((n for pool, n in self.nodes.items() if node_selector_for(pool) == selector), 0)
 
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
+        self.reads.append(pool.name)
         return self.sizes.get(pool.name)
 
     def resize(self, pool: NodePool, namespace: str, nodes: int) -> None:

@@ -71,6 +71,15 @@ BAD = [
     ),
     ("duplicate pools", {"nodePools": [spec_dict()["nodePools"][0]] * 2}, "nodePools[].name must be unique"),
     (
+        "namespace of a cluster-scoped provider",
+        {
+            "nodePools": [
+                {**spec_dict()["nodePools"][0], "providerRef": {"kind": "NodePool", "name": "p", "namespace": "x"}}
+            ]
+        },
+        "providerRef.namespace is only for a MachineDeployment",
+    ),
+    (
         "fallback without replicas",
         {"behavior": {"fallback": {"action": "ScaleTo"}}},
         "behavior.fallback.replicas is required when action is ScaleTo",

@@ -43,16 +43,17 @@ def apply_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]
 class Harness:
     """Runs ticks like the kopf handler does: status stored between ticks, state carried in memory."""
 
-    def __init__(self, cluster: FakeCluster, spec: dict[str, Any]) -> None:
+    def __init__(self, cluster: FakeCluster, spec: dict[str, Any], ref: ObjectRef = REF) -> None:
         self.cluster = cluster
         self.spec = spec
+        self.ref = ref
         self.status: dict[str, Any] = {}
         self.carried: ControllerState | None = None
         self.reconciler = Reconciler(cluster.adapters)
         self.writes = 0
 
     def tick(self, now: datetime) -> Outcome:
-        outcome = asyncio.run(self.reconciler.reconcile(REF, self.spec, self.status, self.carried, now))
+        outcome = asyncio.run(self.reconciler.reconcile(self.ref, self.spec, self.status, self.carried, now))
         self.carried = outcome.reconciled.decision.next_state if outcome.reconciled else None
         if outcome.status_patch:
             self.writes += 1

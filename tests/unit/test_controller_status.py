@@ -46,7 +46,7 @@ def test_reason_change_without_flip_keeps_the_transition_time() -> None:
 
 def test_conditions_not_mentioned_are_kept_and_order_is_stable() -> None:
     before = [cond(ConditionType.DEGRADED, "False", "Healthy"), cond(ConditionType.METRICS_AVAILABLE, "True", "OK")]
-    after = st.invalid_status(ModelBudgetStatus(conditions=before), "bad", 2, T0).conditions
+    after = st.refused_status(ModelBudgetStatus(conditions=before), Reason.INVALID_SPEC, "bad", 2, T0).conditions
     assert [c.type for c in after] == ["Ready", "MetricsAvailable", "Degraded"]
     assert after[0].reason == "InvalidSpec" and after[2].status == "True"
 

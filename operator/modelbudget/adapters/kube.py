@@ -21,6 +21,7 @@ class KubeClients:
     custom: client.CustomObjectsApi
     autoscaling: client.AutoscalingV2Api
     coordination: client.CoordinationV1Api
+    apis: client.ApisApi  # discovery: which API groups the server has, at which preferred version
 
     @staticmethod
     def connect(kubeconfig: str | None = None) -> KubeClients:
@@ -40,6 +41,7 @@ class KubeClients:
             custom=client.CustomObjectsApi(api),
             autoscaling=client.AutoscalingV2Api(api),
             coordination=client.CoordinationV1Api(api),
+            apis=client.ApisApi(api),
         )
 
 

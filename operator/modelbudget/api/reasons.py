@@ -53,6 +53,7 @@ class Reason(StrEnum):
     FITTED = "Fitted"
     HEALTHY = "Healthy"
     INVALID_SPEC = "InvalidSpec"
+    POOL_NOT_ALLOWED = "PoolNotAllowed"
     TARGET_NOT_FOUND = "TargetNotFound"
     CONFLICTING_AUTOSCALER = "ConflictingAutoscaler"
     ACTUATION_FAILED = "ActuationFailed"
@@ -74,6 +75,7 @@ BUDGET_LIMITING = (Reason.CEILING_BELOW_MINIMUM, Reason.ADMISSION_CAPPED, Reason
 # Degraded (and of Ready=False, except for a fallback, which is the operator doing its job).
 TROUBLES = (
     Reason.INVALID_SPEC,
+    Reason.POOL_NOT_ALLOWED,
     Reason.TARGET_NOT_FOUND,
     Reason.CONFLICTING_AUTOSCALER,
     Reason.ACTUATION_FAILED,

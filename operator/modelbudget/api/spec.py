@@ -161,17 +161,29 @@ class ProviderKind(StrEnum):
     KWOK_NODE_POOL = "KwokNodePool"
 
 
+@cross_field_rules(
+    CrossFieldRule(
+        cel="!has(self.namespace) || self.kind == 'MachineDeployment'",
+        message="providerRef.namespace is only for a MachineDeployment (NodePool and KwokNodePool are cluster-scoped)",
+        check=lambda r: r.namespace is None or r.kind is ProviderKind.MACHINE_DEPLOYMENT,
+    ),
+)
 class ProviderRef(ApiModel):
     """The object that sizes this pool in the cluster.
 
-    ``NodePool`` (karpenter.sh): the operator sets ``spec.limits["nvidia.com/gpu"]``.
+    ``NodePool`` (karpenter.sh): the operator sets ``spec.limits["nvidia.com/gpu"]`` (a static
+    NodePool: ``spec.replicas``).
     ``MachineDeployment`` (cluster.x-k8s.io): the operator sets ``spec.replicas``.
     ``KwokNodePool`` (testbed.modelbudget.dev): the local testbed's pool, ``spec.replicas``.
     """
 
     kind: ProviderKind
     name: Name
-    namespace: Name | None = Field(default=None, description="For namespaced kinds (MachineDeployment).")
+    namespace: Name | None = Field(
+        default=None,
+        description="MachineDeployment only, and only the ModelBudget's own namespace (the default): "
+        "a provider object in another namespace is refused (PoolNotAllowed).",
+    )
 
 
 @cross_field_rules(

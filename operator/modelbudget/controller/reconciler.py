@@ -32,6 +32,7 @@ from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.observation import DemandSample
+from modelbudget.core.tenancy import pools_not_allowed
 
 T = TypeVar("T")
 DEFAULT_HEARTBEAT = timedelta(seconds=60)
@@ -75,7 +76,7 @@ class Outcome:
     status_patch: dict[str, Any] | None  # merge patch for .status; None: nothing worth writing
     events: list[st.EventNote]
     problems: list[Reason]  # what went wrong this tick, for the operator's metrics
-    reconciled: Reconciled | None = None  # None: the spec is invalid, nothing was observed or done
+    reconciled: Reconciled | None = None  # None: refused (invalid spec, pool not allowed), nothing observed or done
 
     @property
     def actions(self) -> list[st.KnobChange]:
@@ -151,15 +152,13 @@ class Reconciler:
         before, old_doc = previous_status(raw_status)
         parsed = parse_spec(raw_spec)
         if isinstance(parsed, str):
-            invalid = st.invalid_status(before, parsed, ref.generation, now)
-            return Outcome(
-                status=invalid,
-                status_patch=st.status_patch(old_doc, invalid, now, self.heartbeat),
-                events=st.events_for(before.conditions, invalid.conditions, []),
-                problems=[Reason.INVALID_SPEC],
-            )
+            return self._refused(before, old_doc, Reason.INVALID_SPEC, parsed, ref, now)
         resolved = parsed
         spec = resolved.spec
+        # Before anything is read or written on this ModelBudget's behalf: may it use its pools?
+        not_allowed = pools_not_allowed(spec, ref.namespace)
+        if not_allowed:
+            return self._refused(before, old_doc, Reason.POOL_NOT_ALLOWED, "; ".join(not_allowed), ref, now)
         state = carried if carried is not None else before.controller_state
 
         cluster, sample = await asyncio.gather(
@@ -190,6 +189,24 @@ class Reconciler:
             events=st.events_for(before.conditions, new.conditions, actions),
             problems=st.problems(facts),
             reconciled=Reconciled(resolved, obs, decision, actions),
+        )
+
+    def _refused(
+        self,
+        before: ModelBudgetStatus,
+        old_doc: Mapping[str, Any],
+        reason: Reason,
+        message: str,
+        ref: ObjectRef,
+        now: datetime,
+    ) -> Outcome:
+        """The outcome for a ModelBudget the operator will not act on: nothing observed or done."""
+        refused = st.refused_status(before, reason, message, ref.generation, now)
+        return Outcome(
+            status=refused,
+            status_patch=st.status_patch(old_doc, refused, now, self.heartbeat),
+            events=st.events_for(before.conditions, refused.conditions, []),
+            problems=[reason],
         )
 
     async def _observe_cluster(self, spec: ModelBudgetSpec, namespace: str) -> Cluster:

@@ -105,13 +105,14 @@ def condition_status(conditions: Sequence[Condition], kind: ConditionType) -> St
     return next((c.status for c in conditions if c.type == kind), None)
 
 
-def invalid_status(
-    previous: ModelBudgetStatus, message: str, generation: int | None, now: datetime
+def refused_status(
+    previous: ModelBudgetStatus, reason: Reason, message: str, generation: int | None, now: datetime
 ) -> ModelBudgetStatus:
-    """An invalid spec touches only Ready and Degraded; the last plan and the ledger stay visible."""
+    """A ModelBudget the operator will not act on (an invalid spec, a pool it may not use) touches
+    only Ready and Degraded; the last plan and the ledger stay visible."""
     wanted = [
-        Wanted(ConditionType.READY, "False", Reason.INVALID_SPEC, message),
-        Wanted(ConditionType.DEGRADED, "True", Reason.INVALID_SPEC, message),
+        Wanted(ConditionType.READY, "False", reason, message),
+        Wanted(ConditionType.DEGRADED, "True", reason, message),
     ]
     return previous.model_copy(
         update={
