@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import urllib.request
@@ -36,6 +35,7 @@ from support import (
     run_testbed,
     skip_or_fail,
     stop_process,
+    unique,
     wait_for,
 )
 
@@ -66,15 +66,11 @@ def api_client(testbed: Testbed) -> client.ApiClient:
     return config.new_client_from_config(config_file=testbed.kubeconfig)
 
 
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"
-
-
 @pytest.fixture
 def namespace(api_client: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test, deleted (without waiting) afterwards."""
     core = client.CoreV1Api(api_client)
-    name = _unique("e2e-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-"))
+    name = unique("e2e-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-"))
     core.create_namespace({"metadata": {"name": name}})
     # Pods need the default ServiceAccount, which kube-controller-manager adds a moment later.
     wait_for(lambda: _exists(lambda: core.read_namespaced_service_account("default", name)), 30, "default SA")
@@ -103,7 +99,7 @@ def node_pool(api_client: client.ApiClient) -> Iterator[Callable[..., str]]:
     created: list[str] = []
 
     def make(replicas: int = 1, gpus_per_node: int = 2, delay: int = 3, gpu_type: str = "nvidia-l4") -> str:
-        name = _unique("pool")
+        name = unique("pool")
         spec = {"replicas": replicas, "gpusPerNode": gpus_per_node, "gpuType": gpu_type}
         spec["provisioningDelaySeconds"] = delay
         body = {

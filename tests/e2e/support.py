@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -55,6 +56,11 @@ POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
 GPUS_PER_NODE = 2
 NODE_PRICE = GPUS_PER_NODE * 2.0  # $/h at $2 per GPU-hour
 T = TypeVar("T")
+
+
+def unique(prefix: str) -> str:
+    """``prefix`` and a random suffix: names that never collide across tests and sessions."""
+    return f"{prefix}-{secrets.token_hex(3)}"
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:

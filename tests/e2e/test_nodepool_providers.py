@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support import LOGS, free_port, start_modelbudget, stop_process, unique, wait_for
 
 from modelbudget.adapters.errors import NotFound
 from modelbudget.adapters.kube import KubeClients
@@ -31,29 +26,8 @@ from modelbudget.api.spec import NodePool
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-LOGS = REPO / ".local" / "logs"
-MODELBUDGET = str(Path(sys.executable).parent / "modelbudget")
 CAPI_V1BETA2 = "cluster.x-k8s.io/v1beta2"
 GPUS_PER_NODE = 4
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 class Cluster:
@@ -89,14 +63,6 @@ def cluster(testbed: Any) -> Cluster:
 @pytest.fixture(scope="module")
 def adapter(testbed: Any) -> KubeNodePools:
     return KubeNodePools(KubeClients.connect(testbed.kubeconfig))
-
-
-@pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    name = unique("e2e-pools")
-    cluster.testbed.kubectl("create", "namespace", name)
-    yield name
-    cluster.delete("namespace", name)
 
 
 def pool(provider: dict[str, Any], max_nodes: int = 6) -> NodePool:
@@ -236,18 +202,16 @@ def test_a_missing_provider_object_is_not_found_and_nothing_is_created(
 # --- what a tenant's ModelBudget may make the operator touch -----------------------------------
 
 
-class Operator:
+class TenantOperator:
     """``modelbudget run`` for one namespace, with its /metrics endpoint."""
 
     def __init__(self, kubeconfig: str, namespace: str) -> None:
         self.metrics_addr = f"127.0.0.1:{free_port()}"
-        LOGS.mkdir(parents=True, exist_ok=True)
         self.log = LOGS / f"e2e-operator-{namespace}.log"
-        cmd = [MODELBUDGET, "run", "--kubeconfig", kubeconfig, "-n", namespace, "--interval", "2"]
-        cmd += ["--no-leader-election", "--metrics-addr", self.metrics_addr]
-        cmd += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        args = ["run", "--kubeconfig", kubeconfig, "-n", namespace, "--interval", "2"]
+        args += ["--no-leader-election", "--metrics-addr", self.metrics_addr]
+        args += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        self.proc = start_modelbudget(args, self.log)
 
     def metric(self, series: str) -> float:
         """One series of the operator's /metrics, e.g. ``modelbudget_reconcile_duration_seconds_count``."""
@@ -265,22 +229,19 @@ class Operator:
         return self.metric(f'modelbudget_reconcile_errors_total{{reason="{reason}"}}')
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
+        stop_process(self.proc)
 
 
 @pytest.fixture
-def tenant(cluster: Cluster, namespace: str) -> Iterator[tuple[str, Callable[[], Operator]]]:
-    """The tenant's namespace with the ModelBudget CRD installed; ``start()`` runs an operator on
-    it. ModelBudgets are released from the operator's finalizer once it has stopped."""
-    cluster.testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
-    cluster.testbed.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "60s", "crd/modelbudgets.modelbudget.dev"
-    )
-    started: list[Operator] = []
+def tenant(
+    cluster: Cluster, namespace: str, modelbudget_crd: None
+) -> Iterator[tuple[str, Callable[[], TenantOperator]]]:
+    """The tenant's namespace (the ModelBudget CRD installed); ``start()`` runs an operator on it.
+    ModelBudgets are released from the operator's finalizer once it has stopped."""
+    started: list[TenantOperator] = []
 
-    def start() -> Operator:
-        started.append(Operator(cluster.testbed.kubeconfig, namespace))
+    def start() -> TenantOperator:
+        started.append(TenantOperator(cluster.testbed.kubeconfig, namespace))
         return started[-1]
 
     yield namespace, start
@@ -339,7 +300,7 @@ def condition(cluster: Cluster, namespace: str, name: str, kind: str) -> dict[st
 
 
 def test_a_machine_deployment_in_another_namespace_is_never_patched(
-    cluster: Cluster, tenant: tuple[str, Callable[[], Operator]]
+    cluster: Cluster, tenant: tuple[str, Callable[[], TenantOperator]]
 ) -> None:
     """Issue 12's reproduction: t1's ModelBudget names kube-system's MachineDeployment (7 replicas)
     with maxNodes 1. A control ModelBudget next to it names one in its own namespace: that one
@@ -358,13 +319,13 @@ def test_a_machine_deployment_in_another_namespace_is_never_patched(
         cluster.testbed.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(model_budget("control", own)))
         operator = start()
 
-        wait_until(
+        wait_for(
             lambda: cluster.get("machinedeployments.cluster.x-k8s.io", "own-gpus", ns)["spec"]["replicas"] == 1,
             60,
             "the control's own MachineDeployment resized 7 -> 1",
         )
         # Counted whatever each reconcile decides: both ModelBudgets have had several ticks.
-        wait_until(lambda: operator.metric("modelbudget_reconcile_duration_seconds_count") >= 10, 60, "ten reconciles")
+        wait_for(lambda: operator.metric("modelbudget_reconcile_duration_seconds_count") >= 10, 60, "ten reconciles")
         after = cluster.get("machinedeployments.cluster.x-k8s.io", foreign, "kube-system")
         assert after["spec"]["replicas"] == 7
         assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # zero writes
@@ -385,7 +346,7 @@ def test_a_machine_deployment_in_another_namespace_is_never_patched(
 
 
 def test_someone_elses_configmap_is_left_unchanged_and_the_status_says_why(
-    cluster: Cluster, tenant: tuple[str, Callable[[], Operator]]
+    cluster: Cluster, tenant: tuple[str, Callable[[], TenantOperator]]
 ) -> None:
     ns, start = tenant
     theirs = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app-config"}}
@@ -398,12 +359,12 @@ def test_someone_elses_configmap_is_left_unchanged_and_the_status_says_why(
     cluster.testbed.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(body))
     operator = start()
 
-    degraded = wait_until(
+    degraded = wait_for(
         lambda: (c := condition(cluster, ns, "llm", "Degraded")).get("reason") == "ActuationFailed" and c,
         60,
         "Degraded=ActuationFailed",
     )
-    wait_until(lambda: operator.errors("ActuationFailed") >= 3, 60, "three refused publishes")
+    wait_for(lambda: operator.errors("ActuationFailed") >= 3, 60, "three refused publishes")
     assert f"ConfigMap {ns}/app-config exists and is not managed by modelbudget" in degraded["message"]
     assert "label it app.kubernetes.io/managed-by=modelbudget" in degraded["message"]
     events = [e for e in cluster.events(ns, "llm") if e["reason"] == "ActuationFailed"]
@@ -418,7 +379,7 @@ def test_someone_elses_configmap_is_left_unchanged_and_the_status_says_why(
 
     # Labelled by its owner, the ConfigMap is the operator's to write: the limit is published.
     cluster.testbed.kubectl("label", "configmap", "app-config", "-n", ns, "app.kubernetes.io/managed-by=modelbudget")
-    published = wait_until(
+    published = wait_for(
         lambda: cluster.get("configmap", "app-config", ns)["data"].get("max_tokens"), 60, "the limit published"
     )
     assert int(published) >= 64
