@@ -27,7 +27,7 @@ from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus
 from modelbudget.adapters.tokenlimit import Published, TokenLimitSink, config_map_name
 from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool
-from modelbudget.api.status import ConditionType, ControllerState, Knob, ModelBudgetStatus, Plan
+from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus, Plan
 from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
@@ -180,7 +180,6 @@ class Reconciler:
             conflicts=cluster.conflicts if spec.mode is Mode.ENFORCE else [],
             target_missing=None if cluster.scale else f"Deployment {ref.namespace}/{spec.target_ref.name} not found",
             failures=failures,
-            previous_enforced=st.condition_status(before.conditions, ConditionType.TOKEN_LIMIT_ENFORCED),
         )
         new = st.build_status(before, facts, ref.generation, now)
         return Outcome(

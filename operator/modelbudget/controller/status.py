@@ -72,7 +72,6 @@ class Facts:
     decision: Decision
     conflicts: Sequence[str] = ()
     target_missing: str | None = None
-    previous_enforced: Status | None = None  # TokenLimitEnforced's status before this reconcile
     failures: Sequence[str] = ()  # actuation errors, already free of secrets
 
 
@@ -159,7 +158,8 @@ def problems(facts: Facts) -> list[Reason]:
     return found
 
 
-def conditions_for(facts: Facts) -> list[Wanted]:
+def conditions_for(facts: Facts, previous: Sequence[Condition] = ()) -> list[Wanted]:
+    """The conditions this reconcile sees; ``previous`` are the stored ones."""
     verdict, plan, curve = facts.decision.verdict, facts.decision.plan, facts.decision.curve
     if curve.r_squared is None:
         fitted = Wanted(ConditionType.CURVE_FITTED, "True", Reason.GIVEN_IN_SPEC, "intercept and slope from the spec")
@@ -185,20 +185,20 @@ def conditions_for(facts: Facts) -> list[Wanted]:
         ready = Wanted(ConditionType.READY, "True", Reason.RECOMMENDING, "computing and reporting; changing nothing")
     else:
         ready = Wanted(ConditionType.READY, "True", Reason.ENFORCING, "")
-    return [ready, metrics, fitted, budget_condition(plan), enforcement_condition(facts), degraded]
+    return [ready, metrics, fitted, budget_condition(plan), enforcement_condition(facts, previous), degraded]
 
 
-def enforcement_condition(facts: Facts) -> Wanted:
+def enforcement_condition(facts: Facts, previous: Sequence[Condition]) -> Wanted:
     """Whether the gates apply the published limit. While they pick up a new one (Propagating) the
     status stays what it was, so a limit change is not a flap; Unknown when they cannot be asked."""
-    e, previous = facts.decision.enforcement, facts.previous_enforced
+    e, before = facts.decision.enforcement, condition_status(previous, ConditionType.TOKEN_LIMIT_ENFORCED)
     status: Status
     if e.reason is Reason.ENFORCED:
         status = "True"
     elif e.reason in (Reason.STALE, Reason.NO_GATE):
         status = "False"
-    elif e.reason is Reason.PROPAGATING and previous is not None:
-        status = previous
+    elif e.reason is Reason.PROPAGATING and before is not None:
+        status = before
     else:
         status = "Unknown"
     return Wanted(ConditionType.TOKEN_LIMIT_ENFORCED, status, e.reason, e.message)
@@ -231,7 +231,7 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
     curve = decision.curve
     return ModelBudgetStatus(
         observed_generation=generation,
-        conditions=merge_conditions(previous.conditions, conditions_for(facts), generation, now),
+        conditions=merge_conditions(previous.conditions, conditions_for(facts, previous.conditions), generation, now),
         spend=spend,
         demand=demand,
         plan=plan,
