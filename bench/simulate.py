@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--daily", action="store_true", help="also a 24 h run of the Day-ceiling example")
     args = parser.parse_args()
     traces_dir = (args.data_dir or data_dir()) / "traces"
-    console = Console(width=150)
+    console = Console(width=200)
     config = SimConfig()
     for example in args.examples.split(","):
         manifest = ModelBudget.model_validate(yaml.safe_load((ROOT / "examples" / f"{example}.yaml").read_text()))

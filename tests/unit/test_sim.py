@@ -207,3 +207,31 @@ def test_cli_writes_the_table_and_the_figure(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "planner" in out and "oracle" in out
     assert (tmp_path / "r" / "demo-llm-t-F20.png").stat().st_size > 0
+
+
+def test_delay_aware_oracle_asks_for_capacity_one_lead_ahead_of_a_step() -> None:
+    # 10 minutes at 2 req/s, then 10 at 20 req/s: the step needs many more 1-GPU nodes.
+    quiet, busy = synthetic(2.0, 600.0, 2000.0), synthetic(20.0, 600.0, 2000.0)
+    trace = Trace(
+        np.concatenate([quiet.arrival, busy.arrival + 600.0]),
+        np.concatenate([quiet.prompt, busy.prompt]),
+        np.concatenate([quiet.generated, busy.generated]),
+        "step",
+    )
+    spec, work = sim_spec(), Workload.of(trace, 1.0, FAST.warmup)
+    lead = FAST.delays.node_provision + FAST.delays.replica_start
+    delayed = run_policy(spec, work, "oracle-delays", FAST)
+    free = run_policy(spec, work, "oracle", FAST)
+
+    def first_rise(replicas: np.ndarray, t: np.ndarray) -> float:
+        return float(t[np.flatnonzero(replicas > replicas[0])[0]])
+
+    # The delay-free oracle scales at the step; the delay-aware one exactly one lead before it,
+    # so that its new replicas serve when the step comes.
+    assert first_rise(free.series.replicas, free.series.t) == pytest.approx(600.0, abs=FAST.step)
+    assert first_rise(delayed.series.replicas, delayed.series.t) == pytest.approx(600.0 - lead, abs=FAST.step)
+    # Every moment, as many replicas serve as the delay-free oracle uses then (its shadow run is that run).
+    assert np.all(delayed.series.ready >= free.series.replicas)
+    result = score(delayed, work, spec)
+    assert result.slo_attainment == 1.0
+    assert result.dropped == 0

@@ -120,7 +120,10 @@ def render(bench: Benchmark, console: Console, spec_lines: list[str]) -> None:
         console.print(f"[dim]{line}[/dim]")
     table = Table(show_header=True, header_style="bold")
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+        if col == "policy":  # never squeezed out of a narrow terminal: the rows mean nothing without it
+            table.add_column(col, justify="left", no_wrap=True, min_width=max(len(p) for p in POLICIES))
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
     for row in table_rows(bench):
         table.add_row(*row)
     console.print(table)

@@ -37,7 +37,7 @@ class Benchmark:
             f"{self.spec_name} on {self.trace.name}: {len(self.trace)} requests over "
             f"{self.trace.span / 60:.0f} min; wanted tokens W = generated x {self.reasoning_factor:g}",
             f"ceiling {ceiling.amount:g} USD/{ceiling.period.value}; a breach minute = spend rate over {breach}",
-            f"step {c.step:g}s, decisions every {c.decision_interval:g}s (oracle: every step, no delays), "
+            f"step {c.step:g}s, decisions every {c.decision_interval:g}s (oracles: every step; oracle without delays), "
             f"replica start {c.delays.replica_start:g}s, node provisioning {c.delays.node_provision:g}s, "
             f"queue timeout {c.timeout_for(spec):g}s, SLO {spec.slo.latency_seconds:g}s, "
             f"warm-up {c.warmup:g}s (unscored)",
@@ -63,7 +63,7 @@ def run_benchmark(
     return Benchmark(spec_name, trace, reasoning_factor, config, runs, results)
 
 
-# Ratios: "/orc" to the oracle, "/hpa" to the HPA-style policy.
+# Ratios: "/orc" to the oracle, "/dorc" to the delay-aware oracle, "/hpa" to the HPA-style policy.
 COLUMNS = (
     "policy",
     "mean score",
@@ -77,6 +77,8 @@ COLUMNS = (
     "score/orc",
     "$/orc",
     "net/orc",
+    "score/dorc",
+    "$/dorc",
     "net/hpa",
 )
 
@@ -88,7 +90,7 @@ def _ratio(a: float, b: float) -> str:
 
 def table_rows(bench: Benchmark) -> list[tuple[str, ...]]:
     res = bench.results
-    oracle, hpa = res.get("oracle"), res.get("hpa")
+    oracle, delayed, hpa = res.get("oracle"), res.get("oracle-delays"), res.get("hpa")
     rows: list[tuple[str, ...]] = []
     for r in res.values():
         rows.append(
@@ -105,6 +107,8 @@ def table_rows(bench: Benchmark) -> list[tuple[str, ...]]:
                 _ratio(r.total_score, oracle.total_score) if oracle else "-",
                 _ratio(r.dollars, oracle.dollars) if oracle else "-",
                 _ratio(r.net_value, oracle.net_value) if oracle else "-",
+                _ratio(r.total_score, delayed.total_score) if delayed else "-",
+                _ratio(r.dollars, delayed.dollars) if delayed else "-",
                 _ratio(r.net_value, hpa.net_value) if hpa else "-",
             )
         )

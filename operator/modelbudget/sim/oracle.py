@@ -31,6 +31,7 @@ money for a later peak): there it bounds policies that pace the same way.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import numpy as np
@@ -41,7 +42,7 @@ from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds, token_grid
 from modelbudget.sim.metrics import Scrape
-from modelbudget.sim.world import Action, World
+from modelbudget.sim.world import NO_DELAYS, Action, World
 
 _EPS = 1e-9
 
@@ -92,14 +93,12 @@ class OraclePolicy:
             need[:, queued:] = np.maximum(need[:, queued:], late)
         return need
 
-    def act(self, seen: Scrape, now: datetime) -> Action:
-        world, spec = self.world, self.spec
-        t = (now - world.books.origin).total_seconds()
-        allowance = world.books.allowance(t)
-        ladder = self.ladder if self.ladder.base_spend <= allowance + _EPS else self.free_ladder
-        affordable = min(spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance))
-        least = min(spec.replicas.min, affordable)
-
+    def _options(self, t: float, capacity: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Per limit on the grid: the least serving rate meeting every reachable deadline of the
+        queued requests and of those arriving in ``[t, t + interval)``, and the value of the arriving
+        ones.  A request not reachable even at the smallest limit with ``capacity`` tokens/s is
+        left out: it is lost whatever is chosen, and must not make every choice look infeasible."""
+        world = self.world
         queued = world.queued()
         lo, hi = np.searchsorted(world.arrival, [t, t + self.interval])
         index = np.concatenate([queued, np.arange(lo, hi)])
@@ -109,15 +108,27 @@ class OraclePolicy:
         deadline = world.arrival[index] + self.slo
         reachable = deadline > t + _EPS
         need = self._least_rates(np.cumsum(tokens, axis=1), world.arrival[index], deadline, queued.size, t)
-        # A request that misses its deadline even at the smallest limit with every affordable
-        # replica is lost whatever is chosen: it must not make every choice look infeasible.
-        reachable &= need[0] <= ladder.throughput(affordable) + _EPS
+        reachable &= need[0] <= capacity + _EPS
         rates = np.where(reachable[None, :], need, 0.0).max(axis=1, initial=0.0)  # (grid,)
         # Each request's score counts once, in the interval it arrives in; the queued ones were
         # counted before, but their tokens still need serving (the rate above).
         arriving = np.arange(index.size) >= queued.size
         value = self.value * (self._scores(tokens) * (arriving & reachable)[None, :]).sum(axis=1)
+        return rates, value
 
+    def _bounds(self, t: float) -> tuple[CapacityLadder, int, int]:
+        """The ladder the allowance pays for, the most replicas it buys, and the least to run."""
+        allowance = self.world.books.allowance(t)
+        ladder = self.ladder if self.ladder.base_spend <= allowance + _EPS else self.free_ladder
+        affordable = min(self.spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance))
+        return ladder, affordable, min(self.spec.replicas.min, affordable)
+
+    def act(self, seen: Scrape, now: datetime) -> Action:
+        return self.decide((now - self.world.books.origin).total_seconds())
+
+    def decide(self, t: float) -> Action:
+        ladder, affordable, least = self._bounds(t)
+        rates, value = self._options(t, ladder.throughput(affordable))
         best: tuple[float, int, int] | None = None  # (net value, replicas, limit)
         for i, limit in enumerate(self.grid):
             n = ladder.replicas_for(float(rates[i]))
@@ -134,8 +145,86 @@ class OraclePolicy:
             admitted = ladder.throughput(n) / float(self.grid[0])
         else:
             _, n, limit = best
-            # Slots on nodes that are paid anyway cost nothing: fill them (headroom for free).
-            while n < affordable and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
-                n += 1
+            n = _fill_paid_slots(ladder, n, affordable)
         allocation = ladder.allocation(n)
         return Action(allocation.replicas, allocation.nodes, limit, admitted)
+
+
+def _fill_paid_slots(ladder: CapacityLadder, n: int, most: int) -> int:
+    """Slots on nodes that are paid anyway cost nothing: fill them (headroom for free)."""
+    while n < most and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
+        n += 1
+    return n
+
+
+class DelayAwareOraclePolicy:
+    """The fair upper bound: the oracle's foresight, the same start delays as every other policy.
+
+    It runs the delay-free oracle (``OraclePolicy``) on a shadow copy of the world, ``lead`` seconds
+    ahead of the real one (``lead`` = node provisioning + replica start: what a new replica takes
+    from the request for its node until it serves).  At ``t`` it asks for the most replicas the
+    delay-free oracle uses anywhere in ``[t, t + lead]`` -- capacity needed at ``t + lead`` must be
+    asked for now, and capacity needed before then cannot be got back in time if released -- on
+    whole nodes, cheapest first, within its own allowance; free slots on paid nodes are filled.
+    A gap in the delay-free oracle's use shorter than ``lead`` is held through (releasing and
+    asking again would pay for provisioning anyway); a longer one is released.  It never releases
+    what the delay-free oracle would use for its own queue now.  The token limit
+    and the admission cap, the fast knobs, are chosen every step with full foresight for the
+    replicas actually serving: the highest-value limit whose deadlines they meet.
+    """
+
+    name = "oracle-delays"
+
+    def __init__(self, spec: ModelBudgetSpec, world: World, interval: float) -> None:
+        self.world, self.interval = world, interval
+        self.lead = world.delays.node_provision + world.delays.replica_start
+        self.shadow = World(
+            spec, world.arrival, world.wanted, world.prompt, NO_DELAYS, world.timeout, world.books.origin
+        )
+        self.ahead = OraclePolicy(spec, self.shadow, interval)
+        self.fast = OraclePolicy(spec, world, interval)  # the same search, on the real world
+        self.planned: dict[int, int] = {}  # shadow step -> replicas the delay-free oracle used
+        self.t0: float | None = None  # the first decision: shadow step 0
+        self.shadow_next = 0
+
+    def _advance_shadow(self, until: int, t0: float) -> None:
+        while self.shadow_next <= until:
+            t = t0 + self.shadow_next * self.interval
+            action = self.ahead.decide(t)
+            self.shadow.apply(action, t)
+            self.shadow.step(t, self.interval)
+            self.planned[self.shadow_next] = sum(action.replicas.values())
+            self.shadow_next += 1
+
+    def act(self, seen: Scrape, now: datetime) -> Action:
+        t = (now - self.world.books.origin).total_seconds()
+        if self.t0 is None:  # the shadow starts where the real world starts
+            self.t0 = t
+            ladder = self.ahead.ladder
+            start = ladder.allocation(min(self.ahead.spec.replicas.min, ladder.total_slots))
+            self.shadow.place(start.replicas, start.nodes, t)
+        k = round((t - self.t0) / self.interval)
+        last = k + math.ceil(self.lead / self.interval)
+        self._advance_shadow(last, self.t0)
+        for done in [s for s in self.planned if s < k]:
+            del self.planned[done]
+        ladder, affordable, least = self.fast._bounds(t)
+        wanted = max(self.planned[s] for s in range(k, last + 1))
+        # Its own queue may hold more than the shadow's: never release what serving it needs now.
+        wanted = max(wanted, sum(self.fast.decide(t).replicas.values()))
+        n = _fill_paid_slots(ladder, max(min(wanted, affordable), least), affordable)
+        allocation = ladder.allocation(n)
+        # What serves once this action is applied: fewer pods drop the newest (not ready) first.
+        serving = sum(
+            min(pool.ready_pods(t), allocation.replicas.get(name, 0)) * pool.throughput
+            for name, pool in self.world.pools.items()
+        )
+        rates, value = self.fast._options(t, serving)
+        feasible = np.flatnonzero(rates <= serving + _EPS)
+        if feasible.size == 0:
+            limit = int(self.fast.grid[0])
+            admitted = serving / float(self.fast.grid[0]) if serving > 0 else None
+            return Action(allocation.replicas, allocation.nodes, limit, admitted)
+        # Ties go to the larger limit, as in the delay-free oracle.
+        best = feasible[np.flatnonzero(value[feasible] >= value[feasible].max() - _EPS)[-1]]
+        return Action(allocation.replicas, allocation.nodes, int(self.fast.grid[best]))

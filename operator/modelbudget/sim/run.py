@@ -21,12 +21,12 @@ from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.planner import resolve
 from modelbudget.sim.metrics import buckets_1_2_5, scrape, window_seconds
-from modelbudget.sim.oracle import OraclePolicy
+from modelbudget.sim.oracle import DelayAwareOraclePolicy, OraclePolicy
 from modelbudget.sim.policies import HpaPolicy, KedaPolicy, PlannerPolicy, Policy, StaticPolicy
 from modelbudget.sim.trace import Trace
 from modelbudget.sim.world import NO_DELAYS, Delays, World
 
-POLICIES = ("planner", "hpa", "keda", "static", "oracle")
+POLICIES = ("planner", "hpa", "keda", "static", "oracle", "oracle-delays")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,8 @@ def build_policy(name: str, spec: ModelBudgetSpec, world: World, config: SimConf
         return StaticPolicy(spec, start)
     if name == "oracle":
         return OraclePolicy(spec, world, config.step)
+    if name == "oracle-delays":
+        return DelayAwareOraclePolicy(spec, world, config.step)
     raise ValueError(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
 
 
@@ -115,8 +117,12 @@ def run_policy(
     delays = NO_DELAYS if name == "oracle" else config.delays
     world = World(spec, work.arrival, work.wanted, work.prompt, delays, timeout, config.start)
     policy = build_policy(name, spec, world, config)
-    # The oracle re-plans every step; the others on the operator's timer.
-    every = 1 if isinstance(policy, OraclePolicy) else max(1, round(config.decision_interval / step))
+    # The oracles re-plan every step; the others on the operator's timer.
+    every = (
+        1
+        if isinstance(policy, OraclePolicy | DelayAwareOraclePolicy)
+        else max(1, round(config.decision_interval / step))
+    )
     window = window_seconds(spec.metrics.window)
     bounds = buckets_1_2_5(resolve(spec).token_max)
 
