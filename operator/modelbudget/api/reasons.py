@@ -29,6 +29,8 @@ class Reason(StrEnum):
     TOKEN_LIMIT_HELD = "TokenLimitHeld"
     LIMIT_NOT_ENFORCED = "LimitNotEnforced"
     FALLBACK_SCALE_TO = "FallbackScaleTo"
+    FORECAST_SCALE_UP = "ForecastScaleUp"
+    FORECAST_HOLD = "ForecastHold"
 
     # --- The metrics verdict (MetricsAvailable; also why replicas are held) ---
     METRICS_OK = "MetricsOK"

@@ -376,11 +376,30 @@ class Fallback(ApiModel):
     )
 
 
+class Forecast(ApiModel):
+    """Look ahead: the slow knobs are sized for the demand forecast over the time they take to arrive."""
+
+    enabled: bool = Field(default=True, description="Size replicas and nodes for the forecast's upper quantile.")
+    horizon_seconds: int = Field(
+        default=180,
+        ge=15,
+        le=3600,
+        description="How far ahead to look: node provisioning plus replica start (when new capacity serves).",
+    )
+    quantile: float = Field(
+        default=0.5,
+        ge=0.5,
+        le=0.99,
+        description="Quantile of the demand peak within the horizon that is sized for (0.5: the median peak).",
+    )
+
+
 class Behavior(ApiModel):
     scale_up: ScaleUp = Field(default_factory=ScaleUp)
     scale_down: ScaleDown = Field(default_factory=ScaleDown)
     node_scale_down: NodeScaleDown = Field(default_factory=NodeScaleDown)
     fallback: Fallback = Field(default_factory=Fallback)
+    forecast: Forecast = Field(default_factory=Forecast)
     queue_drain_seconds: float = Field(
         default=60, gt=0, le=3600, description="Waiting requests are planned to drain within this time."
     )

@@ -84,6 +84,14 @@ class ScaleUpEvent(StatusModel):
     added: int
 
 
+class DemandHistory(StatusModel):
+    """The peak request rate per bucket, oldest first: what the demand forecast is made from."""
+
+    start: datetime = Field(description="Start of the first bucket.")
+    bucket_seconds: int = Field(ge=1, le=3600)
+    peaks: list[float] = Field(default_factory=list, max_length=1024, description="Peak requests/s per bucket.")
+
+
 class ControllerState(StatusModel):
     ledger: Ledger | None = None
     recommendations: list[Recommendation] = Field(default_factory=list, max_length=2048)
@@ -91,6 +99,7 @@ class ControllerState(StatusModel):
     metrics_missing_since: datetime | None = None
     token_limit: int | None = None
     limit_unenforced_since: datetime | None = None
+    demand_history: DemandHistory | None = None
 
 
 class Plan(StatusModel):

@@ -19,6 +19,11 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
 2. ``limit_scale_up`` and 3. ``stabilise_scale_down``: the HPA's behaviour rules.
 4. ``enforce_ceiling``: last and unconditional for replicas, cut to what the allowance buys.
 5. ``hold_nodes``: nodes wanted recently are kept through their window, as far as it pays.
+   ``forecast_headroom`` (between 1. and 2.): replicas (and so nodes) sized for the forecast's upper
+   quantile of demand over the time new capacity takes to arrive (``core/forecast.py``), at the
+   target's limit, within what the allowance buys; never on untrusted or stale metrics.
+   ``forecast_release`` (after 5.): nodes the node window would keep are released when the
+   forecast says they are not needed before a new one could arrive.
 6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
    rises at most ``maxStepUpFactor`` per decision, stays where it is while the change is within
    one grid step (and the replicas serving now carry it), and stays within its bounds.
@@ -42,6 +47,7 @@ from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import FallbackAction, ModelBudgetSpec
 from modelbudget.api.status import (
     ControllerState,
+    DemandHistory,
     Knob,
     Ledger,
     Plan,
@@ -52,8 +58,9 @@ from modelbudget.api.status import (
 )
 from modelbudget.core.capacity import CapacityLadder, cost_per_token, node_price, spend_of
 from modelbudget.core.curve import LogCurve, resolve_curve
-from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised_replicas
+from modelbudget.core.dynamics import in_window, scale_up_cap, stabilised_nodes, stabilised_replicas
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
+from modelbudget.core.forecast import Forecast, forecast, record
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 
@@ -63,6 +70,7 @@ GRID_MAX_POINTS = 161
 # demand the best limit wobbles by a step from tick to tick, and each move is a ConfigMap write,
 # an Event and a reload in every gate for b*ln(1.09) of performance.
 HOLD_RATIO = 2.0 ** (1.0 / GRID_STEPS_PER_DOUBLING) * (1.0 + 1e-9)
+FORECAST_BUCKET_SECONDS = 30  # two decisions of the operator's timer per bucket of demand history
 _EPS = 1e-6
 
 
@@ -129,6 +137,8 @@ class Context:
     affordable: int  # most replicas the allowance, the pools and replicas.max allow
     min_replicas: int
     previous_limit: int | None
+    demand_history: DemandHistory | None  # with this observation, when it is trusted
+    forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
 
     @property
     def spec(self) -> ModelBudgetSpec:
@@ -205,6 +215,12 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         draft = draft.because(Knob.NODES, Reason.CEILING_BELOW_MINIMUM, message)
     affordable = min(spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance.per_hour))
     min_replicas = min(spec.replicas.min, affordable)
+    verdict = assess(obs, spec, now)
+    look = spec.behavior.forecast
+    history = state.demand_history
+    if verdict.ok and obs.demand.request_rate is not None:  # only trusted input enters the history
+        history = record(history, obs.demand.request_rate, now, FORECAST_BUCKET_SECONDS, look.horizon_seconds)
+    ahead = forecast(history, now, look.horizon_seconds, look.quantile) if look.enabled and verdict.ok else None
     if min_replicas < spec.replicas.min:
         message = f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}"
         draft = draft.because(Knob.REPLICAS, Reason.CEILING_BELOW_MINIMUM, message)
@@ -213,7 +229,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         obs=obs,
         state=state,
         now=now,
-        verdict=assess(obs, spec, now),
+        verdict=verdict,
         enforcement=assess_enforcement(
             obs.demand.gates,
             obs.current_token_limit,
@@ -228,6 +244,8 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         affordable=affordable,
         min_replicas=min_replicas,
         previous_limit=state.token_limit or obs.current_token_limit,
+        demand_history=history,
+        forecast=ahead,
     )
     return ctx, draft
 
@@ -384,6 +402,84 @@ def size_for_limit_in_force(draft: Draft, ctx: Context) -> Draft:
 
 
 # ---------------------------------------------------------------------------------------------
+# Looking ahead
+
+
+def _at_forecast(ctx: Context, rate: float) -> Context:
+    """The facts as they would be with ``rate`` requests/s (the forecast's) arriving now."""
+    demand = replace(ctx.obs.demand, request_rate=max(rate, ctx.obs.demand.request_rate or 0.0))
+    return replace(ctx, obs=replace(ctx.obs, demand=demand))
+
+
+def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
+    """New replicas and nodes take the forecast's horizon to serve: size them now for the demand
+    the forecast's upper quantile expects by then.  The economic target decides what that demand
+    is worth: where another node costs more than its value, the same nodes serve the peak at a
+    lower limit (the fast knob), so headroom never buys a node the economics would not."""
+    ahead = ctx.forecast
+    if ahead is None or not ctx.verdict.ok or draft.admitted is not None:
+        return draft
+    if ahead.upper <= (ctx.obs.demand.request_rate or 0.0):
+        return draft
+    need = _forecast_need(ctx, ahead)
+    n = ctx.affordable if need is None else need
+    n = min(n, ctx.affordable, ctx.spec.replicas.max)
+    if n <= draft.replicas:
+        return draft
+    message = f"{ahead.explain()}: {n} replicas (not {draft.replicas}) ready for it"
+    return draft.because(Knob.REPLICAS, Reason.FORECAST_SCALE_UP, message, replicas=n)
+
+
+def _forecast_need(ctx: Context, ahead: Forecast) -> int | None:
+    """Replicas the economic target wants for the forecast's upper quantile; None if not affordable."""
+    found = _search(_at_forecast(ctx, ahead.upper))
+    return None if found.best is None else found.best[1]
+
+
+def _wanted_within(ctx: Context, seconds: float) -> list[Recommendation]:
+    return in_window(ctx.state.recommendations, ctx.now, seconds)
+
+
+def forecast_release_replicas(draft: Draft, ctx: Context) -> Draft:
+    """Replicas the scale-down window holds go once the forecast says they are not needed within
+    its horizon -- the time new ones would take to serve again -- and nothing in the last horizon
+    wanted them: the window still holds for at least the horizon, the forecast decides the rest."""
+    ahead, current = ctx.forecast, ctx.obs.current_replicas
+    if ahead is None or not ctx.verdict.ok or draft.replicas <= draft.raw_replicas:
+        return draft
+    need = _forecast_need(ctx, ahead)
+    if need is None:
+        return draft
+    recent = [r.replicas for r in _wanted_within(ctx, ahead.horizon_seconds)]
+    keep = min(max(draft.raw_replicas, need, *recent), draft.replicas)
+    if keep >= draft.replicas:
+        return draft
+    message = f"{keep} replicas, not the {draft.replicas} the window holds (current {current}): {ahead.explain()}"
+    return draft.because(Knob.REPLICAS, Reason.FORECAST_HOLD, message, replicas=keep)
+
+
+def forecast_release_nodes(draft: Draft, ctx: Context) -> Draft:
+    """The same for nodes the node window holds beyond what the replicas need."""
+    ahead = ctx.forecast
+    if ahead is None or not ctx.verdict.ok:
+        return draft
+    need = _forecast_need(ctx, ahead)
+    if need is None:
+        return draft
+    enough = ctx.ladder.allocation(max(need, draft.replicas)).nodes
+    recent = _wanted_within(ctx, ahead.horizon_seconds)
+    nodes = dict(draft.nodes)
+    for pool in ctx.spec.node_pools:
+        held = nodes[pool.name]
+        keep = max(draft.raw_nodes[pool.name], enough[pool.name], *(r.nodes.get(pool.name, 0) for r in recent))
+        if held > keep:
+            message = f"pool {pool.name}: {keep} nodes, not the {held} the window holds: {ahead.explain()}"
+            draft = draft.because(Knob.NODES, Reason.FORECAST_HOLD, message)
+            nodes[pool.name] = keep
+    return replace(draft, nodes=nodes)
+
+
+# ---------------------------------------------------------------------------------------------
 # 2.-4. The slow knobs' dynamics and the ceiling
 
 
@@ -492,10 +588,13 @@ def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
 STAGES: tuple[Stage, ...] = (
     target,
     size_for_limit_in_force,
+    forecast_headroom,
     limit_scale_up,
     stabilise_scale_down,
+    forecast_release_replicas,
     enforce_ceiling,
     hold_nodes,
+    forecast_release_nodes,
     fast_limit,
 )
 
@@ -564,4 +663,5 @@ def _next_state(draft: Draft, ctx: Context) -> ControllerState:
         metrics_missing_since=draft.missing_since,
         token_limit=draft.limit,
         limit_unenforced_since=ctx.enforcement.mismatch_since,
+        demand_history=ctx.demand_history,
     )
