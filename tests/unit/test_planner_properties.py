@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelbudget.api import ControllerState, ModelBudgetSpec
+from modelbudget.api.status import DemandHistory
 from modelbudget.core import DemandSample, Observation, resolve
 from modelbudget.core.capacity import spend_of
 from modelbudget.core.generation import GenerationProfile
@@ -143,3 +144,37 @@ def test_decide_is_deterministic(data):
     second = decide_for(obs, spec, ControllerState(), NOW)
     assert first.plan.model_dump() == second.plan.model_dump()
     assert first.next_state == second.next_state
+
+
+@st.composite
+def histories(draw, now):
+    """A demand history long enough to forecast from; ``stale`` ones end more than a horizon ago."""
+    peaks = draw(st.lists(st.floats(0, 500), min_size=40, max_size=120))
+    stale = draw(st.booleans())
+    end = now - (timedelta(seconds=draw(st.integers(200, 7200))) if stale else timedelta(0))
+    start = end - timedelta(seconds=30 * (len(peaks) - 1))
+    return DemandHistory(start=start, bucket_seconds=30, peaks=peaks), stale
+
+
+def without_forecast(spec: ModelBudgetSpec) -> ModelBudgetSpec:
+    behavior = spec.behavior.model_copy(
+        update={"forecast": spec.behavior.forecast.model_copy(update={"enabled": False})}
+    )
+    return spec.model_copy(update={"behavior": behavior})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_safety_rules_hold_with_the_forecast_on(data):
+    spec = data.draw(specs())
+    obs = data.draw(observations(spec))
+    history, stale = data.draw(histories(NOW))
+    state = ControllerState(demand_history=history)
+    decision = decide_for(obs, spec, state, NOW)
+    check_invariants(decision, obs, spec, state)
+    blind = decide_for(obs, without_forecast(spec), state, NOW)
+    if stale or not decision.plan.metrics_available:
+        # A forecast never raises spend when its inputs are stale: the plan is the one without it.
+        assert decision.plan.model_dump() == blind.plan.model_dump()
+    if not decision.plan.metrics_available:
+        assert decision.next_state.demand_history == history  # untrusted input is never recorded

@@ -1,0 +1,111 @@
+"""The demand forecast: synthetic series with known answers, and how its history is kept."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from modelbudget.api import ControllerState
+from modelbudget.api.status import DemandHistory
+from modelbudget.core.forecast import HISTORY_BUCKETS, MIN_HORIZONS, MODEL, forecast, record
+from tests.builders import NOW
+
+BUCKET, HORIZON = 30, 180  # 6 buckets ahead
+H = HORIZON // BUCKET
+
+
+def history(peaks: list[float] | np.ndarray) -> DemandHistory:
+    """A history whose last bucket is the one ``NOW`` falls in."""
+    start = NOW - timedelta(seconds=BUCKET * (len(peaks) - 1))
+    return DemandHistory(start=start, bucket_seconds=BUCKET, peaks=[float(p) for p in peaks])
+
+
+def ahead(peaks: list[float] | np.ndarray, quantile: float = 0.5):
+    result = forecast(history(peaks), NOW, HORIZON, quantile)
+    assert result is not None
+    assert result.model == MODEL and result.horizon_seconds == HORIZON
+    return result
+
+
+def test_constant_demand_forecasts_itself() -> None:
+    result = ahead([5.0] * 40, quantile=0.9)
+    assert result.expected == pytest.approx(5.0)
+    assert result.upper == pytest.approx(5.0)
+
+
+def test_a_ramp_is_expected_to_go_on_rising() -> None:
+    # x_t = 1 + 0.5 t: every horizon rose by exactly 0.5 * H, so every quantile of growth is that.
+    peaks = 1.0 + 0.5 * np.arange(60)
+    result = ahead(peaks, quantile=0.9)
+    assert result.upper == pytest.approx(peaks[-1] + 0.5 * H)
+    # Holt's damped trend: above the last value, below the undamped line's mean over the horizon.
+    assert peaks[-1] < result.expected < peaks[-1] + 0.5 * (H + 1) / 2
+
+
+def test_a_step_never_seen_is_not_foreseen_and_once_seen_is_the_new_level() -> None:
+    before = ahead([2.0] * 40, quantile=0.9)
+    assert before.upper == pytest.approx(2.0)
+    # Long after a step from 2 to 10: only H of the growth samples span it (under 10%), so the
+    # 0.9 quantile of growth is 0, and the forecast is the new level.
+    after = ahead([2.0] * 10 + [10.0] * 90, quantile=0.9)
+    assert after.upper == pytest.approx(10.0)
+    assert after.expected == pytest.approx(10.0, rel=1e-3)
+
+
+def test_diurnal_demand_is_covered_at_the_quantile_asked_for() -> None:
+    # Three cycles of a sinusoid 40 buckets long: walk along it and count how often the actual
+    # peak within the horizon stays under the forecast's upper bound.
+    t = np.arange(160)
+    series = 10.0 + 5.0 * np.sin(2 * np.pi * t / 40)
+    for quantile in (0.5, 0.9):
+        covered = []
+        for now in range(80, 160 - H):
+            upper = ahead(series[: now + 1], quantile).upper
+            covered.append(series[now + 1 : now + 1 + H].max() <= upper + 1e-9)
+        assert np.mean(covered) >= quantile - 0.05, quantile
+
+
+def test_bursts_set_the_upper_bound_when_they_come_often() -> None:
+    # A one-bucket burst of +8 every 10 buckets: 6 of every 10 horizons hold a burst, so the
+    # median growth is the burst and the upper bound from a quiet bucket is base + burst.
+    peaks = [2.0] * 100
+    for i in range(5, 100, 10):
+        peaks[i] = 10.0
+    peaks[-1] = 2.0
+    result = ahead(peaks, quantile=0.5)
+    assert result.upper == pytest.approx(10.0)
+    assert result.expected < result.upper
+
+
+def test_too_little_or_stale_history_gives_no_forecast() -> None:
+    assert forecast(None, NOW, HORIZON, 0.5) is None
+    assert forecast(history([3.0] * (MIN_HORIZONS * H)), NOW, HORIZON, 0.5) is None
+    assert forecast(history([3.0] * (MIN_HORIZONS * H + 1)), NOW, HORIZON, 0.5) is not None
+    # The current bucket was never recorded: the metrics stopped, so does the forecast.
+    assert forecast(history([3.0] * 40), NOW + timedelta(seconds=BUCKET), HORIZON, 0.5) is None
+
+
+def test_record_keeps_each_buckets_peak_fills_short_gaps_and_restarts_after_long_ones() -> None:
+    kept = record(None, 4.0, NOW, BUCKET, HORIZON)
+    kept = record(kept, 6.0, NOW + timedelta(seconds=10), BUCKET, HORIZON)
+    kept = record(kept, 5.0, NOW + timedelta(seconds=20), BUCKET, HORIZON)
+    assert kept.peaks == [6.0]
+    # Two buckets unseen (shorter than the horizon): taken to be like the last one seen.
+    kept = record(kept, 1.0, NOW + timedelta(seconds=3 * BUCKET), BUCKET, HORIZON)
+    assert kept.peaks == [6.0, 6.0, 6.0, 1.0]
+    # Blind for longer than the horizon: what came before says nothing about now.
+    restarted = record(kept, 2.0, NOW + timedelta(seconds=3 * BUCKET + HORIZON + BUCKET), BUCKET, HORIZON)
+    assert restarted.peaks == [2.0]
+
+
+def test_history_is_bounded_and_survives_a_restart_through_the_status() -> None:
+    kept = None
+    for k in range(HISTORY_BUCKETS + 50):
+        kept = record(kept, float(k), NOW + timedelta(seconds=k * BUCKET), BUCKET, HORIZON)
+    assert kept is not None and len(kept.peaks) == HISTORY_BUCKETS
+    assert kept.peaks[-1] == HISTORY_BUCKETS + 49
+    assert kept.start == NOW + timedelta(seconds=50 * BUCKET)
+    stored = ControllerState(demand_history=kept).model_dump(mode="json", by_alias=True)
+    assert ControllerState.model_validate(stored).demand_history == kept
