@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import pytest
 from modelbudget.api import ModelBudgetSpec
 from modelbudget.cli import main
 from modelbudget.core.capacity import cost_per_token
-from modelbudget.core.planner import GRID_STEPS_PER_DOUBLING
+from modelbudget.core.planner import GRID_STEPS_PER_DOUBLING, resolve
 from modelbudget.sim.benchmark import run_benchmark
+from modelbudget.sim.hindsight import fixed_limits
 from modelbudget.sim.run import SimConfig, Workload, run_policy
 from modelbudget.sim.score import score
 from modelbudget.sim.trace import Columns, Trace, TraceError, read_trace, repeat_daily, synthetic
@@ -238,3 +240,17 @@ def test_delay_aware_oracle_asks_for_capacity_one_lead_ahead_of_a_step() -> None
     result = score(delayed, work, spec)
     assert result.slo_attainment == 1.0
     assert result.dropped == 0
+
+
+def test_hpa_at_the_best_fixed_limit_is_the_best_of_every_fixed_limit() -> None:
+    # A ceiling of three 1-GPU nodes under bursts: at the top limit the HPA cannot keep up.
+    spec = sim_spec(budget={"ceiling": {"amount": 6, "period": "Hour"}, "valuePerPoint": 0.01})
+    bench = run_benchmark(spec, "t", bursty(900, seed=2), 20.0, FAST, policies=("hpa", "hpa-best"))
+    assert bench.hpa_best_limit in fixed_limits(spec)
+    assert max(fixed_limits(spec)) == resolve(spec).token_max  # the plain HPA's limit is one of those tried
+    work = Workload.of(bursty(900, seed=2), 20.0, FAST.warmup)
+    for limit in fixed_limits(spec):
+        run = run_policy(spec, work, "hpa", replace(FAST, hpa_limit=limit))
+        assert score(run, work, spec).net_value <= bench.results["hpa-best"].net_value + 1e-9, limit
+    assert bench.results["hpa-best"].net_value > bench.results["hpa"].net_value
+    assert bench.hpa_best_limit < resolve(spec).token_max

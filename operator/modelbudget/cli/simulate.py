@@ -17,8 +17,8 @@ from rich.table import Table
 from modelbudget.api import ModelBudget
 from modelbudget.cli import CliError
 from modelbudget.cli.common import load_manifest
-from modelbudget.sim.benchmark import COLUMNS, Benchmark, run_benchmark, table_rows
-from modelbudget.sim.run import POLICIES, SimConfig
+from modelbudget.sim.benchmark import COLUMNS, COMPARED, Benchmark, run_benchmark, table_rows
+from modelbudget.sim.run import SimConfig
 from modelbudget.sim.trace import Columns, Trace, TraceError, read_trace, repeat_daily, stretch
 from modelbudget.sim.world import Delays
 
@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def add_simulator_arguments(p: argparse.ArgumentParser) -> None:
     """The simulated cluster and the report: shared by ``simulate`` and ``replay``."""
-    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
+    p.add_argument("--policies", default=",".join(COMPARED), help=f"comma-separated subset of {','.join(COMPARED)}")
     p.add_argument("--out", default="report", help="directory for the figures and the results (JSON)")
     p.add_argument("--step", type=float, default=5.0, help="simulation step, seconds")
     p.add_argument("--replica-start", type=float, default=60.0, help="seconds from scheduled to serving")
@@ -74,10 +74,10 @@ def add_simulator_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_policies(text: str) -> list[str]:
     policies = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = set(policies) - set(POLICIES)
+    unknown = set(policies) - set(COMPARED)
     if unknown or not policies:
         raise CliError(
-            f"--policies: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from {', '.join(POLICIES)}"
+            f"--policies: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from {', '.join(COMPARED)}"
         )
     return policies
 
@@ -121,7 +121,7 @@ def render(bench: Benchmark, console: Console, spec_lines: list[str]) -> None:
     table = Table(show_header=True, header_style="bold")
     for col in COLUMNS:
         if col == "policy":  # never squeezed out of a narrow terminal: the rows mean nothing without it
-            table.add_column(col, justify="left", no_wrap=True, min_width=max(len(p) for p in POLICIES))
+            table.add_column(col, justify="left", no_wrap=True, min_width=max(len(p) for p in COMPARED))
         else:
             table.add_column(col, justify="right", no_wrap=True)
     for row in table_rows(bench):

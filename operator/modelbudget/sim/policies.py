@@ -10,7 +10,10 @@ exception: it is the upper bound because it sees more) and answers with an ``Act
   on ``vllm:num_requests_waiting`` does.
 - ``StaticPolicy``: everything the ceiling buys, all the time.
 
-The baselines keep the limit fixed at the top of the token range and leave nodes to a cluster
+- ``hpa-best`` (``sim/hindsight.py``): the HPA at the one fixed token limit that, in hindsight,
+  gives the best net value on the same trace -- what a careful SRE would configure.
+
+The baselines keep the limit fixed (at the top of the token range unless given) and leave nodes to a cluster
 autoscaler (``ClusterAutoscaler``).  Their ``max replicas`` is what the ceiling buys at full scale
 (the even pace for a Day/Month budget), so they cannot breach it by construction.
 """
@@ -120,12 +123,18 @@ class _HorizontalScaler(ABC):
     name = "hpa"
 
     def __init__(
-        self, spec: ModelBudgetSpec, start: datetime, unneeded: float, tolerance: float = 0.1, window: float = 300.0
+        self,
+        spec: ModelBudgetSpec,
+        start: datetime,
+        unneeded: float,
+        tolerance: float = 0.1,
+        window: float = 300.0,
+        limit: int | None = None,
     ) -> None:
         self.ladder = CapacityLadder(spec)
         self.min = spec.replicas.min
         self.max = min(spec.replicas.max, self.ladder.total_slots, self.ladder.max_affordable(even_pace(spec, start)))
-        self.limit = resolve(spec).token_max
+        self.limit = resolve(spec).token_max if limit is None else limit
         self.tolerance = tolerance
         self.window = timedelta(seconds=window)
         self.recommendations: deque[tuple[datetime, int]] = deque()
@@ -157,8 +166,10 @@ class HpaPolicy(_HorizontalScaler):
 
     name = "hpa"
 
-    def __init__(self, spec: ModelBudgetSpec, start: datetime, unneeded: float, target: float) -> None:
-        super().__init__(spec, start, unneeded)
+    def __init__(
+        self, spec: ModelBudgetSpec, start: datetime, unneeded: float, target: float, limit: int | None = None
+    ) -> None:
+        super().__init__(spec, start, unneeded, limit=limit)
         self.target = target
 
     def usage(self, seen: Scrape) -> tuple[int, float] | None:

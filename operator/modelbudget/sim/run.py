@@ -39,6 +39,7 @@ class SimConfig:
     drain: float | None = None  # default: the timeout
     start: datetime = datetime(2023, 11, 16, tzinfo=UTC)  # wall clock at time 0 (pacing, periods)
     hpa_target: float = 0.8  # the HPA's utilisation target (must be below 1 - tolerance to scale up)
+    hpa_limit: int | None = None  # the HPA's fixed token limit; None: the top of the token range
     keda_threshold: float = 4.0  # waiting requests per replica
     node_unneeded: float = 600.0  # cluster autoscaler: a node goes after this long unneeded
 
@@ -97,7 +98,7 @@ def build_policy(name: str, spec: ModelBudgetSpec, world: World, config: SimConf
     if name == "planner":
         return PlannerPolicy(spec)
     if name == "hpa":
-        return HpaPolicy(spec, start, config.node_unneeded, config.hpa_target)
+        return HpaPolicy(spec, start, config.node_unneeded, config.hpa_target, config.hpa_limit)
     if name == "keda":
         return KedaPolicy(spec, start, config.node_unneeded, config.keda_threshold)
     if name == "static":
