@@ -102,6 +102,16 @@ class ControllerState(StatusModel):
     demand_history: DemandHistory | None = None
 
 
+class DemandForecast(StatusModel):
+    """Demand expected over the time new capacity takes to arrive, and the peak sized for."""
+
+    model: str
+    horizon_seconds: float
+    quantile: float
+    expected_requests_per_second: float = Field(description="Mean demand expected over the horizon.")
+    upper_requests_per_second: float = Field(description="The quantile of the demand peak within the horizon.")
+
+
 class Plan(StatusModel):
     """What ``decide`` wants: every knob, what it costs, what it buys, and why."""
 
@@ -116,6 +126,9 @@ class Plan(StatusModel):
     allowed_spend_per_hour: float
     expected_performance: float = Field(description="Mean score per request, dropped requests counting 0.")
     metrics_available: bool
+    forecast: DemandForecast | None = Field(
+        default=None, description="The demand forecast the plan used; none without enough recent, trusted history."
+    )
     reasons: list[PlanReason] = Field(default_factory=list)
     decided_at: datetime
 

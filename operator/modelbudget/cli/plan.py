@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from modelbudget.api import ControllerState, ModelBudgetSpec, Plan
-from modelbudget.api.status import Ledger
+from modelbudget.api.status import DemandHistory, Ledger
 from modelbudget.cli import CliError
 from modelbudget.cli.common import load_manifest
 from modelbudget.core import DemandSample, Observation, decide, resolve
@@ -19,6 +19,7 @@ from modelbudget.core.curve import CurveFitError
 from modelbudget.core.generation import QUANTILES, GenerationProfile
 from modelbudget.core.observation import GateReport
 from modelbudget.core.pacing import period_bounds
+from modelbudget.core.planner import FORECAST_BUCKET_SECONDS
 
 OBSERVED_KEYS = {
     "replicas": "replicas the Deployment has now (default: replicas.min)",
@@ -43,6 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="KEY=VALUE",
         help="more observed facts: " + "; ".join(f"{k}: {v}" for k, v in OBSERVED_KEYS.items()),
     )
+    p.add_argument(
+        "--demand-history",
+        default=None,
+        metavar="R1,R2,...",
+        help=f"peak requests/s of each past {FORECAST_BUCKET_SECONDS}s, oldest first, up to now: the forecast's input",
+    )
     p.add_argument("--at", default=None, help="decision time, ISO 8601 (default: now, UTC)")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.set_defaults(func=run)
@@ -59,6 +66,18 @@ def _parse_observed(items: list[str]) -> dict[str, float]:
         except ValueError as exc:
             raise CliError(f"--observed {item!r}: {value!r} is not a number") from exc
     return out
+
+
+def parse_history(text: str, now: datetime) -> DemandHistory:
+    """``R1,R2,...``: peak requests/s per bucket, oldest first, the last one the bucket of ``now``."""
+    try:
+        peaks = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise CliError(f"--demand-history {text!r}: expected comma-separated requests/s") from exc
+    if not peaks or any(not np.isfinite(p) or p < 0 for p in peaks):
+        raise CliError(f"--demand-history {text!r}: expected non-negative requests/s")
+    start = now - timedelta(seconds=FORECAST_BUCKET_SECONDS * (len(peaks) - 1))
+    return DemandHistory(start=start, bucket_seconds=FORECAST_BUCKET_SECONDS, peaks=peaks)
 
 
 def build_inputs(
@@ -114,6 +133,14 @@ def render(plan: Plan, name: str, console: Console) -> None:
     knobs.add_row("admitted rate", "all requests" if admitted is None else f"{admitted:.3g} req/s")
     knobs.add_row("spend", f"${plan.expected_spend_per_hour:.2f}/h of ${plan.allowed_spend_per_hour:.2f}/h allowed")
     knobs.add_row("expected performance", f"{plan.expected_performance:.3f} per request")
+    ahead = plan.forecast
+    knobs.add_row(
+        "forecast",
+        "none (needs recent history: --demand-history)"
+        if ahead is None
+        else f"{ahead.expected_requests_per_second:.3g} req/s expected, p{ahead.quantile * 100:g} peak "
+        f"{ahead.upper_requests_per_second:.3g} req/s within {ahead.horizon_seconds:.0f}s ({ahead.model})",
+    )
     console.print(knobs)
     if plan.reasons:
         why = Table(title="Why", show_header=True, header_style="bold")
@@ -135,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if now.tzinfo is None:
         now = now.replace(tzinfo=UTC)
     obs, state = build_inputs(manifest.spec, args.demand_rps, _parse_observed(args.observed), now)
+    if args.demand_history is not None:
+        state = state.model_copy(update={"demand_history": parse_history(args.demand_history, now)})
     try:
         resolved = resolve(manifest.spec)
     except CurveFitError as exc:

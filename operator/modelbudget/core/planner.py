@@ -47,6 +47,7 @@ from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import FallbackAction, ModelBudgetSpec
 from modelbudget.api.status import (
     ControllerState,
+    DemandForecast,
     DemandHistory,
     Knob,
     Ledger,
@@ -623,8 +624,21 @@ def _plan(draft: Draft, ctx: Context) -> Plan:
         allowed_spend_per_hour=ctx.allowance.per_hour,
         expected_performance=_expected_performance(draft, ctx),
         metrics_available=ctx.verdict.ok,
+        forecast=_forecast_status(ctx.forecast),
         reasons=list(draft.reasons),
         decided_at=ctx.now,
+    )
+
+
+def _forecast_status(ahead: Forecast | None) -> DemandForecast | None:
+    if ahead is None:
+        return None
+    return DemandForecast(
+        model=ahead.model,
+        horizon_seconds=ahead.horizon_seconds,
+        quantile=ahead.quantile,
+        expected_requests_per_second=ahead.expected,
+        upper_requests_per_second=ahead.upper,
     )
 
 
