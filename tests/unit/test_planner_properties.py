@@ -148,10 +148,11 @@ def test_decide_is_deterministic(data):
 
 @st.composite
 def histories(draw, now):
-    """A demand history long enough to forecast from; ``stale`` ones end more than a horizon ago."""
+    """A demand history long enough to forecast from; ``stale`` ones end more than a horizon (the
+    default 180 s, plus the bucket it was last seen in) ago.  Shorter gaps are filled."""
     peaks = draw(st.lists(st.floats(0, 500), min_size=40, max_size=120))
     stale = draw(st.booleans())
-    end = now - (timedelta(seconds=draw(st.integers(200, 7200))) if stale else timedelta(0))
+    end = now - (timedelta(seconds=draw(st.integers(211, 7200))) if stale else timedelta(0))
     start = end - timedelta(seconds=30 * (len(peaks) - 1))
     return DemandHistory(start=start, bucket_seconds=30, peaks=peaks), stale
 

@@ -140,6 +140,7 @@ class Context:
     previous_limit: int | None
     demand_history: DemandHistory | None  # with this observation, when it is trusted
     forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
+    forecast_need: int | None  # replicas the economic target wants at the forecast peak (None: unaffordable)
 
     @property
     def spec(self) -> ModelBudgetSpec:
@@ -247,7 +248,11 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         previous_limit=state.token_limit or obs.current_token_limit,
         demand_history=history,
         forecast=ahead,
+        forecast_need=None,
     )
+    if ahead is not None:  # worked out once: three stages read it
+        found = _search(_at_forecast(ctx, ahead.upper))
+        ctx = replace(ctx, forecast_need=None if found.best is None else found.best[1])
     return ctx, draft
 
 
@@ -422,19 +427,13 @@ def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
         return draft
     if ahead.upper <= (ctx.obs.demand.request_rate or 0.0):
         return draft
-    need = _forecast_need(ctx, ahead)
+    need = ctx.forecast_need
     n = ctx.affordable if need is None else need
     n = min(n, ctx.affordable, ctx.spec.replicas.max)
     if n <= draft.replicas:
         return draft
     message = f"{ahead.explain()}: {n} replicas (not {draft.replicas}) ready for it"
     return draft.because(Knob.REPLICAS, Reason.FORECAST_SCALE_UP, message, replicas=n)
-
-
-def _forecast_need(ctx: Context, ahead: Forecast) -> int | None:
-    """Replicas the economic target wants for the forecast's upper quantile; None if not affordable."""
-    found = _search(_at_forecast(ctx, ahead.upper))
-    return None if found.best is None else found.best[1]
 
 
 def _wanted_within(ctx: Context, seconds: float) -> list[Recommendation]:
@@ -448,7 +447,7 @@ def forecast_release_replicas(draft: Draft, ctx: Context) -> Draft:
     ahead, current = ctx.forecast, ctx.obs.current_replicas
     if ahead is None or not ctx.verdict.ok or draft.replicas <= draft.raw_replicas:
         return draft
-    need = _forecast_need(ctx, ahead)
+    need = ctx.forecast_need
     if need is None:
         return draft
     recent = [r.replicas for r in _wanted_within(ctx, ahead.horizon_seconds)]
@@ -464,7 +463,7 @@ def forecast_release_nodes(draft: Draft, ctx: Context) -> Draft:
     ahead = ctx.forecast
     if ahead is None or not ctx.verdict.ok:
         return draft
-    need = _forecast_need(ctx, ahead)
+    need = ctx.forecast_need
     if need is None:
         return draft
     enough = ctx.ladder.allocation(max(need, draft.replicas)).nodes
