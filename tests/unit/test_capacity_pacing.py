@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from modelbudget.api.spec import Budget, Period
+from modelbudget.api.status import Ledger
 from modelbudget.core.capacity import CapacityLadder, spend_of
 from modelbudget.core.pacing import accrue, allowed_rate, period_bounds
 from tests.builders import make_spec, spec_dict
@@ -92,3 +93,18 @@ def test_paced_budget_lasts_the_period():
             assert ledger.spent < 240 * 0.8  # not gone by noon
     assert ledger.spent <= 240.0 + 1e-6
     assert ledger.spent > 239.0
+
+
+def test_an_unspent_budget_is_not_splurged_at_the_end_of_the_period():
+    # Nothing spent all day: five minutes before midnight the whole $240 is left.  The rate stays
+    # within the burst factor times the even pace ($10/h), not $240 over five minutes.
+    budget = Budget.model_validate({"ceiling": {"amount": 240, "period": "Day"}, "valuePerPoint": 1, "burstFactor": 2})
+    start = datetime(2026, 11, 23, tzinfo=UTC)
+    late = datetime(2026, 11, 23, 23, 55, tzinfo=UTC)
+    ledger = Ledger(period_start=start, spent=0.0, accrued_at=late, rate_per_hour=0.0)
+    allowance = allowed_rate(budget, ledger, late)
+    assert allowance.per_hour == pytest.approx(2 * 240 / 24)
+    assert allowance.remaining == pytest.approx(240.0)
+    # Behind the even pace, the same bound; ahead of it, remaining / time left still decides.
+    ahead = Ledger(period_start=start, spent=200.0, accrued_at=late.replace(hour=12), rate_per_hour=0.0)
+    assert allowed_rate(budget, ahead, late.replace(hour=12, minute=0)).per_hour == pytest.approx(2 * 40 / 12)

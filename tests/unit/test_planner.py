@@ -106,7 +106,8 @@ def test_pacing_of_a_daily_budget(spent, expect_paced_low):
     )
     plan = decide_for(observe(rps=30, replicas=32, nodes={"pool-a": 8}), spec, state, NOW)
     hours_left = (end - NOW).total_seconds() / 3600
-    assert plan.plan.allowed_spend_per_hour == pytest.approx(1.5 * (2400 - spent) / hours_left)
+    # The pace of what is left, never above the day's even pace (no splurge of an unspent morning).
+    assert plan.plan.allowed_spend_per_hour == pytest.approx(1.5 * min((2400 - spent) / hours_left, 2400 / 24))
     assert plan.plan.expected_spend_per_hour <= plan.plan.allowed_spend_per_hour
     assert ("BudgetLimited" in reasons(plan)) == expect_paced_low
 

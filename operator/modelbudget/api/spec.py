@@ -143,7 +143,7 @@ class Budget(ApiModel):
         ge=1,
         le=10,
         description="Day/Month ceilings: how far above the even pace (remaining budget / remaining "
-        "time) the hourly rate may go.",
+        "time, and at most the ceiling / the period) the hourly rate may go.",
     )
 
     @property

@@ -5,6 +5,11 @@ period (UTC): the allowed rate is the even pace, ``remaining / time left``, time
 burst factor.  Re-evaluated every reconcile, that rate shrinks as the budget is used, so the
 period total approaches the ceiling without passing it (``remaining`` decays like
 ``(time left / period)^burst``) and is not gone by noon.
+
+The rate is also bounded by the burst factor times the period's even pace (``amount / period``):
+money left unspent by a quiet morning is not spent at a hundred times the pace in the last
+minutes of the day.  An end-of-period splurge is not intended -- it buys capacity nobody planned
+for, at the moment a budget owner least expects it -- so what a quiet period leaves is left.
 """
 
 from __future__ import annotations
@@ -79,10 +84,11 @@ def allowed_rate(budget: Budget, ledger: Ledger, now: datetime) -> Allowance:
     ceiling = budget.ceiling
     if ceiling.period is Period.HOUR:
         return Allowance(ceiling.amount, paced=False, remaining=None, hours_left=None)
-    _, end = period_bounds(ceiling.period, now)
+    start, end = period_bounds(ceiling.period, now)
     remaining = max(ceiling.amount - ledger.spent, 0.0)
     hours_left = max(_hours(end - now), 1.0 / 3600.0)
-    return Allowance(budget.burst_factor * remaining / hours_left, True, remaining, hours_left)
+    pace = min(remaining / hours_left, ceiling.amount / _hours(end - start))
+    return Allowance(budget.burst_factor * pace, True, remaining, hours_left)
 
 
 def projected_period_end(ledger: Ledger, running_per_hour: float, period: Period, now: datetime) -> float:

@@ -35,7 +35,7 @@ class Benchmark:
         breach = (
             "the hourly ceiling"
             if ceiling.period is Period.HOUR
-            else f"the paced allowance (burst {spec.budget.burst_factor:g} x remaining / time left, "
+            else f"the paced allowance (burst {spec.budget.burst_factor:g} x min(remaining / time left, even pace), "
             "from the policy's own spend)"
         )
         lines = [
