@@ -74,7 +74,7 @@ def test_requests_and_dollars_are_conserved() -> None:
     spec = sim_spec(budget={"ceiling": {"amount": 6, "period": "Hour"}, "valuePerPoint": 0.01})
     work = Workload.of(bursty(900, seed=1), 1.0, FAST.warmup)
     price = spec.node_pools[0].price_per_gpu_hour * spec.node_pools[0].gpus_per_node
-    for policy in ("planner", "hpa", "keda", "static", "oracle"):
+    for policy in ("planner", "hpa", "keda", "static", "oracle", "oracle-delays"):
         run = run_policy(spec, work, policy, FAST)
         status = run.world.status
         counts = {s: int(np.count_nonzero(status == s)) for s in (SERVED, TIMED_OUT, REJECTED, QUEUED)}
