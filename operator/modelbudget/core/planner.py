@@ -19,11 +19,13 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
 2. ``limit_scale_up`` and 3. ``stabilise_scale_down``: the HPA's behaviour rules.
 4. ``enforce_ceiling``: last and unconditional for replicas, cut to what the allowance buys.
 5. ``hold_nodes``: nodes wanted recently are kept through their window, as far as it pays.
-   ``forecast_headroom`` (between 1. and 2.): replicas (and so nodes) sized for the forecast's upper
-   quantile of demand over the time new capacity takes to arrive (``core/forecast.py``), at the
-   target's limit, within what the allowance buys; never on untrusted or stale metrics.
-   ``forecast_release`` (after 5.): nodes the node window would keep are released when the
-   forecast says they are not needed before a new one could arrive.
+   Looking ahead (``core/forecast.py``; only on trusted metrics and a current history):
+   ``forecast_headroom`` (between 1. and 2.): replicas (and so nodes) sized for what the economic
+   target wants at the forecast's peak of demand within the time new capacity takes to serve,
+   within what the allowance buys (``ForecastScaleUp``).  ``forecast_release_replicas`` (after 3.)
+   and ``forecast_release_nodes`` (after 5.): what a scale-down window holds goes once the forecast
+   says it is not needed before new capacity could be back, and nothing in the last horizon
+   wanted it (``ForecastHold``).
 6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
    rises at most ``maxStepUpFactor`` per decision, stays where it is while the change is within
    one grid step (and the replicas serving now carry it), and stays within its bounds.

@@ -1,4 +1,8 @@
-"""The oracle: perfect foresight, no start-up delays -- the upper bound every policy is held to.
+"""The oracles: perfect foresight, with and without start-up delays -- the bounds policies are held to.
+
+``OraclePolicy`` has no start-up delays: the loose bound, never matched, whose gap mixes "could not
+know" with "did not plan".  ``DelayAwareOraclePolicy`` (below) has the same foresight and the same
+delays as every other policy: the fair bound.
 
 Definition.  At every step (its interval) the oracle knows the exact wanted tokens ``W_i`` and
 arrival times of every request arriving in the interval and of every request still queued.  It
