@@ -1,4 +1,5 @@
-"""The demand forecast: synthetic series with known answers, and how its history is kept."""
+"""The demand forecast: synthetic series with known answers, how its history is kept, and the
+planner stages that act on it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 
 from modelbudget.api import ControllerState
-from modelbudget.api.status import DemandHistory
+from modelbudget.api.reasons import Reason
+from modelbudget.api.status import DemandHistory, Recommendation
+from modelbudget.core import Observation
 from modelbudget.core.forecast import HISTORY_BUCKETS, MIN_HORIZONS, MODEL, forecast, record
-from tests.builders import NOW
+from tests.builders import NOW, decide_for, make_spec, observe
 
 BUCKET, HORIZON = 30, 180  # 6 buckets ahead
 H = HORIZON // BUCKET
@@ -109,3 +112,49 @@ def test_history_is_bounded_and_survives_a_restart_through_the_status() -> None:
     assert kept.start == NOW + timedelta(seconds=50 * BUCKET)
     stored = ControllerState(demand_history=kept).model_dump(mode="json", by_alias=True)
     assert ControllerState.model_validate(stored).demand_history == kept
+
+
+def _steady(rps: float, high: int, high_seconds_ago: float) -> tuple[ControllerState, Observation]:
+    """Twenty minutes of steady demand at ``rps``; ``high`` replicas wanted ``high_seconds_ago``."""
+    state = ControllerState(
+        token_limit=8192,
+        demand_history=history([rps] * 40),
+        recommendations=[
+            Recommendation(at=NOW - timedelta(seconds=high_seconds_ago), replicas=high, nodes={"pool-a": high // 4})
+        ],
+    )
+    return state, observe(rps=rps, replicas=high, nodes={"pool-a": high // 4})
+
+
+@pytest.mark.parametrize(("high_seconds_ago", "released"), [(400, True), (60, False)])
+def test_a_window_hold_goes_once_the_forecast_says_it_will_not_be_needed(high_seconds_ago, released) -> None:
+    # A 900 s scale-down window still remembers 16 replicas; demand has been steady and low for
+    # twenty minutes.  Wanted more than a horizon ago: released now (ForecastHold).  Wanted within
+    # the last horizon: the window holds (new capacity could not be back in time).
+    spec = make_spec(behavior={"scaleDown": {"stabilizationWindowSeconds": 900}})
+    state, obs = _steady(1.0, 16, high_seconds_ago)
+    with_forecast = decide_for(obs, spec, state, NOW).plan
+    off = make_spec(behavior={"scaleDown": {"stabilizationWindowSeconds": 900}, "forecast": {"enabled": False}})
+    windowed = decide_for(obs, off, state, NOW).plan
+    assert windowed.replicas == 16 and windowed.has_reason(Reason.SCALE_DOWN_STABILIZATION)
+    assert with_forecast.has_reason(Reason.FORECAST_HOLD) == released
+    assert (with_forecast.replicas < 16) == released
+    assert with_forecast.expected_spend_per_hour <= windowed.expected_spend_per_hour
+    assert with_forecast.forecast is not None and with_forecast.forecast.upper_requests_per_second == pytest.approx(1.0)
+
+
+def test_a_rising_forecast_buys_replicas_before_demand_arrives() -> None:
+    # Demand ramps by 0.1 req/s per bucket to 3.9 req/s: three minutes ahead it will be 4.5, which
+    # needs a third 4-GPU node; a point is worth enough that the economics want it.
+    fast = {"scaleUp": {"maxReplicasPerPeriod": 100}}
+    budget = {"ceiling": {"amount": 100, "period": "Hour"}, "valuePerPoint": 1.0}
+    peaks = list(0.1 * np.arange(40))
+    state = ControllerState(token_limit=8192, demand_history=history(peaks))
+    obs = observe(rps=peaks[-1], replicas=8, nodes={"pool-a": 2})
+    plan = decide_for(obs, make_spec(behavior=fast, budget=budget), state, NOW).plan
+    off = {**fast, "forecast": {"enabled": False}}
+    blind = decide_for(obs, make_spec(behavior=off, budget=budget), state, NOW).plan
+    assert plan.forecast is not None and plan.forecast.upper_requests_per_second == pytest.approx(peaks[-1] + 0.1 * H)
+    assert plan.has_reason(Reason.FORECAST_SCALE_UP)
+    assert plan.replicas > blind.replicas
+    assert plan.expected_spend_per_hour <= plan.allowed_spend_per_hour
