@@ -40,6 +40,7 @@ from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds, token_grid
+from modelbudget.core.serving import slowest_speed
 from modelbudget.sim.metrics import Scrape
 from modelbudget.sim.world import Action, World
 
@@ -58,6 +59,7 @@ class OraclePolicy:
         self.slo = spec.slo.latency_seconds
         self.ladder = CapacityLadder(spec)
         self.free_ladder = CapacityLadder(spec, honour_min_nodes=False)
+        self.speed = slowest_speed(spec.node_pools)
 
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
@@ -104,8 +106,7 @@ class OraclePolicy:
         lo, hi = np.searchsorted(world.arrival, [t, t + self.interval])
         index = np.concatenate([queued, np.arange(lo, hi)])
         tokens = np.minimum(world.wanted[index][None, :], self.grid[:, None])  # (grid, requests)
-        if world.running():
-            tokens[:, 0] = world.head_remaining()  # its limit is fixed already
+        tokens[:, : queued.size] = np.minimum(world.wanted[queued], world.limit[queued])  # their limit is fixed
         deadline = world.arrival[index] + self.slo
         reachable = deadline > t + _EPS
         need = self._least_rates(np.cumsum(tokens, axis=1), world.arrival[index], deadline, queued.size, t)
@@ -124,7 +125,12 @@ class OraclePolicy:
             if n is None or n > affordable:
                 break  # tokens only grow with the limit: no larger limit fits either
             n = max(n, least)
-            net = float(value[i]) - ladder.spend(n) * self.interval / 3600.0
+            # Under continuous batching a request also needs its own prefill and decode time at the
+            # batch this load runs: one that cannot make its SLO even unqueued scores nothing.
+            batch = self.speed.batch_for(float(rates[i]) / max(n, 1))
+            late = self.speed.latency(world.prompt[index], tokens[i], batch) > self.slo
+            lost = self.value * float((self._scores(tokens[i]) * (arriving & reachable & late)).sum())
+            net = float(value[i]) - lost - ladder.spend(n) * self.interval / 3600.0
             # Ties go to the larger limit: queued requests start under it too, and are not in the value.
             if best is None or net >= best[0] - _EPS:
                 best = (net, n, int(limit))

@@ -1,0 +1,179 @@
+"""The request-level serving engine: vLLM-like replicas under continuous batching.
+
+One copy, used by the simulator's world and by the testbed's synthetic model server, so both
+serve the same way.  Pure and clock-free: time comes in as arguments.
+
+- A request is routed when it arrives to the ready replica with the fewest sequences running
+  plus waiting (ties by name), as a load-aware router in front of vLLM pods does, and waits in
+  that replica's own FIFO queue.  With no ready replica it waits unrouted.
+- A replica runs at most ``maxNumSeqs`` sequences.  A sequence first prefills its prompt
+  (``prompt / prefill rate`` seconds; that produces its first token), then decodes its other
+  tokens at one per ``itl(b) = alpha + beta * b``, ``b`` the sequences running on the replica.
+  All running sequences of a replica advance together, so the engine keeps one decode clock per
+  replica (tokens decoded per sequence so far) and a heap of the clock values at which each
+  sequence is done: an event costs ``O(log b)``, and time between events costs nothing.
+- A request that has waited longer than ``timeout`` is dropped (its client gave up).
+- A replica that goes away (scale-down, spot interruption) hands all its requests back; they are
+  routed again with their original arrival time and start over (the client retries), so a lost
+  pod costs latency and work, not requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from modelbudget.core.serving import ServingSpeed
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    arrival: float
+    prompt: float
+    tokens: int  # tokens it generates (the limit already applied), at least 1
+
+
+@dataclass(frozen=True)
+class Done:
+    job: Job
+    pod: str
+    first_token_at: float
+    finished_at: float
+
+
+@dataclass
+class Events:
+    """What happened in one ``advance``."""
+
+    started: list[tuple[str, Job]] = field(default_factory=list)
+    done: list[Done] = field(default_factory=list)
+    timed_out: list[Job] = field(default_factory=list)
+    generated: dict[str, float] = field(default_factory=dict)  # tokens decoded per pod
+
+
+class _Replica:
+    def __init__(self, name: str, speed: ServingSpeed, now: float) -> None:
+        self.name, self.speed, self.clock = name, speed, now
+        self.decoded = 0.0  # the decode clock: tokens each running sequence has gained
+        self.decoding: list[tuple[float, int, Job, float]] = []  # (clock when done, id, job, first token at)
+        self.prefilling: list[tuple[float, int, Job]] = []  # (first token at, id, job)
+        self.waiting: deque[Job] = deque()
+
+    @property
+    def running(self) -> int:
+        return len(self.decoding) + len(self.prefilling)
+
+    @property
+    def load(self) -> int:
+        return self.running + len(self.waiting)
+
+    def jobs(self) -> list[Job]:
+        return [e[2] for e in self.decoding] + [e[2] for e in self.prefilling] + list(self.waiting)
+
+    def advance(self, until: float, timeout: float, events: Events) -> None:
+        speed, t = self.speed, self.clock
+        generated = 0.0
+        while True:
+            self._start(t, timeout, events)
+            itl = speed.itl(self.running)
+            nxt = until
+            if self.decoding:
+                nxt = min(nxt, t + (self.decoding[0][0] - self.decoded) * itl)
+            if self.prefilling:
+                nxt = min(nxt, self.prefilling[0][0])
+            if self.waiting and self.running < speed.max_num_seqs:
+                nxt = min(nxt, self.waiting[0].arrival)
+            nxt = max(nxt, t)
+            if self.decoding:
+                gained = (nxt - t) / itl
+                self.decoded += gained
+                generated += gained * len(self.decoding)
+            t = nxt
+            while self.decoding and self.decoding[0][0] <= self.decoded + _EPS:
+                _, _, job, first = heapq.heappop(self.decoding)
+                events.done.append(Done(job, self.name, first, t))
+            while self.prefilling and self.prefilling[0][0] <= t + _EPS:
+                first, _, job = heapq.heappop(self.prefilling)
+                generated += 1.0  # prefill yields the first token
+                if job.tokens <= 1:
+                    events.done.append(Done(job, self.name, first, t))
+                else:
+                    heapq.heappush(self.decoding, (self.decoded + job.tokens - 1, job.id, job, first))
+            if t >= until:
+                break
+        self.clock = until
+        while self.waiting and until - self.waiting[0].arrival > timeout:
+            events.timed_out.append(self.waiting.popleft())
+        if generated:
+            events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
+
+    def _start(self, t: float, timeout: float, events: Events) -> None:
+        while self.waiting and self.running < self.speed.max_num_seqs and self.waiting[0].arrival <= t + _EPS:
+            job = self.waiting.popleft()
+            if t - job.arrival > timeout:
+                events.timed_out.append(job)
+                continue
+            start = max(t, job.arrival)
+            heapq.heappush(self.prefilling, (start + self.speed.prefill_seconds(job.prompt), job.id, job))
+            events.started.append((self.name, job))
+
+
+class ServingEngine:
+    def __init__(self, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._pods: dict[str, _Replica] = {}
+        self._unrouted: deque[Job] = deque()
+
+    @property
+    def pods(self) -> list[str]:
+        return sorted(self._pods)
+
+    def running(self) -> dict[str, int]:
+        return {name: r.running for name, r in sorted(self._pods.items())}
+
+    def waiting(self) -> int:
+        return len(self._unrouted) + sum(len(r.waiting) for r in self._pods.values())
+
+    def in_flight(self) -> list[Job]:
+        """Every request not yet done: running, waiting on a replica, or unrouted."""
+        return [j for r in self._pods.values() for j in r.jobs()] + list(self._unrouted)
+
+    def set_pods(self, pods: Mapping[str, ServingSpeed], now: float) -> None:
+        """The ready replicas (and how each serves) from ``now``; the requests of those that went
+        away are routed again."""
+        retried = [job for name in sorted(set(self._pods) - set(pods)) for job in self._pods.pop(name).jobs()]
+        for name in sorted(set(pods) - set(self._pods)):
+            self._pods[name] = _Replica(name, pods[name], now)
+        pending = sorted([*retried, *self._unrouted], key=lambda j: (j.arrival, j.id))
+        self._unrouted = deque()
+        self.submit(pending)
+
+    def submit(self, jobs: Iterable[Job]) -> None:
+        """Route arriving (or retried) requests, in arrival order."""
+        if not self._pods:
+            self._unrouted.extend(jobs)
+            return
+        replicas = sorted(self._pods.values(), key=lambda r: r.name)
+        loads = [(r.load, i) for i, r in enumerate(replicas)]
+        heapq.heapify(loads)
+        for job in jobs:
+            load, i = heapq.heappop(loads)
+            replicas[i].waiting.append(job)
+            heapq.heappush(loads, (load + 1, i))
+
+    def advance(self, until: float) -> Events:
+        """Serve up to ``until``: every replica starts, decodes and finishes what it can."""
+        events = Events()
+        for name in sorted(self._pods):
+            self._pods[name].advance(until, self.timeout, events)
+        while self._unrouted and until - self._unrouted[0].arrival > self.timeout:
+            events.timed_out.append(self._unrouted.popleft())
+        events.done.sort(key=lambda d: (d.finished_at, d.job.id))
+        return events
