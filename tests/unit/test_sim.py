@@ -100,7 +100,7 @@ def test_planner_reaches_the_analytic_optimum_on_constant_demand() -> None:
     pool = {**sim_spec().model_dump(by_alias=True)["nodePools"][0], "serving": {"decodeBetaSeconds": 0.00032}}
     spec = sim_spec(budget=budget, slo={"latencySeconds": 1800}, nodePools=[pool])
     work = Workload.of(synthetic(rate, 1200.0, 100_000.0), 1.0, 600.0)
-    run = run_policy(spec, work, "planner", SimConfig(warmup=600.0))
+    run = run_policy(spec, work, "planner", SimConfig(warmup=600.0, drain=40.0))
 
     late = (run.series.t > 600.0) & (run.series.t < 1200.0)  # the last ten minutes of arrivals: steady state
     limits = np.unique(run.series.token_limit[late])
