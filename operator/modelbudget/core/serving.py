@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from modelbudget.api.spec import NodePool, Slo
+from modelbudget.api.spec import NodePool, Serving, Slo
 
 Tokens = TypeVar("Tokens", float, npt.NDArray[np.float64])
 
@@ -62,13 +62,18 @@ class ServingSpeed:
 
 
 def serving_speed(pool: NodePool) -> ServingSpeed:
-    """The pool's serving parameters; beta by default makes a full batch deliver the pool's
-    ``tokensPerSecondPerReplica`` (so the planner's throughput and the latency model agree)."""
-    s = pool.serving
-    beta = s.decode_beta_seconds
+    return speed_of(pool.serving, pool.tokens_per_second_per_replica)
+
+
+def speed_of(serving: Serving, tokens_per_second: float) -> ServingSpeed:
+    """The serving parameters; beta by default makes a full batch deliver ``tokens_per_second``
+    (the pool's ``tokensPerSecondPerReplica``, so the planner's throughput and the latency agree)."""
+    s, alpha, beta = serving, serving.decode_alpha_seconds, serving.decode_beta_seconds
     if beta is None:
-        beta = max(0.0, (s.max_num_seqs / pool.tokens_per_second_per_replica - s.decode_alpha_seconds) / s.max_num_seqs)
-    return ServingSpeed(s.max_num_seqs, s.decode_alpha_seconds, beta, s.prefill_tokens_per_second)
+        beta = (s.max_num_seqs / tokens_per_second - alpha) / s.max_num_seqs
+        if beta < 0:  # even a flat ITL of alpha is too slow for that throughput: the throughput wins
+            alpha, beta = s.max_num_seqs / tokens_per_second, 0.0
+    return ServingSpeed(s.max_num_seqs, alpha, beta, s.prefill_tokens_per_second)
 
 
 def largest_limit_within(

@@ -162,7 +162,9 @@ class World:
         """Start with these pods and nodes already ready (the state before the run)."""
         for name, pool in self.pools.items():
             pool.nodes = [now] * nodes.get(name, 0)
-            pool.pods = [[now, next(self._serial)] for _ in range(min(replicas.get(name, 0), len(pool.nodes) * pool.rpn))]
+            pool.pods = [
+                [now, next(self._serial)] for _ in range(min(replicas.get(name, 0), len(pool.nodes) * pool.rpn))
+            ]
 
     def apply(self, action: Action, now: float) -> None:
         for name, pool in self.pools.items():
