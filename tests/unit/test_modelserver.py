@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelbudget.core.serving import ServingSpeed
 from modelbudget.testbed.demand import (
     LognormalSizes,
     RateDemand,
@@ -17,7 +18,6 @@ from modelbudget.testbed.demand import (
     parse_rate_curve,
     read_trace,
 )
-from modelbudget.core.serving import ServingSpeed
 from modelbudget.testbed.modelserver import ModelServer, VllmMetrics
 from modelbudget.testbed.serving import Request, ServingModel, spread
 

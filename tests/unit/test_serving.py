@@ -40,9 +40,8 @@ class TestSpeed:
         assert SPEED.latency(500.0, 100.0, 4) == pytest.approx(0.5 + 99 * 0.02)
 
     def test_beta_defaults_so_a_full_batch_delivers_the_pools_throughput(self) -> None:
-        pool = NodePool(
-            name="p", gpu_type="g", price_per_gpu_hour=2, gpus_per_node=1, max_nodes=1, tokens_per_second_per_replica=2000
-        )
+        shape = {"name": "p", "gpu_type": "g", "price_per_gpu_hour": 2, "gpus_per_node": 1, "max_nodes": 1}
+        pool = NodePool(**shape, tokens_per_second_per_replica=2000)
         speed = serving_speed(pool)
         assert (speed.max_num_seqs, speed.alpha) == (256, 0.02)
         assert speed.capacity == pytest.approx(2000.0)

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     TOKEN_LIMIT_HELD = "TokenLimitHeld"
     LIMIT_NOT_ENFORCED = "LimitNotEnforced"
     FALLBACK_SCALE_TO = "FallbackScaleTo"
+    LATENCY_BOUND = "LatencyBound"
 
     # --- The metrics verdict (MetricsAvailable; also why replicas are held) ---
     METRICS_OK = "MetricsOK"

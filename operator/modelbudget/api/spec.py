@@ -239,7 +239,8 @@ class NodePool(ApiModel):
         default=None, description="What resizes the pool; without it the pool is observed but never resized."
     )
     serving: Serving = Field(
-        default_factory=lambda: Serving(), description="How one replica serves here: batch size, decode and prefill speed."
+        default_factory=lambda: Serving(),
+        description="How one replica serves here: batch size, decode and prefill speed.",
     )
 
 

@@ -34,6 +34,10 @@ class GenerationProfile:
         """``G(L) = E[min(W, L)]``."""
         return float(np.minimum(self.wanted, limit).mean())
 
+    def quantile_generated(self, limit: float, q: float) -> float:
+        """The ``q``-quantile (0..1) of ``min(W, L)``: what the ``q``-th request generates."""
+        return float(min(np.quantile(self.wanted, q, method="inverted_cdf"), limit))
+
     def mean_generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         means: npt.NDArray[np.float64] = np.minimum(self.wanted[None, :], limits[:, None]).mean(axis=1)
         return means

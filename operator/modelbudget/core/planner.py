@@ -22,6 +22,9 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
 6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
    rises at most ``maxStepUpFactor`` per decision, stays where it is while the change is within
    one grid step (and the replicas serving now carry it), and stays within its bounds.
+7. ``respect_latency``: no limit whose decode time at the batch the replicas serving now run
+   (continuous batching, ``core.serving``) breaks the SLO for the SLO's percentile request;
+   the target stage already sizes replicas so batches stay small enough (``LatencyBound``).
 
 The ``Decision`` carries the plan, the next controller state, the verdict, the curve and the
 running spend: status, Events and metrics are projections of it, never worked out again.
@@ -56,6 +59,7 @@ from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
+from modelbudget.core.serving import ServingSpeed, batch_within, largest_limit_within, slowest_speed
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
 GRID_MAX_POINTS = 161
@@ -92,6 +96,7 @@ class ResolvedSpec:
     grid: npt.NDArray[np.float64]
     ladder: CapacityLadder
     ladder_without_min_nodes: CapacityLadder  # when the ceiling cannot pay even the pools' minNodes
+    speed: ServingSpeed  # the slowest pool's serving speed: latency promises hold on every pool
 
 
 def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
@@ -109,6 +114,7 @@ def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
         grid=token_grid(lo, hi, optima),
         ladder=CapacityLadder(spec),
         ladder_without_min_nodes=CapacityLadder(spec, honour_min_nodes=False),
+        speed=slowest_speed(spec.node_pools),
     )
 
 
@@ -264,6 +270,12 @@ def _search(ctx: Context) -> _Search:
     best: tuple[int, int, float] | None = None
     for i in range(grid.size):
         need = ladder.replicas_for(ctx.demand * tokens[i])
+        for_latency = _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
+        if for_latency is None:  # not even a lone sequence meets the SLO at this limit
+            needed.append(need)
+            blocked.append((i, ladder.total_slots + 1 if need is None else need, Reason.LATENCY_BOUND))
+            continue
+        need = None if need is None else max(need, for_latency)
         needed.append(need)
         if need is None or need > room or need > ctx.affordable:
             blocked.append((i, ladder.total_slots + 1 if need is None else need, _why_blocked(need, room, spec)))
@@ -273,6 +285,25 @@ def _search(ctx: Context) -> _Search:
         if best is None or net >= best[2] - _EPS:
             best = (i, n, net)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+
+
+def _slo_tokens(ctx: Context, limit: float) -> float:
+    """What the SLO's percentile request generates under ``limit``."""
+    profile = ctx.verdict.profile
+    assert profile is not None
+    return profile.quantile_generated(limit, ctx.spec.slo.percentile / 100.0)
+
+
+def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) -> int | None:
+    """Replicas that keep each batch small enough for the SLO's percentile request to meet the SLO
+    at ``limit`` (sequences in flight per replica within the batch that allows); ``None`` when no
+    batch does."""
+    speed = ctx.resolved.speed
+    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
+    batch = batch_within(speed, ctx.spec.slo, prompt, _slo_tokens(ctx, limit))
+    if batch <= 0:
+        return None
+    return math.ceil(tokens_per_second / speed.throughput(batch) - _EPS) if tokens_per_second > 0 else 0
 
 
 def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
@@ -338,6 +369,8 @@ def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
 
 
 def _held_message(why: Reason, replicas: int, spec: ModelBudgetSpec) -> str:
+    if why is Reason.LATENCY_BOUND:
+        return f"even a lone sequence would miss the latency SLO ({_slo_terms(spec)})"
     if why is Reason.MAX_REPLICAS:
         return f"more than replicas.max={spec.replicas.max}"
     if why is Reason.MAX_NODES:
@@ -489,6 +522,47 @@ def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
     return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_LIMIT_HELD, message, limit=previous)
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. Latency
+
+
+def respect_latency(draft: Draft, ctx: Context) -> Draft:
+    """No limit whose decode time, at the batch the replicas serving now run, breaks the SLO."""
+    if not ctx.verdict.ok:
+        return draft
+    profile, grid, speed = ctx.verdict.profile, ctx.resolved.grid, ctx.resolved.speed
+    assert profile is not None
+    serving = min(ctx.obs.ready_replicas, draft.replicas)
+    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
+
+    def meets(limit: float) -> bool:
+        per_replica = ctx.demand * profile.mean_generated(limit) / serving if serving else math.inf
+        batch = speed.batch_for(per_replica)
+        if batch > speed.max_num_seqs:
+            return False
+        return _slo_tokens(ctx, limit) <= largest_limit_within(speed, ctx.spec.slo, prompt, batch) + _EPS
+
+    if draft.limit <= grid[0] or meets(draft.limit):
+        return draft
+    fits = [float(g) for g in grid if g < draft.limit and meets(float(g))]
+    lowered = int(fits[-1]) if fits else int(grid[0])
+    message = (
+        f"a limit of {draft.limit} tokens would miss the latency SLO ({_slo_terms(ctx.spec)}) "
+        f"at the batch {serving} replicas run: {lowered}"
+    )
+    return draft.because(Knob.TOKEN_LIMIT, Reason.LATENCY_BOUND, message, limit=lowered)
+
+
+def _slo_terms(spec: ModelBudgetSpec) -> str:
+    slo = spec.slo
+    terms = [f"p{slo.percentile:g} e2e {slo.latency_seconds:g}s"]
+    if slo.time_to_first_token_seconds is not None:
+        terms.append(f"TTFT {slo.time_to_first_token_seconds:g}s")
+    if slo.time_per_output_token_seconds is not None:
+        terms.append(f"TPOT {slo.time_per_output_token_seconds:g}s")
+    return ", ".join(terms)
+
+
 STAGES: tuple[Stage, ...] = (
     target,
     size_for_limit_in_force,
@@ -497,6 +571,7 @@ STAGES: tuple[Stage, ...] = (
     enforce_ceiling,
     hold_nodes,
     fast_limit,
+    respect_latency,
 )
 
 

@@ -9,6 +9,7 @@ Pure arithmetic: the simulator's request-level engine and the planner both use t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,7 +34,7 @@ class ServingSpeed:
 
     def decode_seconds(self, tokens: Tokens, batch: float) -> Tokens:
         """Seconds to generate ``tokens`` (the first comes with the prefill, the others one ITL apart)."""
-        return np.maximum(tokens - 1.0, 0.0) * self.itl(batch)  # type: ignore[return-value]
+        return np.maximum(tokens - 1.0, 0.0) * self.itl(batch)  # type: ignore[no-any-return]
 
     def prefill_seconds(self, prompt_tokens: Tokens) -> Tokens:
         return prompt_tokens / self.prefill_rate
@@ -76,19 +77,36 @@ def speed_of(serving: Serving, tokens_per_second: float) -> ServingSpeed:
     return ServingSpeed(s.max_num_seqs, alpha, beta, s.prefill_tokens_per_second)
 
 
-def largest_limit_within(
-    speed: ServingSpeed, slo: Slo, prompt_tokens: float, batch: float, queue_slack: float = 0.0
-) -> float:
-    """The most tokens one request may generate and still meet the SLO at this batch: its
-    prefill plus its decode within ``latencySeconds`` (less ``queue_slack``).  ``0`` when even
-    the first token is late, or the per-token target cannot be met at this batch."""
+def largest_limit_within(speed: ServingSpeed, slo: Slo, prompt_tokens: float, batch: float) -> float:
+    """The most tokens one request may generate and still meet the SLO at this batch, unqueued:
+    its prefill plus its decode within ``latencySeconds``.  ``0`` when even the first token is
+    late, or the per-token target cannot be met at this batch."""
     itl, prefill = speed.itl(batch), speed.prefill_seconds(prompt_tokens)
     if slo.time_per_output_token_seconds is not None and itl > slo.time_per_output_token_seconds:
         return 0.0
     if slo.time_to_first_token_seconds is not None and prefill > slo.time_to_first_token_seconds:
         return 0.0
-    room = slo.latency_seconds - queue_slack - prefill
-    return max(room / itl + 1.0, 0.0) if room >= 0 else 0.0
+    room = slo.latency_seconds - prefill
+    return room / itl + 1.0 if room >= 0 else 0.0
+
+
+def batch_within(speed: ServingSpeed, slo: Slo, prompt_tokens: float, tokens: float) -> float:
+    """The largest batch (at most ``maxNumSeqs``) at which a request generating ``tokens`` meets
+    the SLO, unqueued; ``0`` when not even a lone sequence does."""
+    prefill = speed.prefill_seconds(prompt_tokens)
+    if slo.time_to_first_token_seconds is not None and prefill > slo.time_to_first_token_seconds:
+        return 0.0
+    room = slo.latency_seconds - prefill
+    if room < 0:
+        return 0.0
+    itl_max = room / (tokens - 1.0) if tokens > 1.0 else math.inf
+    if slo.time_per_output_token_seconds is not None:
+        itl_max = min(itl_max, slo.time_per_output_token_seconds)
+    if itl_max < speed.itl(1.0):
+        return 0.0
+    if speed.beta == 0:
+        return float(speed.max_num_seqs)
+    return min(float(speed.max_num_seqs), (itl_max - speed.alpha) / speed.beta)
 
 
 def slowest_speed(pools: list[NodePool]) -> ServingSpeed:

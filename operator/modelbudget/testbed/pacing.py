@@ -50,7 +50,6 @@ class SlotPacer:
             raise QueueTimeout(f"no batch slot free within {self.queue_timeout:g}s") from None
         self.running += 1
         try:
-            loop = asyncio.get_running_loop()
             decoded = 0
             while decoded < tokens:
                 # The batch may change between steps: each step runs at the ITL of the batch now.
