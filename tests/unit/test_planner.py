@@ -26,7 +26,7 @@ def reasons(decision):
         # replicas.max
         (
             "max replicas hit",
-            {"replicas": {"min": 1, "max": 3}},
+            {"replicas": {"min": 1, "max": 3}, "slo": {"latencySeconds": 3600}},  # latency does not bind
             {"rps": 20, "replicas": 3},
             "MaxReplicas",
             lambda p: p.replicas == 3,

@@ -270,15 +270,20 @@ def _search(ctx: Context) -> _Search:
     best: tuple[int, int, float] | None = None
     for i in range(grid.size):
         need = ladder.replicas_for(ctx.demand * tokens[i])
-        for_latency = _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
+        # The smallest limit is never blocked by latency: there is nothing lower to serve at
+        # (respect_latency says so); the others need batches that meet the SLO.
+        for_latency = 0 if i == 0 else _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
         if for_latency is None:  # not even a lone sequence meets the SLO at this limit
             needed.append(need)
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, Reason.LATENCY_BOUND))
+            blocked.append((i, 0, Reason.LATENCY_BOUND))
             continue
+        fits_tokens = need is not None and need <= min(room, ctx.affordable)
         need = None if need is None else max(need, for_latency)
         needed.append(need)
         if need is None or need > room or need > ctx.affordable:
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, _why_blocked(need, room, spec)))
+            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+            why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
+            blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
             continue
         n = max(need, ctx.min_replicas)
         net = value_per_hour[i] - ladder.spend(n)
@@ -344,7 +349,8 @@ def _why_not_higher(draft: Draft, ctx: Context, found: _Search, i: int, n: int) 
     better = [(j, need, why) for j, need, why in found.blocked if j > i and value[j] > value[i]]
     if better:
         j, need, why = better[0]
-        message = f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, ctx.spec)}"
+        needs = f" needs {need} replicas" if need else ""
+        message = f"a limit of {int(grid[j])} tokens{needs}: {_held_message(why, need, ctx.spec)}"
         return draft.because(Knob.TOKEN_LIMIT, why, message)
     need_next = found.needed[i + 1] or n
     cost = ctx.ladder.spend(max(need_next, ctx.min_replicas)) - ctx.ladder.spend(n)
@@ -369,8 +375,11 @@ def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
 
 
 def _held_message(why: Reason, replicas: int, spec: ModelBudgetSpec) -> str:
-    if why is Reason.LATENCY_BOUND:
+    if why is Reason.LATENCY_BOUND and replicas == 0:
         return f"even a lone sequence would miss the latency SLO ({_slo_terms(spec)})"
+    if why is Reason.LATENCY_BOUND:
+        held = "replicas.max" if replicas > spec.replicas.max else "the allowance and the pools"
+        return f"batches small enough for the latency SLO ({_slo_terms(spec)}) need more than {held} allow"
     if why is Reason.MAX_REPLICAS:
         return f"more than replicas.max={spec.replicas.max}"
     if why is Reason.MAX_NODES:
@@ -542,8 +551,11 @@ def respect_latency(draft: Draft, ctx: Context) -> Draft:
             return False
         return _slo_tokens(ctx, limit) <= largest_limit_within(speed, ctx.spec.slo, prompt, batch) + _EPS
 
-    if draft.limit <= grid[0] or meets(draft.limit):
+    if meets(draft.limit):
         return draft
+    if draft.limit <= grid[0]:
+        message = f"even the smallest limit {draft.limit} misses the latency SLO ({_slo_terms(ctx.spec)})"
+        return draft.because(Knob.TOKEN_LIMIT, Reason.LATENCY_BOUND, message)
     fits = [float(g) for g in grid if g < draft.limit and meets(float(g))]
     lowered = int(fits[-1]) if fits else int(grid[0])
     message = (
