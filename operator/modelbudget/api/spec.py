@@ -344,6 +344,12 @@ class Queries(ApiModel):
     latency_p95: PromQL = (
         "histogram_quantile(0.95, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{$selector}[$window])))"
     )
+    time_to_first_token_p95: PromQL = (
+        "histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{$selector}[$window])))"
+    )
+    time_per_output_token_p95: PromQL = (
+        "histogram_quantile(0.95, sum by (le) (rate(vllm:time_per_output_token_seconds_bucket{$selector}[$window])))"
+    )
 
 
 class Metrics(ApiModel):
