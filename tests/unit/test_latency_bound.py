@@ -30,7 +30,7 @@ def latency_of(decision, spec, obs) -> float:
     serving = min(obs.ready_replicas, decision.plan.replicas)
     limit = decision.plan.token_limit
     batch = speed.batch_for(obs.demand.request_rate * profile.mean_generated(limit) / serving)
-    tokens = profile.quantile_generated(limit, spec.slo.percentile / 100)
+    tokens = min(profile.quantile_wanted(spec.slo.percentile / 100), limit)
     return speed.latency(0.0, tokens, batch)
 
 
@@ -104,5 +104,5 @@ def test_the_limit_meets_the_slo_at_the_batch_the_serving_replicas_run(
     serving = min(obs.ready_replicas, decision.plan.replicas)
     batch = speed.batch_for(rate * obs.demand.generation.mean_generated(limit) / serving)
     assert batch <= speed.max_num_seqs
-    tokens = obs.demand.generation.quantile_generated(limit, spec.slo.percentile / 100)
+    tokens = min(obs.demand.generation.quantile_wanted(spec.slo.percentile / 100), limit)
     assert speed.latency(0.0, tokens, batch) <= latency + 1e-6

@@ -296,7 +296,7 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     """What the SLO's percentile request generates under ``limit``."""
     profile = ctx.verdict.profile
     assert profile is not None
-    return profile.quantile_generated(limit, ctx.spec.slo.percentile / 100.0)
+    return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
 
 
 def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) -> int | None:

@@ -3,9 +3,11 @@
 One copy, used by the simulator's world and by the testbed's synthetic model server, so both
 serve the same way.  Pure and clock-free: time comes in as arguments.
 
-- A request is routed when it arrives to the ready replica with the fewest sequences running
-  plus waiting (ties by name), as a load-aware router in front of vLLM pods does, and waits in
-  that replica's own FIFO queue.  With no ready replica it waits unrouted.
+- A request is routed at its arrival time to the ready replica with the fewest sequences running
+  plus waiting at that moment (ties by name), as a load-aware router in front of vLLM pods does,
+  and waits in that replica's own FIFO queue.  With no ready replica it waits unrouted.  Routing
+  at the arrival time itself (not when the caller hands requests over) keeps the result the same
+  whatever step the caller advances by.
 - A replica runs at most ``maxNumSeqs`` sequences.  A sequence first prefills its prompt
   (``prompt / prefill rate`` seconds; that produces its first token), then decodes its other
   tokens at one per ``itl(b) = alpha + beta * b``, ``b`` the sequences running on the replica.
@@ -21,6 +23,7 @@ serve the same way.  Pure and clock-free: time comes in as arguments.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +66,9 @@ class _Replica:
         self.decoding: list[tuple[float, int, Job, float]] = []  # (clock when done, id, job, first token at)
         self.prefilling: list[tuple[float, int, Job]] = []  # (first token at, id, job)
         self.waiting: deque[Job] = deque()
+        # The earliest time its load (running + waiting) can drop: until then routing may read the
+        # load without advancing it (a replica with no event costs nothing between arrivals).
+        self.next_change = now
 
     @property
     def running(self) -> int:
@@ -109,6 +115,13 @@ class _Replica:
         self.clock = until
         while self.waiting and until - self.waiting[0].arrival > timeout:
             events.timed_out.append(self.waiting.popleft())
+        self.next_change = math.inf
+        if self.decoding:
+            self.next_change = until + (self.decoding[0][0] - self.decoded) * speed.itl(self.running)
+        if self.prefilling:  # a one-token request is done when its prefill is
+            self.next_change = min(self.next_change, self.prefilling[0][0])
+        if self.waiting:
+            self.next_change = min(self.next_change, self.waiting[0].arrival + timeout)
         if generated:
             events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
 
@@ -129,7 +142,8 @@ class ServingEngine:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
         self._pods: dict[str, _Replica] = {}
-        self._unrouted: deque[Job] = deque()
+        self._arriving: deque[Job] = deque()  # submitted, routed when the engine reaches their arrival
+        self._unrouted: deque[Job] = deque()  # arrived while no replica was ready
 
     @property
     def pods(self) -> list[str]:
@@ -142,7 +156,7 @@ class ServingEngine:
         return len(self._unrouted) + sum(len(r.waiting) for r in self._pods.values())
 
     def in_flight(self) -> list[Job]:
-        """Every request not yet done: running, waiting on a replica, or unrouted."""
+        """Every request that has arrived and is not done: running, waiting on a replica, or unrouted."""
         return [j for r in self._pods.values() for j in r.jobs()] + list(self._unrouted)
 
     def set_pods(self, pods: Mapping[str, ServingSpeed], now: float) -> None:
@@ -153,26 +167,34 @@ class ServingEngine:
             self._pods[name] = _Replica(name, pods[name], now)
         pending = sorted([*retried, *self._unrouted], key=lambda j: (j.arrival, j.id))
         self._unrouted = deque()
-        self.submit(pending)
+        for job in pending:  # they have arrived already: routed now, oldest first
+            self._route(job)
 
     def submit(self, jobs: Iterable[Job]) -> None:
-        """Route arriving (or retried) requests, in arrival order."""
+        """Requests arriving from now on, in arrival order; each is routed when it arrives."""
+        self._arriving.extend(jobs)
+
+    def _route(self, job: Job) -> None:
         if not self._pods:
-            self._unrouted.extend(jobs)
+            self._unrouted.append(job)
             return
-        replicas = sorted(self._pods.values(), key=lambda r: r.name)
-        loads = [(r.load, i) for i, r in enumerate(replicas)]
-        heapq.heapify(loads)
-        for job in jobs:
-            load, i = heapq.heappop(loads)
-            replicas[i].waiting.append(job)
-            heapq.heappush(loads, (load + 1, i))
+        target = min(self._pods.values(), key=lambda r: (r.load, r.name))
+        target.waiting.append(job)
+        target.next_change = min(target.next_change, job.arrival)  # it may start at once
 
     def advance(self, until: float) -> Events:
-        """Serve up to ``until``: every replica starts, decodes and finishes what it can."""
+        """Serve up to ``until``: route each arrival at its time, and every replica starts,
+        decodes and finishes what it can."""
         events = Events()
-        for name in sorted(self._pods):
-            self._pods[name].advance(until, self.timeout, events)
+        replicas = [self._pods[name] for name in sorted(self._pods)]
+        while self._arriving and self._arriving[0].arrival < until:
+            job = self._arriving.popleft()
+            for replica in replicas:
+                if replica.next_change <= job.arrival:
+                    replica.advance(job.arrival, self.timeout, events)
+            self._route(job)
+        for replica in replicas:
+            replica.advance(until, self.timeout, events)
         while self._unrouted and until - self._unrouted[0].arrival > self.timeout:
             events.timed_out.append(self._unrouted.popleft())
         events.done.sort(key=lambda d: (d.finished_at, d.job.id))

@@ -322,8 +322,8 @@ class ModelServer:
             start, end = self.now, self.now + self.tick_seconds
             arrivals = self.demand.arrivals(start, end)
             self.model.submit(arrivals)
-            # Requests start at the tick boundary after they arrive (latency is quantised to a tick).
-            result = self.model.tick(end, self.tick_seconds)
+            # The engine serves each request from its own arrival time within the tick.
+            result = self.model.tick(start, self.tick_seconds)
             self.now = end
             self.metrics.record(result)
             self.metrics.record_arrivals(len(arrivals))
