@@ -15,10 +15,10 @@ from modelbudget.cli import main
 from modelbudget.core.capacity import cost_per_token
 from modelbudget.core.planner import GRID_STEPS_PER_DOUBLING
 from modelbudget.sim.benchmark import run_benchmark
-from modelbudget.sim.run import SimConfig, Workload, run_policy
+from modelbudget.sim.run import PolicyRun, SimConfig, Workload, run_policy
 from modelbudget.sim.score import score
 from modelbudget.sim.trace import Columns, Trace, TraceError, read_trace, repeat_daily, synthetic
-from modelbudget.sim.world import QUEUED, REJECTED, SERVED, TIMED_OUT
+from modelbudget.sim.world import QUEUED, REJECTED, SERVED, TIMED_OUT, Interruptions
 
 FAST = SimConfig(warmup=300.0)
 
@@ -214,3 +214,43 @@ def test_cli_writes_the_table_and_the_figure(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "planner" in out and "oracle" in out
     assert (tmp_path / "r" / "demo-llm-t-F20.png").stat().st_size > 0
+
+
+def spot_run(interruptions: Interruptions) -> tuple[PolicyRun, Workload, ModelBudgetSpec, SimConfig]:
+    """The planner on a cheap spot pool and an on-demand one, 6 req/s for 25 minutes."""
+    pool = {"gpuType": "g", "gpusPerNode": 2, "maxNodes": 6, "tokensPerSecondPerReplica": 2000}
+    spec = sim_spec(
+        budget={"ceiling": {"amount": 12, "period": "Hour"}, "valuePerPoint": 0.05},
+        nodePools=[
+            {**pool, "name": "spot", "pricePerGpuHour": 1.0, "capacityType": "Spot"},
+            {**pool, "name": "ondemand", "pricePerGpuHour": 2.5, "minNodes": 1},
+        ],
+    )
+    config = SimConfig(warmup=300.0, interruptions=interruptions)
+    work = Workload.of(synthetic(6.0, 1500.0, np.geomspace(50, 2000, 16), seed=1), 1.0, config.warmup)
+    return run_policy(spec, work, "planner", config), work, spec, config
+
+
+@pytest.mark.parametrize(
+    "interruptions",
+    [Interruptions(at=(400.0, 405.0, 900.0)), Interruptions(per_node_hour=2.0, seed=2)],
+    ids=["schedule", "rate"],
+)
+def test_spot_interruptions_keep_the_ceiling_and_lose_no_request(interruptions: Interruptions) -> None:
+    run, work, spec, _ = spot_run(interruptions)
+    assert run.world.interrupted >= 3
+    assert score(run, work, spec).breach_minutes == 0
+    assert np.all(run.series.spend_rate <= run.series.allowance + 1e-9)
+    # Requests on a lost pod are retried, never lost: everything is served or gave up in the queue.
+    assert np.count_nonzero(run.world.status == QUEUED) == 0
+
+
+def test_capacity_lost_to_a_spot_interruption_comes_back() -> None:
+    run, _, _, config = spot_run(Interruptions(at=(400.0, 405.0)))  # two spot nodes, 5 s apart
+    s = run.series
+    before = s.ready[(s.t >= 300) & (s.t < 400)].min()
+    assert s.ready[(s.t >= 405) & (s.t < 415)].max() < before  # the interruption took pods away
+    # The pool replaces its nodes (120 s), the pods start again (60 s), within a decision and a step.
+    delay = config.delays.node_provision + config.delays.replica_start + config.decision_interval + config.step
+    back = (s.t >= 405 + delay) & (s.t < 405 + delay + 120)  # later moves between pools are the planner's own
+    assert np.all(s.ready[back] >= np.minimum(before, s.replicas[back]))
