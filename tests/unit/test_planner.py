@@ -41,7 +41,10 @@ def reasons(decision):
         # node pool maxNodes
         (
             "max nodes hit",
-            {"nodePools": [{**make_spec().node_pools[0].model_dump(by_alias=True), "maxNodes": 1}]},
+            {
+                "nodePools": [{**make_spec().node_pools[0].model_dump(by_alias=True), "maxNodes": 1}],
+                "slo": {"latencySeconds": 3600},  # latency does not bind
+            },
             {"rps": 20, "replicas": 4},
             "MaxNodes",
             lambda p: p.nodes_by_pool()["pool-a"] == 1,

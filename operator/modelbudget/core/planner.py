@@ -36,6 +36,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,14 @@ from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
-from modelbudget.core.serving import ServingSpeed, batch_within, largest_limit_within, slowest_speed
+from modelbudget.core.serving import (
+    ServingSpeed,
+    batch_within,
+    busy_batch,
+    largest_limit_within,
+    mean_batch_within,
+    slowest_speed,
+)
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
 GRID_MAX_POINTS = 161
@@ -308,7 +316,15 @@ def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) 
     batch = batch_within(speed, ctx.spec.slo, prompt, _slo_tokens(ctx, limit))
     if batch <= 0:
         return None
-    return math.ceil(tokens_per_second / speed.throughput(batch) - _EPS) if tokens_per_second > 0 else 0
+    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
+    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
+    mean = batch if batch >= speed.max_num_seqs else max(mean_batch_within(batch, _slo_z(ctx.spec)), 1.0)
+    return math.ceil(tokens_per_second / speed.throughput(mean) - _EPS) if tokens_per_second > 0 else 0
+
+
+def _slo_z(spec: ModelBudgetSpec) -> float:
+    """The standard normal quantile of the SLO's percentile (1.645 for p95)."""
+    return NormalDist().inv_cdf(spec.slo.percentile / 100.0)
 
 
 def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
@@ -536,7 +552,8 @@ def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
 
 
 def respect_latency(draft: Draft, ctx: Context) -> Draft:
-    """No limit whose decode time, at the batch the replicas serving now run, breaks the SLO."""
+    """No limit whose decode time, at the batch the replicas serving now run in their busy moments
+    (the SLO's percentile of a Poisson batch), breaks the SLO."""
     if not ctx.verdict.ok:
         return draft
     profile, grid, speed = ctx.verdict.profile, ctx.resolved.grid, ctx.resolved.speed
@@ -546,9 +563,10 @@ def respect_latency(draft: Draft, ctx: Context) -> Draft:
 
     def meets(limit: float) -> bool:
         per_replica = ctx.demand * profile.mean_generated(limit) / serving if serving else math.inf
-        batch = speed.batch_for(per_replica)
-        if batch > speed.max_num_seqs:
+        mean = speed.batch_for(per_replica)
+        if mean > speed.max_num_seqs:
             return False
+        batch = min(busy_batch(mean, _slo_z(ctx.spec)), speed.max_num_seqs)
         return _slo_tokens(ctx, limit) <= largest_limit_within(speed, ctx.spec.slo, prompt, batch) + _EPS
 
     if meets(draft.limit):

@@ -109,6 +109,18 @@ def batch_within(speed: ServingSpeed, slo: Slo, prompt_tokens: float, tokens: fl
     return min(float(speed.max_num_seqs), (itl_max - speed.alpha) / speed.beta)
 
 
+def busy_batch(mean_batch: float, z: float) -> float:
+    """The batch a replica runs at an upper quantile: sequences in flight on a replica are close to
+    Poisson (arrivals are, and continuous batching serves them all at once), so ``b + z * sqrt(b)``."""
+    return mean_batch + z * math.sqrt(max(mean_batch, 0.0))
+
+
+def mean_batch_within(batch: float, z: float) -> float:
+    """The largest mean batch whose ``busy_batch`` stays within ``batch`` (its inverse)."""
+    root = (-z + math.sqrt(z * z + 4.0 * max(batch, 0.0))) / 2.0
+    return root * root
+
+
 def slowest_speed(pools: list[NodePool]) -> ServingSpeed:
     """The pool whose full batch is slowest per sequence: latency promises hold on every pool."""
     return max((serving_speed(p) for p in pools), key=lambda s: s.itl(s.max_num_seqs))
