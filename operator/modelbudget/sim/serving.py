@@ -27,10 +27,12 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from modelbudget.core.serving import ServingSpeed
 
 _EPS = 1e-9
+_LOAD = attrgetter("load")
 
 
 @dataclass(frozen=True)
@@ -66,73 +68,84 @@ class _Replica:
         self.decoding: list[tuple[float, int, Job, float]] = []  # (clock when done, id, job, first token at)
         self.prefilling: list[tuple[float, int, Job]] = []  # (first token at, id, job)
         self.waiting: deque[Job] = deque()
-        # The earliest time its load (running + waiting) can drop: until then routing may read the
-        # load without advancing it (a replica with no event costs nothing between arrivals).
+        # Counted, not recomputed: routing reads ``load`` once per replica per arrival.
+        self.running = 0  # sequences in the batch (prefilling or decoding)
+        self.load = 0  # running + waiting
+        # The earliest time its load can drop: until then routing may read the load without
+        # advancing it (a replica with no event costs nothing between arrivals).
         self.next_change = now
-
-    @property
-    def running(self) -> int:
-        return len(self.decoding) + len(self.prefilling)
-
-    @property
-    def load(self) -> int:
-        return self.running + len(self.waiting)
 
     def jobs(self) -> list[Job]:
         return [e[2] for e in self.decoding] + [e[2] for e in self.prefilling] + list(self.waiting)
 
+    def enqueue(self, job: Job) -> None:
+        self.waiting.append(job)
+        self.load += 1
+        self.next_change = min(self.next_change, job.arrival)  # it may start at once
+
     def advance(self, until: float, timeout: float, events: Events) -> None:
         speed, t = self.speed, self.clock
+        decoding, prefilling, waiting = self.decoding, self.prefilling, self.waiting
         generated = 0.0
         while True:
-            self._start(t, timeout, events)
+            if waiting:
+                self._start(t, timeout, events)
             itl = speed.itl(self.running)
             nxt = until
-            if self.decoding:
-                nxt = min(nxt, t + (self.decoding[0][0] - self.decoded) * itl)
-            if self.prefilling:
-                nxt = min(nxt, self.prefilling[0][0])
-            if self.waiting and self.running < speed.max_num_seqs:
-                nxt = min(nxt, self.waiting[0].arrival)
+            if decoding:
+                nxt = min(nxt, t + (decoding[0][0] - self.decoded) * itl)
+            if prefilling:
+                nxt = min(nxt, prefilling[0][0])
+            if waiting and self.running < speed.max_num_seqs:
+                nxt = min(nxt, waiting[0].arrival)
             nxt = max(nxt, t)
-            if self.decoding:
+            if decoding:
                 gained = (nxt - t) / itl
                 self.decoded += gained
-                generated += gained * len(self.decoding)
+                generated += gained * len(decoding)
             t = nxt
-            while self.decoding and self.decoding[0][0] <= self.decoded + _EPS:
-                _, _, job, first = heapq.heappop(self.decoding)
-                events.done.append(Done(job, self.name, first, t))
-            while self.prefilling and self.prefilling[0][0] <= t + _EPS:
-                first, _, job = heapq.heappop(self.prefilling)
+            while decoding and decoding[0][0] <= self.decoded + _EPS:
+                _, _, job, first = heapq.heappop(decoding)
+                self._done(Done(job, self.name, first, t), events)
+            while prefilling and prefilling[0][0] <= t + _EPS:
+                first, _, job = heapq.heappop(prefilling)
                 generated += 1.0  # prefill yields the first token
                 if job.tokens <= 1:
-                    events.done.append(Done(job, self.name, first, t))
+                    self._done(Done(job, self.name, first, t), events)
                 else:
-                    heapq.heappush(self.decoding, (self.decoded + job.tokens - 1, job.id, job, first))
+                    heapq.heappush(decoding, (self.decoded + job.tokens - 1, job.id, job, first))
             if t >= until:
                 break
         self.clock = until
-        while self.waiting and until - self.waiting[0].arrival > timeout:
-            events.timed_out.append(self.waiting.popleft())
+        while waiting and until - waiting[0].arrival > timeout:
+            events.timed_out.append(waiting.popleft())
+            self.load -= 1
         self.next_change = math.inf
-        if self.decoding:
-            self.next_change = until + (self.decoding[0][0] - self.decoded) * speed.itl(self.running)
-        if self.prefilling:  # a one-token request is done when its prefill is
-            self.next_change = min(self.next_change, self.prefilling[0][0])
-        if self.waiting:
-            self.next_change = min(self.next_change, self.waiting[0].arrival + timeout)
+        if decoding:
+            self.next_change = until + (decoding[0][0] - self.decoded) * speed.itl(self.running)
+        if prefilling:  # a one-token request is done when its prefill is
+            self.next_change = min(self.next_change, prefilling[0][0])
+        if waiting:
+            self.next_change = min(self.next_change, waiting[0].arrival + timeout)
         if generated:
             events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
 
+    def _done(self, done: Done, events: Events) -> None:
+        events.done.append(done)
+        self.running -= 1
+        self.load -= 1
+
     def _start(self, t: float, timeout: float, events: Events) -> None:
-        while self.waiting and self.running < self.speed.max_num_seqs and self.waiting[0].arrival <= t + _EPS:
-            job = self.waiting.popleft()
+        waiting = self.waiting
+        while waiting and self.running < self.speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
+            job = waiting.popleft()
             if t - job.arrival > timeout:
                 events.timed_out.append(job)
+                self.load -= 1
                 continue
             start = max(t, job.arrival)
             heapq.heappush(self.prefilling, (start + self.speed.prefill_seconds(job.prompt), job.id, job))
+            self.running += 1
             events.started.append((self.name, job))
 
 
@@ -142,6 +155,7 @@ class ServingEngine:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
         self._pods: dict[str, _Replica] = {}
+        self._replicas: list[_Replica] = []  # the same, in name order
         self._arriving: deque[Job] = deque()  # submitted, routed when the engine reaches their arrival
         self._unrouted: deque[Job] = deque()  # arrived while no replica was ready
 
@@ -165,6 +179,7 @@ class ServingEngine:
         retried = [job for name in sorted(set(self._pods) - set(pods)) for job in self._pods.pop(name).jobs()]
         for name in sorted(set(pods) - set(self._pods)):
             self._pods[name] = _Replica(name, pods[name], now)
+        self._replicas = [self._pods[name] for name in sorted(self._pods)]
         pending = sorted([*retried, *self._unrouted], key=lambda j: (j.arrival, j.id))
         self._unrouted = deque()
         for job in pending:  # they have arrived already: routed now, oldest first
@@ -178,15 +193,14 @@ class ServingEngine:
         if not self._pods:
             self._unrouted.append(job)
             return
-        target = min(self._pods.values(), key=lambda r: (r.load, r.name))
-        target.waiting.append(job)
-        target.next_change = min(target.next_change, job.arrival)  # it may start at once
+        # The least loaded; ties go to the first name (the replicas are kept in name order).
+        min(self._replicas, key=_LOAD).enqueue(job)
 
     def advance(self, until: float) -> Events:
         """Serve up to ``until``: route each arrival at its time, and every replica starts,
         decodes and finishes what it can."""
         events = Events()
-        replicas = [self._pods[name] for name in sorted(self._pods)]
+        replicas = self._replicas
         while self._arriving and self._arriving[0].arrival < until:
             job = self._arriving.popleft()
             for replica in replicas:
