@@ -32,6 +32,7 @@ running spend: status, Events and metrics are projections of it, never worked ou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -324,7 +325,12 @@ def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) 
 
 def _slo_z(spec: ModelBudgetSpec) -> float:
     """The standard normal quantile of the SLO's percentile (1.645 for p95)."""
-    return NormalDist().inv_cdf(spec.slo.percentile / 100.0)
+    return _normal_quantile(spec.slo.percentile)
+
+
+@functools.lru_cache(maxsize=16)
+def _normal_quantile(percentile: float) -> float:
+    return NormalDist().inv_cdf(percentile / 100.0)
 
 
 def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
@@ -574,8 +580,8 @@ def respect_latency(draft: Draft, ctx: Context) -> Draft:
     if draft.limit <= grid[0]:
         message = f"even the smallest limit {draft.limit} misses the latency SLO ({_slo_terms(ctx.spec)})"
         return draft.because(Knob.TOKEN_LIMIT, Reason.LATENCY_BOUND, message)
-    fits = [float(g) for g in grid if g < draft.limit and meets(float(g))]
-    lowered = int(fits[-1]) if fits else int(grid[0])
+    # Both the batch and the tokens fall with the limit: the first that fits from the top is the largest.
+    lowered = next((int(g) for g in grid[::-1] if g < draft.limit and meets(float(g))), int(grid[0]))
     message = (
         f"a limit of {draft.limit} tokens would miss the latency SLO ({_slo_terms(ctx.spec)}) "
         f"at the batch {serving} replicas run: {lowered}"
