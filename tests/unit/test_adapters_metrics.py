@@ -111,6 +111,27 @@ def test_sample_turns_rates_into_per_request_figures() -> None:
     assert s.at is not None and s.at.timestamp() == TS
 
 
+def test_the_slo_latencies_are_read_from_vllms_histograms() -> None:
+    run = Canned(
+        {
+            "request_success_total": vec("4"),
+            "time_to_first_token_seconds_bucket": vec("0.8"),
+            "time_per_output_token_seconds_bucket": vec("0.045"),
+            "e2e_request_latency_seconds_bucket": vec("12"),
+        }
+    )
+    s = sample_with(run, metrics(), "demo", "demo-llm")
+    assert (s.latency_p95_seconds, s.time_to_first_token_p95_seconds, s.time_per_output_token_p95_seconds) == (
+        12.0,
+        0.8,
+        0.045,
+    )
+    assert any(q.startswith("histogram_quantile(0.95") and "time_to_first_token" in q for q in run.queries)
+    # Without those series (an older server) they are unknown, not an error.
+    bare = sample_with(Canned({"request_success_total": vec("4")}), metrics(), "demo", "demo-llm")
+    assert bare.error is None and bare.time_per_output_token_p95_seconds is None
+
+
 def test_demand_comes_from_the_gates_when_they_report_and_per_request_figures_from_the_server() -> None:
     server_only = {"request_success_total": vec("4"), "generation_tokens_total": vec("1600")}
     s = sample_with(Canned(server_only), metrics(), "demo", "demo-llm")

@@ -228,7 +228,7 @@ answers = hs.lists(series, max_size=4) | json_any
 
 
 @settings(max_examples=400, deadline=None)
-@given(rate=answers, rest=hs.lists(answers, min_size=8, max_size=8))
+@given(rate=answers, rest=hs.lists(answers, min_size=10, max_size=10))  # one answer per query after the rate
 def test_any_query_answer_becomes_a_sample_never_an_exception(rate: Any, rest: list[Any]) -> None:
     replies = iter([rate, *rest])
     s = sample_with(lambda q: next(replies), METRICS, "demo", "demo-llm")

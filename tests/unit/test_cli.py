@@ -91,7 +91,8 @@ def test_plan_json(capsys):
     )
     plan = json.loads(capsys.readouterr().out)
     assert plan["expectedSpendPerHour"] <= plan["allowedSpendPerHour"] == 96
-    assert {r["reason"] for r in plan["reasons"]} & {"BudgetLimited", "MaxReplicas", "MaxNodes"}
+    # What holds the limit: the budget or the pools, or the replicas that latency needs beyond them.
+    assert {r["reason"] for r in plan["reasons"]} & {"BudgetLimited", "MaxReplicas", "MaxNodes", "LatencyBound"}
     assert "nextState" not in plan
 
 

@@ -49,8 +49,9 @@ def test_a_mismatch_is_timed_from_when_it_started_and_forgotten_when_it_ends():
 
 
 # $64/h buys 8 nodes of 4 replicas: 20 req/s wanting 1500 tokens each need 30 unbounded; the value
-# of a point makes the planner stop at a limit that 20 replicas carry.
-TIGHT = {"budget": {"ceiling": {"amount": 64}}}
+# of a point makes the planner stop at a limit that 20 replicas carry. The SLO is loose enough that
+# latency does not bind (LatencyBound is tested with the planner).
+TIGHT = {"budget": {"ceiling": {"amount": 64}}, "slo": {"latencySeconds": 3600}}
 
 
 def test_without_gates_replicas_are_sized_for_the_requests_as_they_come_within_the_ceiling():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from modelbudget.core.serving import ServingSpeed
 from modelbudget.testbed.demand import (
     LognormalSizes,
     RateDemand,
@@ -32,20 +33,15 @@ def run(model: ServingModel, until: float, start: float = 0.0) -> list:
     return finished
 
 
+# 4 sequences a pod; a lone one decodes at 100 tok/s (ITL 10 ms, flat); prefill 1000 tok/s.
+SPEED = ServingSpeed(max_num_seqs=4, alpha=0.01, beta=0.0, prefill_rate=1000.0)
+
+
 class TestServingModel:
-    def test_lone_request_decodes_at_one_slot_rate(self) -> None:
-        model = ServingModel(tokens_per_second=400, max_concurrency=4, queue_timeout=60)  # 100 tok/s a slot
-        model.set_ready_pods(["p0"])
-        model.submit([Request(arrival=0.0, prompt_tokens=10, wanted_tokens=150)])
-        [done] = run(model, 5.0)
-        assert done.pod == "p0"
-        assert done.generated_tokens == 150
-        assert done.finished_reason == "stop"
-        assert done.e2e_latency == pytest.approx(1.5)
-        assert done.time_to_first_token == pytest.approx(0.01)
+    """The testbed's names over the shared engine (whose arithmetic is tested in test_serving)."""
 
     def test_token_limit_truncates_and_reports_length(self) -> None:
-        model = ServingModel(400, 4, 60)
+        model = ServingModel(SPEED, 60)
         model.set_ready_pods(["p0"])
         model.set_token_limit(50)
         model.submit([Request(0.0, 10, 150), Request(0.0, 10, 30)])
@@ -54,76 +50,47 @@ class TestServingModel:
         assert by_wanted[150].finished_reason == "length"
         assert by_wanted[30].generated_tokens == 30
         assert by_wanted[30].finished_reason == "stop"
+        # 10 prompt tokens: first token at 10 ms; 29 more at 10 ms each.
+        assert by_wanted[30].time_to_first_token == pytest.approx(0.01)
+        assert by_wanted[30].e2e_latency == pytest.approx(0.30)
+        assert by_wanted[30].time_per_output_token == pytest.approx(0.01)
 
-    def test_limit_applies_when_a_request_starts_not_when_it_arrives(self) -> None:
-        model = ServingModel(100, 1, 60)
+    def test_limit_applies_when_a_request_arrives(self) -> None:
+        model = ServingModel(SPEED, 60)
         model.set_ready_pods(["p0"])
-        model.submit([Request(0.0, 1, 100), Request(0.0, 1, 100)])
-        model.tick(0.0, DT)  # the first starts without a limit, the second waits
-        model.set_token_limit(20)
-        tokens = sorted(f.generated_tokens for f in run(model, 10.0, start=DT))
+        model.submit([Request(0.0, 1, 100)])
+        model.set_token_limit(20)  # published after the first arrived: the gate had let it through
+        model.submit([Request(0.1, 1, 100)])
+        tokens = sorted(f.generated_tokens for f in run(model, 10.0))
         assert tokens == [20, 100]
 
-    def test_concurrency_cap_queues_the_rest_fifo(self) -> None:
-        model = ServingModel(200, 2, 60)
-        model.set_ready_pods(["p0"])
-        model.submit([Request(0.0, 1, 100), Request(0.1, 1, 100), Request(0.2, 1, 100)])
-        model.tick(0.25, DT)
-        assert model.running() == {"p0": 2}
-        assert model.waiting == 1
-        finished = run(model, 5.0, start=0.5)
-        assert [f.request.arrival for f in finished] == [0.0, 0.1, 0.2]
-        # The third started only when a slot freed at t=1.25 (100 tokens at 100 tok/s).
-        assert finished[2].e2e_latency == pytest.approx(1.25 + 1.0 - 0.2)
-
-    def test_saturated_pod_delivers_its_tokens_per_second(self) -> None:
-        model = ServingModel(1000, 8, 600)
-        model.set_ready_pods(["p0", "p1"])
-        model.submit([Request(0.0, 1, 10_000) for _ in range(40)])
-        result = model.tick(0.0, DT)
-        assert result.generated == {"p0": pytest.approx(250.0), "p1": pytest.approx(250.0)}
-        assert model.running() == {"p0": 8, "p1": 8}
-        assert model.waiting == 24
-
-    def test_new_work_goes_to_the_pod_with_most_free_slots(self) -> None:
-        model = ServingModel(1000, 4, 60)
-        model.set_ready_pods(["a"])
-        model.submit([Request(0.0, 1, 10_000)] * 3)
-        model.tick(0.0, DT)
-        model.set_ready_pods(["a", "b"])
-        model.submit([Request(0.25, 1, 10_000)] * 4)
-        model.tick(0.25, DT)
-        # b fills up to a's level first; the tie then goes to the first name.
-        assert model.running() == {"a": 4, "b": 3}
-
     def test_no_ready_pod_means_waiting_then_drops_after_timeout(self) -> None:
-        model = ServingModel(1000, 4, queue_timeout=10)
+        model = ServingModel(SPEED, queue_timeout=10)
         model.submit([Request(0.0, 1, 10), Request(5.0, 1, 10)])
-        assert model.tick(10.0, DT).dropped == 0
+        assert model.tick(9.75, DT).dropped == 0
         assert model.waiting == 2
-        assert model.tick(10.25, DT).dropped == 1
-        assert model.tick(15.25, DT).dropped == 1
+        assert model.tick(10.0, DT).dropped == 1
+        assert model.tick(15.0, DT).dropped == 1
         assert model.waiting == 0
 
-    def test_lost_pod_requeues_its_requests_ahead_of_later_arrivals(self) -> None:
-        model = ServingModel(100, 1, 60)
+    def test_lost_pod_retries_its_requests_on_another(self) -> None:
+        model = ServingModel(SPEED, 60)
         model.set_ready_pods(["a", "b"])
-        model.submit([Request(0.0, 1, 1000), Request(0.1, 1, 1000), Request(0.2, 1, 1000)])
-        model.tick(0.25, DT)
+        model.submit([Request(0.0, 1, 1000), Request(0.1, 1, 1000)])
+        model.tick(0.0, DT)
         assert model.running() == {"a": 1, "b": 1}
-        model.set_ready_pods(["a"])
         model.set_ready_pods(["a", "c"])
-        model.tick(0.5, DT)
-        # c gets the request that b lost (arrival 0.1), not the later one still queued.
-        assert model.waiting == 1
-        finished = run(model, 30.0, start=0.75)
-        assert {f.request.arrival: f.pod for f in finished}[0.1] == "c"
+        assert model.running() == {"a": 1, "c": 0}
+        finished = run(model, 30.0, start=DT)
+        assert {f.request.arrival: f.pod for f in finished} == {0.0: "a", 0.1: "c"}
+        # It started over on c at 0.25 s: 1 ms prefill, then 999 tokens at 10 ms.
+        assert {f.request.arrival: f.e2e_latency for f in finished}[0.1] == pytest.approx(0.25 + 0.001 + 9.99 - 0.1)
 
     def test_rejects_nonsense_configuration(self) -> None:
         with pytest.raises(ValueError):
-            ServingModel(0, 4, 60)
+            ServingModel(SPEED, 0)
         with pytest.raises(ValueError):
-            ServingModel(100, 4, 60).set_token_limit(0)
+            ServingModel(SPEED, 60).set_token_limit(0)
 
 
 def test_spread_is_even_with_remainder_first() -> None:
@@ -189,7 +156,8 @@ class TestDemand:
 
 
 def make_server(pods: list[str], rps: float, wanted: int = 100) -> tuple[ModelServer, CollectorRegistry]:
-    model = ServingModel(tokens_per_second=1000, max_concurrency=10, queue_timeout=30)
+    # 10 sequences a pod, each at 100 tok/s whatever the batch: 1000 tok/s a pod.
+    model = ServingModel(ServingSpeed(max_num_seqs=10, alpha=0.01, beta=0.0, prefill_rate=10_000.0), queue_timeout=30)
     model.set_ready_pods(pods)
     sizes = LognormalSizes(50, wanted, sigma=0)
     rng = np.random.default_rng(0)

@@ -26,7 +26,7 @@ def reasons(decision):
         # replicas.max
         (
             "max replicas hit",
-            {"replicas": {"min": 1, "max": 3}},
+            {"replicas": {"min": 1, "max": 3}, "slo": {"latencySeconds": 3600}},  # latency does not bind
             {"rps": 20, "replicas": 3},
             "MaxReplicas",
             lambda p: p.replicas == 3,
@@ -41,7 +41,10 @@ def reasons(decision):
         # node pool maxNodes
         (
             "max nodes hit",
-            {"nodePools": [{**make_spec().node_pools[0].model_dump(by_alias=True), "maxNodes": 1}]},
+            {
+                "nodePools": [{**make_spec().node_pools[0].model_dump(by_alias=True), "maxNodes": 1}],
+                "slo": {"latencySeconds": 3600},  # latency does not bind
+            },
             {"rps": 20, "replicas": 4},
             "MaxNodes",
             lambda p: p.nodes_by_pool()["pool-a"] == 1,
@@ -198,6 +201,7 @@ def test_unconstrained_limit_follows_the_marginal_rule():
         curve={"minTokens": 16, "maxTokens": 65536},
         replicas={"max": 10_000},
         nodePools=[{**make_spec().node_pools[0].model_dump(by_alias=True), "maxNodes": 2000}],
+        slo={"latencySeconds": 3600},  # loose enough that latency never binds (see the LatencyBound tests)
     )
     c = cost_per_token(spec.node_pools[0], 1)
     l_star = 0.002 * 0.08 / c
@@ -259,7 +263,9 @@ def test_free_slots_on_paid_nodes_are_filled():
 def test_the_limit_holds_within_one_grid_step_and_moves_beyond(previous_over_target, held):
     # Steady demand: the best limit wobbles by a step from tick to tick; only a real change moves it.
     obs = observe(rps=20, replicas=8, nodes={"pool-a": 2}, mean_wanted=1500)
-    spec = make_spec(budget={"ceiling": {"amount": 16}})  # the ceiling binds: the target is inside the grid
+    # The ceiling binds: the target is inside the grid. A loose SLO: a held limit that breaks the
+    # latency SLO is not kept (LatencyBound, tested on its own).
+    spec = make_spec(budget={"ceiling": {"amount": 16}}, slo={"latencySeconds": 3600})
     target = decide_for(obs, spec, ControllerState(), NOW).plan.token_limit
     previous = round(target * previous_over_target)
     decision = decide_for(obs, spec, ControllerState(token_limit=previous), NOW)

@@ -190,6 +190,8 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str, target: str)
         ("generated", q.generation_tokens_rate),
         ("waiting", q.requests_waiting),
         ("latency", q.latency_p95),
+        ("ttft", q.time_to_first_token_p95),
+        ("tpot", q.time_per_output_token_p95),
     ):
         try:
             optional[name], _ = scalar(template)
@@ -207,6 +209,8 @@ def sample_with(run: QueryRunner, metrics: Metrics, namespace: str, target: str)
         generation=_profile(buckets, truncated),
         requests_waiting=optional["waiting"],
         latency_p95_seconds=optional["latency"],
+        time_to_first_token_p95_seconds=optional["ttft"],
+        time_per_output_token_p95_seconds=optional["tpot"],
     )
 
 

@@ -31,6 +31,7 @@ class Reason(StrEnum):
     FALLBACK_SCALE_TO = "FallbackScaleTo"
     FORECAST_SCALE_UP = "ForecastScaleUp"
     FORECAST_HOLD = "ForecastHold"
+    LATENCY_BOUND = "LatencyBound"
 
     # --- The metrics verdict (MetricsAvailable; also why replicas are held) ---
     METRICS_OK = "MetricsOK"

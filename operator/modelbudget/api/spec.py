@@ -186,6 +186,28 @@ class ProviderRef(ApiModel):
     )
 
 
+class Serving(ApiModel):
+    """How one replica on this pool serves, in vLLM's terms (continuous batching).
+
+    Per-sequence inter-token latency at batch ``b`` is ``decodeAlphaSeconds + decodeBetaSeconds * b``
+    (the llm-d variant autoscaler's model); ``b`` is at most ``maxNumSeqs`` (vLLM's
+    ``--max-num-seqs``). A prompt costs ``promptTokens / prefillTokensPerSecond`` before its first
+    token. Unset fields take the defaults in docs/serving.md; ``decodeBetaSeconds`` defaults to
+    the value that makes a full batch deliver ``tokensPerSecondPerReplica``.
+    """
+
+    max_num_seqs: int = Field(default=256, ge=1, le=65_536, description="Most sequences in one replica's batch.")
+    decode_alpha_seconds: float = Field(
+        default=0.02, gt=0, le=10, description="Inter-token latency of a lone sequence, seconds."
+    )
+    decode_beta_seconds: float | None = Field(
+        default=None, ge=0, le=10, description="Inter-token latency added per sequence in the batch, seconds."
+    )
+    prefill_tokens_per_second: float = Field(
+        default=10_000, gt=0, le=1e8, description="Prompt tokens per second one replica prefills."
+    )
+
+
 @cross_field_rules(
     CrossFieldRule(
         cel="self.minNodes <= self.maxNodes",
@@ -215,6 +237,10 @@ class NodePool(ApiModel):
     )
     provider_ref: ProviderRef | None = Field(
         default=None, description="What resizes the pool; without it the pool is observed but never resized."
+    )
+    serving: Serving = Field(
+        default_factory=lambda: Serving(),
+        description="How one replica serves here: batch size, decode and prefill speed.",
     )
 
 
@@ -318,6 +344,12 @@ class Queries(ApiModel):
     latency_p95: PromQL = (
         "histogram_quantile(0.95, sum by (le) (rate(vllm:e2e_request_latency_seconds_bucket{$selector}[$window])))"
     )
+    time_to_first_token_p95: PromQL = (
+        "histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{$selector}[$window])))"
+    )
+    time_per_output_token_p95: PromQL = (
+        "histogram_quantile(0.95, sum by (le) (rate(vllm:time_per_output_token_seconds_bucket{$selector}[$window])))"
+    )
 
 
 class Metrics(ApiModel):
@@ -343,6 +375,15 @@ class Metrics(ApiModel):
 class Slo(ApiModel):
     latency_seconds: float = Field(default=30.0, gt=0, le=86_400, description="End-to-end latency target.")
     percentile: float = Field(default=95, gt=0, lt=100)
+    time_to_first_token_seconds: float | None = Field(
+        default=None, gt=0, le=86_400, description="Time-to-first-token target (vllm:time_to_first_token_seconds)."
+    )
+    time_per_output_token_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="Inter-token latency target (vllm:time_per_output_token_seconds).",
+    )
 
 
 class ScaleUp(ApiModel):

@@ -161,6 +161,8 @@ class DemandStatus(StatusModel):
     generated_tokens_per_request: float | None = None
     waiting_requests: float | None = None
     latency_p95_seconds: float | None = None
+    time_to_first_token_p95_seconds: float | None = None
+    time_per_output_token_p95_seconds: float | None = None
     observed_at: datetime | None = None
 
 

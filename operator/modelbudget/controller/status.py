@@ -226,6 +226,8 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
         generated_tokens_per_request=_finite(obs.demand.generated_tokens_per_request),
         waiting_requests=_finite(obs.demand.requests_waiting),
         latency_p95_seconds=_finite(obs.demand.latency_p95_seconds),
+        time_to_first_token_p95_seconds=_finite(obs.demand.time_to_first_token_p95_seconds),
+        time_per_output_token_p95_seconds=_finite(obs.demand.time_per_output_token_p95_seconds),
         observed_at=obs.demand.at,
     )
     curve = decision.curve

@@ -34,6 +34,11 @@ class GenerationProfile:
         """``G(L) = E[min(W, L)]``."""
         return float(np.minimum(self.wanted, limit).mean())
 
+    def quantile_wanted(self, q: float) -> float:
+        """The ``q``-quantile (0..1) of ``W``; under a limit ``L`` that request generates ``min(W_q, L)``."""
+        index = min(max(math.ceil(q * self.wanted.size) - 1, 0), self.wanted.size - 1)  # ``wanted`` is sorted
+        return float(self.wanted[index])
+
     def mean_generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         means: npt.NDArray[np.float64] = np.minimum(self.wanted[None, :], limits[:, None]).mean(axis=1)
         return means

@@ -44,6 +44,8 @@ class DemandSample:
     generation: GenerationProfile | None = None
     requests_waiting: float | None = None
     latency_p95_seconds: float | None = None
+    time_to_first_token_p95_seconds: float | None = None
+    time_per_output_token_p95_seconds: float | None = None
     error: str | None = None
 
 

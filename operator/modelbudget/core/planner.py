@@ -29,6 +29,9 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
 6. ``fast_limit``: the token limit drops at once to what the replicas serving now can carry,
    rises at most ``maxStepUpFactor`` per decision, stays where it is while the change is within
    one grid step (and the replicas serving now carry it), and stays within its bounds.
+7. ``respect_latency``: no limit whose decode time at the batch the replicas serving now run
+   (continuous batching, ``core.serving``) breaks the SLO for the SLO's percentile request;
+   the target stage already sizes replicas so batches stay small enough (``LatencyBound``).
 
 The ``Decision`` carries the plan, the next controller state, the verdict, the curve and the
 running spend: status, Events and metrics are projections of it, never worked out again.
@@ -36,10 +39,12 @@ running spend: status, Events and metrics are projections of it, never worked ou
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -66,6 +71,14 @@ from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.forecast import Forecast, forecast, record
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
+from modelbudget.core.serving import (
+    ServingSpeed,
+    batch_within,
+    busy_batch,
+    largest_limit_within,
+    mean_batch_within,
+    slowest_speed,
+)
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
 GRID_MAX_POINTS = 161
@@ -103,6 +116,7 @@ class ResolvedSpec:
     grid: npt.NDArray[np.float64]
     ladder: CapacityLadder
     ladder_without_min_nodes: CapacityLadder  # when the ceiling cannot pay even the pools' minNodes
+    speed: ServingSpeed  # the slowest pool's serving speed: latency promises hold on every pool
 
 
 def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
@@ -120,6 +134,7 @@ def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
         grid=token_grid(lo, hi, optima),
         ladder=CapacityLadder(spec),
         ladder_without_min_nodes=CapacityLadder(spec, honour_min_nodes=False),
+        speed=slowest_speed(spec.node_pools),
     )
 
 
@@ -290,15 +305,58 @@ def _search(ctx: Context) -> _Search:
     best: tuple[int, int, float] | None = None
     for i in range(grid.size):
         need = ladder.replicas_for(ctx.demand * tokens[i])
+        # The smallest limit is never blocked by latency: there is nothing lower to serve at
+        # (respect_latency says so); the others need batches that meet the SLO.
+        for_latency = 0 if i == 0 else _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
+        if for_latency is None:  # not even a lone sequence meets the SLO at this limit
+            needed.append(need)
+            blocked.append((i, 0, Reason.LATENCY_BOUND))
+            continue
+        fits_tokens = need is not None and need <= min(room, ctx.affordable)
+        need = None if need is None else max(need, for_latency)
         needed.append(need)
         if need is None or need > room or need > ctx.affordable:
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, _why_blocked(need, room, spec)))
+            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+            why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
+            blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
             continue
         n = max(need, ctx.min_replicas)
         net = value_per_hour[i] - ladder.spend(n)
         if best is None or net >= best[2] - _EPS:
             best = (i, n, net)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+
+
+def _slo_tokens(ctx: Context, limit: float) -> float:
+    """What the SLO's percentile request generates under ``limit``."""
+    profile = ctx.verdict.profile
+    assert profile is not None
+    return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
+
+
+def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) -> int | None:
+    """Replicas that keep each batch small enough for the SLO's percentile request to meet the SLO
+    at ``limit`` (sequences in flight per replica within the batch that allows); ``None`` when no
+    batch does."""
+    speed = ctx.resolved.speed
+    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
+    batch = batch_within(speed, ctx.spec.slo, prompt, _slo_tokens(ctx, limit))
+    if batch <= 0:
+        return None
+    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
+    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
+    mean = batch if batch >= speed.max_num_seqs else max(mean_batch_within(batch, _slo_z(ctx.spec)), 1.0)
+    return math.ceil(tokens_per_second / speed.throughput(mean) - _EPS) if tokens_per_second > 0 else 0
+
+
+def _slo_z(spec: ModelBudgetSpec) -> float:
+    """The standard normal quantile of the SLO's percentile (1.645 for p95)."""
+    return _normal_quantile(spec.slo.percentile)
+
+
+@functools.lru_cache(maxsize=16)
+def _normal_quantile(percentile: float) -> float:
+    return NormalDist().inv_cdf(percentile / 100.0)
 
 
 def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
@@ -339,7 +397,8 @@ def _why_not_higher(draft: Draft, ctx: Context, found: _Search, i: int, n: int) 
     better = [(j, need, why) for j, need, why in found.blocked if j > i and value[j] > value[i]]
     if better:
         j, need, why = better[0]
-        message = f"a limit of {int(grid[j])} tokens needs {need} replicas: {_held_message(why, need, ctx.spec)}"
+        needs = f" needs {need} replicas" if need else ""
+        message = f"a limit of {int(grid[j])} tokens{needs}: {_held_message(why, need, ctx.spec)}"
         return draft.because(Knob.TOKEN_LIMIT, why, message)
     need_next = found.needed[i + 1] or n
     cost = ctx.ladder.spend(max(need_next, ctx.min_replicas)) - ctx.ladder.spend(n)
@@ -364,6 +423,11 @@ def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
 
 
 def _held_message(why: Reason, replicas: int, spec: ModelBudgetSpec) -> str:
+    if why is Reason.LATENCY_BOUND and replicas == 0:
+        return f"even a lone sequence would miss the latency SLO ({_slo_terms(spec)})"
+    if why is Reason.LATENCY_BOUND:
+        held = "replicas.max" if replicas > spec.replicas.max else "the allowance and the pools"
+        return f"batches small enough for the latency SLO ({_slo_terms(spec)}) need more than {held} allow"
     if why is Reason.MAX_REPLICAS:
         return f"more than replicas.max={spec.replicas.max}"
     if why is Reason.MAX_NODES:
@@ -587,6 +651,52 @@ def _hold_within_a_step(draft: Draft, ctx: Context) -> Draft:
     return draft.because(Knob.TOKEN_LIMIT, Reason.TOKEN_LIMIT_HELD, message, limit=previous)
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. Latency
+
+
+def respect_latency(draft: Draft, ctx: Context) -> Draft:
+    """No limit whose decode time, at the batch the replicas serving now run in their busy moments
+    (the SLO's percentile of a Poisson batch), breaks the SLO."""
+    if not ctx.verdict.ok:
+        return draft
+    profile, grid, speed = ctx.verdict.profile, ctx.resolved.grid, ctx.resolved.speed
+    assert profile is not None
+    serving = min(ctx.obs.ready_replicas, draft.replicas)
+    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
+
+    def meets(limit: float) -> bool:
+        per_replica = ctx.demand * profile.mean_generated(limit) / serving if serving else math.inf
+        mean = speed.batch_for(per_replica)
+        if mean > speed.max_num_seqs:
+            return False
+        batch = min(busy_batch(mean, _slo_z(ctx.spec)), speed.max_num_seqs)
+        return _slo_tokens(ctx, limit) <= largest_limit_within(speed, ctx.spec.slo, prompt, batch) + _EPS
+
+    if meets(draft.limit):
+        return draft
+    if draft.limit <= grid[0]:
+        message = f"even the smallest limit {draft.limit} misses the latency SLO ({_slo_terms(ctx.spec)})"
+        return draft.because(Knob.TOKEN_LIMIT, Reason.LATENCY_BOUND, message)
+    # Both the batch and the tokens fall with the limit: the first that fits from the top is the largest.
+    lowered = next((int(g) for g in grid[::-1] if g < draft.limit and meets(float(g))), int(grid[0]))
+    message = (
+        f"a limit of {draft.limit} tokens would miss the latency SLO ({_slo_terms(ctx.spec)}) "
+        f"at the batch {serving} replicas run: {lowered}"
+    )
+    return draft.because(Knob.TOKEN_LIMIT, Reason.LATENCY_BOUND, message, limit=lowered)
+
+
+def _slo_terms(spec: ModelBudgetSpec) -> str:
+    slo = spec.slo
+    terms = [f"p{slo.percentile:g} e2e {slo.latency_seconds:g}s"]
+    if slo.time_to_first_token_seconds is not None:
+        terms.append(f"TTFT {slo.time_to_first_token_seconds:g}s")
+    if slo.time_per_output_token_seconds is not None:
+        terms.append(f"TPOT {slo.time_per_output_token_seconds:g}s")
+    return ", ".join(terms)
+
+
 STAGES: tuple[Stage, ...] = (
     target,
     size_for_limit_in_force,
@@ -598,6 +708,7 @@ STAGES: tuple[Stage, ...] = (
     hold_nodes,
     forecast_release_nodes,
     fast_limit,
+    respect_latency,
 )
 
 

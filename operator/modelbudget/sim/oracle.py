@@ -36,6 +36,7 @@ money for a later peak): there it bounds policies that pace the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime
 
 import numpy as np
@@ -45,6 +46,7 @@ from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds, token_grid
+from modelbudget.core.serving import slowest_speed
 from modelbudget.sim.metrics import Scrape
 from modelbudget.sim.world import NO_DELAYS, Action, World
 
@@ -63,6 +65,7 @@ class OraclePolicy:
         self.slo = spec.slo.latency_seconds
         self.ladder = CapacityLadder(spec)
         self.free_ladder = CapacityLadder(spec, honour_min_nodes=False)
+        self.speed = slowest_speed(spec.node_pools)
 
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
@@ -97,7 +100,9 @@ class OraclePolicy:
             need[:, queued:] = np.maximum(need[:, queued:], late)
         return need
 
-    def _options(self, t: float, capacity: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    def _options(
+        self, t: float, capacity: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Callable[[int, int], float]]:
         """Per limit on the grid: the least serving rate meeting every reachable deadline of the
         queued requests and of those arriving in ``[t, t + interval)``, and the value of the arriving
         ones.  A request not reachable even at the smallest limit with ``capacity`` tokens/s is
@@ -107,8 +112,7 @@ class OraclePolicy:
         lo, hi = np.searchsorted(world.arrival, [t, t + self.interval])
         index = np.concatenate([queued, np.arange(lo, hi)])
         tokens = np.minimum(world.wanted[index][None, :], self.grid[:, None])  # (grid, requests)
-        if world.running():
-            tokens[:, 0] = world.head_remaining()  # its limit is fixed already
+        tokens[:, : queued.size] = np.minimum(world.wanted[queued], world.limit[queued])  # their limit is fixed
         deadline = world.arrival[index] + self.slo
         reachable = deadline > t + _EPS
         need = self._least_rates(np.cumsum(tokens, axis=1), world.arrival[index], deadline, queued.size, t)
@@ -118,7 +122,16 @@ class OraclePolicy:
         # counted before, but their tokens still need serving (the rate above).
         arriving = np.arange(index.size) >= queued.size
         value = self.value * (self._scores(tokens) * (arriving & reachable)[None, :]).sum(axis=1)
-        return rates, value
+        prompt = world.prompt[index]
+
+        def late_loss(i: int, replicas: int) -> float:
+            """Under continuous batching a request also needs its own prefill and decode time at
+            the batch this load runs: one that cannot make its SLO even unqueued scores nothing."""
+            batch = self.speed.batch_for(float(rates[i]) / max(replicas, 1))
+            late = self.speed.latency(prompt, tokens[i], batch) > self.slo
+            return self.value * float((self._scores(tokens[i]) * (arriving & reachable & late)).sum())
+
+        return rates, value, late_loss
 
     def _bounds(self, t: float) -> tuple[CapacityLadder, int, int]:
         """The ladder the allowance pays for, the most replicas it buys, and the least to run."""
@@ -132,14 +145,14 @@ class OraclePolicy:
 
     def decide(self, t: float) -> Action:
         ladder, affordable, least = self._bounds(t)
-        rates, value = self._options(t, ladder.throughput(affordable))
+        rates, value, late_loss = self._options(t, ladder.throughput(affordable))
         best: tuple[float, int, int] | None = None  # (net value, replicas, limit)
         for i, limit in enumerate(self.grid):
             n = ladder.replicas_for(float(rates[i]))
             if n is None or n > affordable:
                 break  # tokens only grow with the limit: no larger limit fits either
             n = max(n, least)
-            net = float(value[i]) - ladder.spend(n) * self.interval / 3600.0
+            net = float(value[i]) - late_loss(i, n) - ladder.spend(n) * self.interval / 3600.0
             # Ties go to the larger limit: queued requests start under it too, and are not in the value.
             if best is None or net >= best[0] - _EPS:
                 best = (net, n, int(limit))
@@ -220,10 +233,10 @@ class DelayAwareOraclePolicy:
         allocation = ladder.allocation(n)
         # What serves once this action is applied: fewer pods drop the newest (not ready) first.
         serving = sum(
-            min(pool.ready_pods(t), allocation.replicas.get(name, 0)) * pool.throughput
+            min(pool.ready_pods(t), allocation.replicas.get(name, 0)) * pool.speed.capacity
             for name, pool in self.world.pools.items()
         )
-        rates, value = self.fast._options(t, serving)
+        rates, value, _ = self.fast._options(t, serving)
         feasible = np.flatnonzero(rates <= serving + _EPS)
         if feasible.size == 0:
             limit = int(self.fast.grid[0])

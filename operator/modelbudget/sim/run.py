@@ -24,7 +24,7 @@ from modelbudget.sim.metrics import buckets_1_2_5, scrape, window_seconds
 from modelbudget.sim.oracle import DelayAwareOraclePolicy, OraclePolicy
 from modelbudget.sim.policies import HpaPolicy, KedaPolicy, PlannerPolicy, Policy, StaticPolicy
 from modelbudget.sim.trace import Trace
-from modelbudget.sim.world import NO_DELAYS, Delays, World
+from modelbudget.sim.world import NO_DELAYS, NO_INTERRUPTIONS, Delays, Interruptions, World
 
 POLICIES = ("planner", "hpa", "keda", "static", "oracle", "oracle-delays")
 
@@ -42,6 +42,7 @@ class SimConfig:
     hpa_limit: int | None = None  # the HPA's fixed token limit; None: the top of the token range
     keda_threshold: float = 4.0  # waiting requests per replica
     node_unneeded: float = 600.0  # cluster autoscaler: a node goes after this long unneeded
+    interruptions: Interruptions = NO_INTERRUPTIONS  # spot nodes taken away during the run
 
     def timeout_for(self, spec: ModelBudgetSpec) -> float:
         return self.timeout if self.timeout is not None else 2.0 * spec.slo.latency_seconds
@@ -116,7 +117,7 @@ def run_policy(
     step, timeout = config.step, config.timeout_for(spec)
     drain = config.drain if config.drain is not None else timeout
     delays = NO_DELAYS if name == "oracle" else config.delays
-    world = World(spec, work.arrival, work.wanted, work.prompt, delays, timeout, config.start)
+    world = World(spec, work.arrival, work.wanted, work.prompt, delays, timeout, config.start, config.interruptions)
     policy = build_policy(name, spec, world, config)
     # The oracles re-plan every step; the others on the operator's timer.
     every = (

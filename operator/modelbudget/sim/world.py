@@ -7,29 +7,34 @@ Everything a policy cannot choose lives here, so every policy meets the same wor
 - Pods are asked for per pool; a pod is scheduled once its pool has a free slot on a ready node
   and serves ``replica_start`` seconds later (image pull, model load).  Fewer pods: pending pods
   go first, then the newest.  A pod whose node goes away is pending again.
-- Serving is a fluid FIFO: the ready pods together generate ``sum(tokens/s per replica)``; the
-  head of the queue takes all of it until it has generated ``min(W, L)`` tokens, with ``L`` the
-  limit in force when it started.  A request that has waited longer than ``timeout`` is dropped
-  (the client gave up), and so is one beyond the admitted rate (a token bucket, one step deep).
-  Per-sequence decode speed is not modelled: latency is queueing plus service at fleet rate.
+- Serving is the request-level engine of ``sim.serving`` (continuous batching per replica, as vLLM
+  does; each pool's ``serving`` parameters).  A request takes the token limit in force when it
+  arrives (the gate clamps it then) and generates ``min(W, L)`` tokens.  A request that has
+  waited longer than ``timeout`` is dropped (the client gave up), and so is one beyond the
+  admitted rate (a token bucket, one step deep).
+- Spot interruptions (``Interruptions``): a spot node is taken away and its pool provisions a
+  replacement (``node_provision`` seconds, billed as any node); its pods are pending again and
+  their requests are retried on the other replicas.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
 import numpy.typing as npt
 
-from modelbudget.api.spec import Budget, ModelBudgetSpec
+from modelbudget.api.spec import Budget, CapacityType, ModelBudgetSpec
 from modelbudget.api.status import Ledger
 from modelbudget.core.capacity import node_price
 from modelbudget.core.pacing import allowed_rate, period_bounds
+from modelbudget.core.serving import ServingSpeed, serving_speed
+from modelbudget.sim.serving import Job, ServingEngine
 
 # Request status codes in ``World.status``.
 QUEUED, SERVED, TIMED_OUT, REJECTED = 0, 1, 2, 3
@@ -42,6 +47,19 @@ class Delays:
 
 
 NO_DELAYS = Delays(0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Interruptions:
+    """Spot nodes taken away: at random (``per_node_hour`` on each ready spot node, seeded) and/or
+    at the given times (seconds; each takes one ready spot node, if there is one)."""
+
+    per_node_hour: float = 0.0
+    at: tuple[float, ...] = ()
+    seed: int = 0
+
+
+NO_INTERRUPTIONS = Interruptions()
 
 
 @dataclass(frozen=True)
@@ -86,14 +104,16 @@ class Books:
 
 @dataclass
 class _Pool:
+    name: str
     rpn: int  # replicas per node
-    throughput: float  # tokens/s per ready replica
+    speed: ServingSpeed
     price: float  # $/hour per node
-    nodes: list[float]  # ready-at time of each node
-    pods: list[float]  # ready-at time of each pod; inf while unscheduled
+    spot: bool
+    nodes: list[float] = field(default_factory=list)  # ready-at time of each node
+    pods: list[list[float]] = field(default_factory=list)  # [ready-at, serial] per pod; inf while unscheduled
 
     def ready_pods(self, now: float) -> int:
-        return sum(1 for p in self.pods if p <= now)
+        return sum(1 for p in self.pods if p[0] <= now)
 
 
 class World:
@@ -106,10 +126,13 @@ class World:
         delays: Delays,
         timeout: float,
         origin: datetime,
+        interruptions: Interruptions = NO_INTERRUPTIONS,
     ) -> None:
         g = spec.replicas.gpus_per_replica
         self.pools = {
-            p.name: _Pool(p.gpus_per_node // g, p.tokens_per_second_per_replica, node_price(p), [], [])
+            p.name: _Pool(
+                p.name, p.gpus_per_node // g, serving_speed(p), node_price(p), p.capacity_type == CapacityType.SPOT
+            )
             for p in spec.node_pools
         }
         self.arrival, self.wanted, self.prompt = arrival, wanted, prompt
@@ -117,15 +140,18 @@ class World:
         self.delays, self.timeout = delays, timeout
         n = arrival.size
         self.status = np.full(n, QUEUED, dtype=np.int8)
-        self.limit = np.zeros(n)  # limit in force when service started
+        self.limit = np.zeros(n)  # limit in force when it arrived
+        self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.token_limit = 0
         self.admitted_rps: float | None = None
         self._bucket = 0.0
         self._next = 0  # the next request to arrive
-        self._queue: deque[int] = deque()
-        self._remaining = 0.0  # tokens left for the head of the queue, once it has started
-        self._started = False
+        self.engine = ServingEngine(timeout)
+        self._serial = itertools.count()
+        self.interruptions = interruptions
+        self._rng = np.random.default_rng(interruptions.seed)
+        self.interrupted = 0  # spot nodes taken away so far
         # Completions in time order: what the server's counters and histograms are built from.
         self.done_at: list[float] = []
         self.done_index: list[int] = []
@@ -136,12 +162,17 @@ class World:
         """Start with these pods and nodes already ready (the state before the run)."""
         for name, pool in self.pools.items():
             pool.nodes = [now] * nodes.get(name, 0)
-            pool.pods = [now] * min(replicas.get(name, 0), len(pool.nodes) * pool.rpn)
+            pool.pods = [
+                [now, next(self._serial)] for _ in range(min(replicas.get(name, 0), len(pool.nodes) * pool.rpn))
+            ]
 
     def apply(self, action: Action, now: float) -> None:
         for name, pool in self.pools.items():
             _resize(pool.nodes, action.nodes.get(name, 0), now + self.delays.node_provision)
-            _resize(pool.pods, action.replicas.get(name, 0), math.inf)
+            want = action.replicas.get(name, 0)
+            pool.pods.sort()
+            del pool.pods[want:]  # fewer: pending pods go first, then the newest
+            pool.pods.extend([math.inf, next(self._serial)] for _ in range(want - len(pool.pods)))
         self.token_limit = action.token_limit
         if action.admitted_rps is None:
             self._bucket = 0.0
@@ -153,11 +184,26 @@ class World:
         for pool in self.pools.values():
             slots = sum(1 for n in pool.nodes if n <= now) * pool.rpn
             pool.pods.sort()
-            scheduled = sum(1 for p in pool.pods if p < math.inf)
-            for i in range(slots, scheduled):  # their node is gone: pending again
-                pool.pods[i] = math.inf
+            scheduled = sum(1 for p in pool.pods if p[0] < math.inf)
+            for i in range(slots, scheduled):  # their node is gone: pending again, a new pod
+                pool.pods[i] = [math.inf, next(self._serial)]
             for i in range(scheduled, min(slots, len(pool.pods))):
-                pool.pods[i] = now + self.delays.replica_start
+                pool.pods[i][0] = now + self.delays.replica_start
+
+    def _interrupt(self, now: float, dt: float) -> None:
+        """Take spot nodes away in ``[now, now + dt)``; each is replaced after ``node_provision``."""
+        plan = self.interruptions
+        count = sum(1 for t in plan.at if now <= t < now + dt)
+        for pool in self.pools.values():
+            if not pool.spot:
+                continue
+            ready = [i for i, t in enumerate(pool.nodes) if t <= now]
+            if plan.per_node_hour > 0 and ready:
+                count += int(self._rng.poisson(plan.per_node_hour * len(ready) * dt / 3600.0))
+            for i in self._rng.permutation(ready)[:count].tolist():
+                pool.nodes[i] = now + self.delays.node_provision
+                self.interrupted += 1
+            count = 0 if ready else count  # scheduled ones take the first spot pool that has nodes
 
     # -- what is running ------------------------------------------------------------------------
 
@@ -175,21 +221,19 @@ class World:
         return sum(len(p.nodes) * p.price for p in self.pools.values())
 
     def throughput(self, now: float) -> float:
-        return sum(p.ready_pods(now) * p.throughput for p in self.pools.values())
+        """Tokens/s the ready pods generate with full batches."""
+        return sum(p.ready_pods(now) * p.speed.capacity for p in self.pools.values())
 
     def waiting(self) -> int:
-        return len(self._queue) - int(self._started)
+        return self.engine.waiting()
 
     def running(self) -> int:
-        return int(self._started)
+        return sum(self.engine.running().values())
 
     def queued(self) -> npt.NDArray[np.int64]:
-        """Indices of the requests in the queue, in order; the first may have started (``running``)."""
-        return np.fromiter(self._queue, dtype=np.int64, count=len(self._queue))
-
-    def head_remaining(self) -> float:
-        """Tokens the request being served still has to generate (0 when none is)."""
-        return self._remaining if self._started else 0.0
+        """Indices of the requests admitted and not yet done (running or waiting), oldest first."""
+        ids = sorted(job.id for job in self.engine.in_flight())
+        return np.asarray(ids, dtype=np.int64)
 
     def arrived(self) -> int:
         """Index one past the last request that has arrived (admitted or not)."""
@@ -198,59 +242,48 @@ class World:
     # -- one step -------------------------------------------------------------------------------
 
     def step(self, now: float, dt: float) -> None:
-        """Advance ``[now, now + dt)``: schedule pods, admit arrivals, serve, time out."""
+        """Advance ``[now, now + dt)``: interrupt, schedule pods, admit arrivals, serve, time out."""
+        if self.interruptions != NO_INTERRUPTIONS:
+            self._interrupt(now, dt)
         self._schedule(now)
+        ready = {
+            f"{pool.name}/{int(p[1])}": pool.speed for pool in self.pools.values() for p in pool.pods if p[0] <= now
+        }
+        self.engine.set_pods(ready, now)
         end = now + dt
         hi = int(np.searchsorted(self.arrival, end))
-        self._admit(self._next, hi, dt)
+        self.engine.submit(self._admit(self._next, hi, dt))
         self._next = hi
-        self._serve(now, end)
+        self._serve(end)
         self.books.bill(self.spend_rate(), now, dt)
-        # Clients that have waited too long leave the queue (the one being served stays).
-        q, keep = self._queue, int(self._started)
-        while len(q) > keep and end - self.arrival[q[keep]] > self.timeout:
-            self.status[q[keep]] = TIMED_OUT
-            del q[keep]
 
-    def _admit(self, lo: int, hi: int, dt: float) -> None:
-        if self.admitted_rps is None:
-            self._queue.extend(range(lo, hi))
-            return
-        depth = max(self.admitted_rps * dt, 1.0)
-        self._bucket = min(self._bucket + self.admitted_rps * dt, depth)
-        for i in range(lo, hi):
-            if self._bucket >= 1.0:
-                self._bucket -= 1.0
-                self._queue.append(i)
-            else:
-                self.status[i] = REJECTED
+    def _admit(self, lo: int, hi: int, dt: float) -> list[Job]:
+        index = range(lo, hi)
+        if self.admitted_rps is not None:
+            depth = max(self.admitted_rps * dt, 1.0)
+            self._bucket = min(self._bucket + self.admitted_rps * dt, depth)
+            kept = []
+            for i in index:
+                if self._bucket >= 1.0:
+                    self._bucket -= 1.0
+                    kept.append(i)
+                else:
+                    self.status[i] = REJECTED
+            index = kept  # type: ignore[assignment]
+        self.limit[lo:hi] = self.token_limit
+        tokens = np.maximum(np.minimum(self.wanted[lo:hi], self.token_limit), 1.0).astype(np.int64)
+        return [Job(i, float(self.arrival[i]), float(self.prompt[i]), int(tokens[i - lo])) for i in index]
 
-    def _serve(self, now: float, end: float) -> None:
-        rate = self.throughput(now)
-        q, clock = self._queue, now
-        while q and rate > 0 and clock < end:
-            i = q[0]
-            if not self._started:
-                clock = max(clock, float(self.arrival[i]))
-                if clock >= end:
-                    return
-                if clock - self.arrival[i] > self.timeout:
-                    q.popleft()
-                    self.status[i] = TIMED_OUT
-                    continue
-                self.limit[i] = self.token_limit
-                self._remaining = min(float(self.wanted[i]), float(self.token_limit))
-                self._started = True
-            done = clock + self._remaining / rate
-            if done > end:
-                self._remaining -= (end - clock) * rate
-                return
-            clock = done
-            q.popleft()
-            self._started = False
+    def _serve(self, end: float) -> None:
+        events = self.engine.advance(end)
+        for job in events.timed_out:
+            self.status[job.id] = TIMED_OUT
+        for done in events.done:
+            i = done.job.id
             self.status[i] = SERVED
-            self.finish[i] = done
-            self.done_at.append(done)
+            self.first_token[i] = done.first_token_at
+            self.finish[i] = done.finished_at
+            self.done_at.append(done.finished_at)
             self.done_index.append(i)
 
     def completed_since(self, since: float) -> list[int]:
@@ -259,7 +292,7 @@ class World:
 
 
 def _resize(items: list[float], want: int, new: float) -> None:
-    """Grow with ``new`` entries or shrink by dropping the latest (unscheduled/newest first)."""
+    """Grow with ``new`` entries or shrink by dropping the latest."""
     if want > len(items):
         items.extend([new] * (want - len(items)))
     elif want < len(items):

@@ -20,7 +20,7 @@ HTTP on one port: ``GET /metrics``, ``GET /state`` (JSON), ``POST /control`` wit
 ``{"rps": 40}`` or ``{"rateCurve": "0:2,60:10"}`` (the new curve starts now), ``GET /healthz``,
 and the OpenAI API of one replica (``openai_api``: ``/v1/completions``, ``/v1/chat/completions``,
 ``/v1/models``) for clients and the gate, paced by ``--pacing`` (``model``: the serving
-model's per-sequence speed, batch slots and queue; ``fast``: at once, for benchmarks). Those
+model's per-sequence speed at the batch running now, its batch cap and queue; ``fast``: at once, for benchmarks). Those
 requests are served apart from the simulated fleet and its metrics, and like vLLM they apply
 no token limit of their own: enforcing one is the gate's job.
 """
@@ -53,6 +53,8 @@ from prometheus_client import (
 )
 from urllib3.exceptions import HTTPError
 
+from modelbudget.api.spec import Serving
+from modelbudget.core.serving import speed_of
 from modelbudget.gate.metrics import TOKEN_BUCKETS
 from modelbudget.testbed.demand import (
     Demand,
@@ -76,6 +78,27 @@ E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 E2E_BUCKETS += [120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
 TTFT_BUCKETS += [20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+TPOT_BUCKETS = [
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
 OBSERVED_RATE_WINDOW = 10.0  # seconds of arrivals behind the observed req/s in /state
 
 
@@ -110,6 +133,13 @@ class VllmMetrics:
             buckets=TTFT_BUCKETS,
             registry=registry,
         )
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Time per output token (decode time over the tokens after the first).",
+            labels,
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
         self.generation_hist = Histogram(
             "vllm:request_generation_tokens",
             "Generated tokens per request.",
@@ -132,7 +162,7 @@ class VllmMetrics:
             registry=registry,
         )
         self._per_pod = [self.prompt_tokens, self.generation_tokens, self.running, self.waiting]
-        self._per_pod += [self.e2e, self.ttft, self.generation_hist, self.prompt_hist]
+        self._per_pod += [self.e2e, self.ttft, self.tpot, self.generation_hist, self.prompt_hist]
         self._pods: set[str] = set()
         # This server applies the published limit to every request itself, as if each simulated pod
         # had a gate (modelbudget gate): it reports what a gate reports, under the gate's names, so
@@ -174,6 +204,8 @@ class VllmMetrics:
             self.success.labels(*self.base, f.pod, f.finished_reason).inc()
             self.e2e.labels(*self.base, f.pod).observe(f.e2e_latency)
             self.ttft.labels(*self.base, f.pod).observe(f.time_to_first_token)
+            if f.time_per_output_token is not None:
+                self.tpot.labels(*self.base, f.pod).observe(f.time_per_output_token)
             self.generation_hist.labels(*self.base, f.pod).observe(f.generated_tokens)
         if result.dropped:
             self.dropped.labels(*self.base).inc(result.dropped)
@@ -290,8 +322,8 @@ class ModelServer:
             start, end = self.now, self.now + self.tick_seconds
             arrivals = self.demand.arrivals(start, end)
             self.model.submit(arrivals)
-            # Requests start at the tick boundary after they arrive (latency is quantised to a tick).
-            result = self.model.tick(end, self.tick_seconds)
+            # The engine serves each request from its own arrival time within the tick.
+            result = self.model.tick(start, self.tick_seconds)
             self.now = end
             self.metrics.record(result)
             self.metrics.record_arrivals(len(arrivals))
@@ -413,8 +445,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demand.add_argument("--generated-tokens-mean", type=float, default=200.0)
     demand.add_argument("--tokens-sigma", type=float, default=0.8, help="lognormal sigma of sizes (0: fixed)")
     serving = p.add_argument_group("serving model")
-    serving.add_argument("--tokens-per-second-per-replica", type=float, default=2000.0)
-    serving.add_argument("--max-concurrency", type=int, default=32)
+    serving.add_argument(
+        "--tokens-per-second-per-replica", type=float, default=2000.0, help="with a full batch (sets the default beta)"
+    )
+    serving.add_argument(
+        "--max-num-seqs", "--max-concurrency", type=int, default=Serving().max_num_seqs, help="most sequences per batch"
+    )
+    serving.add_argument("--decode-alpha", type=float, default=Serving().decode_alpha_seconds, help="ITL alone, s")
+    serving.add_argument("--decode-beta", type=float, help="ITL added per sequence in the batch, s")
+    serving.add_argument("--prefill-tokens-per-second", type=float, default=Serving().prefill_tokens_per_second)
     serving.add_argument("--queue-timeout", type=float, default=60.0, help="seconds before a queued request drops")
     serving.add_argument("--tick", type=float, default=0.25, help="seconds per model step")
     serving.add_argument("--poll-interval", type=float, default=1.0, help="seconds between cluster polls")
@@ -442,7 +481,14 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry, Ope
     else:
         points = parse_rate_curve(args.rate_curve or "0:0")
         demand = RateDemand(points, 0.0, sizes, args.reasoning_factor, rng, args.arrivals == "poisson")
-    model = ServingModel(args.tokens_per_second_per_replica, args.max_concurrency, args.queue_timeout)
+    serving = Serving(
+        max_num_seqs=args.max_num_seqs,
+        decode_alpha_seconds=args.decode_alpha,
+        decode_beta_seconds=args.decode_beta,
+        prefill_tokens_per_second=args.prefill_tokens_per_second,
+    )
+    speed = speed_of(serving, args.tokens_per_second_per_replica)
+    model = ServingModel(speed, args.queue_timeout)
     cluster = None
     if args.no_cluster:
         model.set_ready_pods(f"{args.deployment}-{i}" for i in range(args.pods))
@@ -468,11 +514,7 @@ def build(args: argparse.Namespace) -> tuple[ModelServer, CollectorRegistry, Ope
     )
     if args.no_cluster:
         model.set_token_limit(server.default_limit)
-    pacer: Pacer = (
-        InstantPacer()
-        if args.pacing == "fast"
-        else SlotPacer(args.tokens_per_second_per_replica, args.max_concurrency, args.queue_timeout)
-    )
+    pacer: Pacer = InstantPacer() if args.pacing == "fast" else SlotPacer(speed, args.queue_timeout)
     # Its own generator: the tick loop's is used from another thread.
     api_rng = np.random.default_rng(args.seed + 1)
     api = OpenAIApi(

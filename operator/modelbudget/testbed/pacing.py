@@ -1,11 +1,11 @@
 """How fast the synthetic server's HTTP API produces tokens: the seam between the HTTP layer and a serving model.
 
 The HTTP layer (``openai_api``) asks a ``Pacer`` for a generation and writes whatever it
-yields; it knows nothing of slots or speeds. ``SlotPacer`` follows the same serving model as
-``serving.ServingModel`` for one replica (``max_concurrency`` batch slots, each decoding
-``tokens_per_second / max_concurrency`` tokens/s, a FIFO queue that gives up after
-``queue_timeout``); ``InstantPacer`` yields at once, for benchmarks of the path in front of
-the server. A serving model shared with the simulator plugs in here as another ``Pacer``.
+yields; it knows nothing of slots or speeds. ``SlotPacer`` paces one replica with the shared
+serving speed (``core.serving``): at most ``maxNumSeqs`` sequences, each decoding one token per
+``itl(b) = alpha + beta * b`` with ``b`` the sequences running now, and a FIFO queue that gives
+up after ``queue_timeout`` (prefill is not paced: the HTTP layer does not pass the prompt size).
+``InstantPacer`` yields at once, for benchmarks of the path in front of the server.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
+
+from modelbudget.core.serving import ServingSpeed
 
 STEP_SECONDS = 0.02  # at most ~50 stream events per second per request, like a decode step
 
@@ -34,27 +36,28 @@ class InstantPacer:
 
 
 class SlotPacer:
-    def __init__(self, tokens_per_second: float, max_concurrency: int, queue_timeout: float) -> None:
-        if tokens_per_second <= 0 or max_concurrency < 1 or queue_timeout <= 0:
-            raise ValueError("tokens_per_second, max_concurrency and queue_timeout must be positive")
-        self.slot_rate = tokens_per_second / max_concurrency
-        self.queue_timeout = queue_timeout
-        self._slots = asyncio.Semaphore(max_concurrency)  # waiters are served first come, first served
+    def __init__(self, speed: ServingSpeed, queue_timeout: float) -> None:
+        if queue_timeout <= 0:
+            raise ValueError("queue_timeout must be positive")
+        self.speed, self.queue_timeout = speed, queue_timeout
+        self.running = 0
+        self._slots = asyncio.Semaphore(speed.max_num_seqs)  # waiters are served first come, first served
 
     async def generate(self, tokens: int) -> AsyncIterator[int]:
         try:
             await asyncio.wait_for(self._slots.acquire(), self.queue_timeout)
         except TimeoutError:
             raise QueueTimeout(f"no batch slot free within {self.queue_timeout:g}s") from None
+        self.running += 1
         try:
-            loop = asyncio.get_running_loop()
-            start, decoded = loop.time(), 0
-            # The first token comes one slot step after the start, as in ServingModel.
-            per_step = max(1, round(self.slot_rate * STEP_SECONDS))
+            decoded = 0
             while decoded < tokens:
-                n = min(per_step, tokens - decoded)
-                await asyncio.sleep(max(0.0, start + (decoded + n) / self.slot_rate - loop.time()))
+                # The batch may change between steps: each step runs at the ITL of the batch now.
+                itl = self.speed.itl(self.running)
+                n = min(max(1, round(STEP_SECONDS / itl)), tokens - decoded)
+                await asyncio.sleep(n * itl)
                 decoded += n
                 yield n
         finally:
+            self.running -= 1
             self._slots.release()

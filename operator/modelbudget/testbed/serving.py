@@ -1,29 +1,21 @@
-"""Serving model of the synthetic model server: ready pods, batch slots, one FIFO queue.
+"""The synthetic model server's fleet: the shared serving engine (``sim.serving``) under the
+server's own names -- arriving ``Request`` objects, the published token limit, finish reasons.
 
-Pure and clock-free: the caller passes the time into every call, so tests can drive it tick
-by tick without a cluster. The model is small on purpose, yet shows an autoscaler the
-signals a vLLM fleet would:
-
-- Each ready pod has ``max_concurrency`` slots (vLLM's running batch). A busy slot decodes
-  ``tokens_per_second / max_concurrency`` tokens/s, so a pod delivers its full
-  ``tokens_per_second`` only with a full batch, and a lone request is not ``max_concurrency``
-  times faster than a batched one (vLLM's per-sequence decode speed stays roughly flat
-  until the batch fills).
-- One FIFO queue sits in front of all pods, like an ideal load balancer: a request starts
-  at the first tick boundary after it arrives, on the ready pod with the most free slots.
-  With no ready pod, everything waits, which is how Pending or starting replicas show up.
-- The token limit in force when a request starts caps what it generates, ``min(W, L)``;
-  the finish reason is ``"length"`` when the limit binds, else ``"stop"``.
-- A request that has waited longer than ``queue_timeout`` seconds is dropped.
-- When a pod stops being ready, its running requests return to the queue with their
-  original arrival time (the client retries), so a lost replica costs latency, not tokens.
+The engine is the one the simulator uses (continuous batching per pod, ITL = alpha + beta * batch,
+prefill, per-pod FIFO queues, lost pods' requests retried), so the testbed and the simulator
+serve the same way.  Pure and clock-free: the caller passes the time into every call.
+The token limit in force when a request arrives caps what it generates, ``min(W, L)`` (the gate
+clamps at arrival); the finish reason is ``"length"`` when the limit binds, else ``"stop"``.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from modelbudget.core.serving import ServingSpeed
+from modelbudget.sim.serving import Job, ServingEngine
 
 
 @dataclass(frozen=True)
@@ -42,6 +34,13 @@ class Finished:
     time_to_first_token: float
     e2e_latency: float
 
+    @property
+    def time_per_output_token(self) -> float | None:
+        """vLLM's TPOT: the decode time over the tokens after the first (None for one token)."""
+        if self.generated_tokens < 2:
+            return None
+        return (self.e2e_latency - self.time_to_first_token) / (self.generated_tokens - 1)
+
 
 @dataclass
 class TickResult:
@@ -51,36 +50,25 @@ class TickResult:
     dropped: int = 0
 
 
-@dataclass
-class _Running:
-    request: Request
-    target: int
-    finished_reason: str
-    first_token_at: float
-    decoded: float = 0.0
-
-
 class ServingModel:
-    def __init__(self, tokens_per_second: float, max_concurrency: int, queue_timeout: float) -> None:
-        if tokens_per_second <= 0 or max_concurrency < 1 or queue_timeout <= 0:
-            raise ValueError("tokens_per_second, max_concurrency and queue_timeout must be positive")
-        self.max_concurrency = max_concurrency
-        self.slot_rate = tokens_per_second / max_concurrency
-        self.queue_timeout = queue_timeout
+    def __init__(self, speed: ServingSpeed, queue_timeout: float) -> None:
+        self.speed = speed
+        self.engine = ServingEngine(queue_timeout)
         self.token_limit: int | None = None
-        self._queue: deque[Request] = deque()
-        self._pods: dict[str, list[_Running]] = {}
+        self._requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._now = 0.0
 
     @property
     def ready_pods(self) -> list[str]:
-        return sorted(self._pods)
+        return self.engine.pods
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        return self.engine.waiting()
 
     def running(self) -> dict[str, int]:
-        return {pod: len(batch) for pod, batch in sorted(self._pods.items())}
+        return self.engine.running()
 
     def set_token_limit(self, limit: int | None) -> None:
         if limit is not None and limit < 1:
@@ -88,74 +76,40 @@ class ServingModel:
         self.token_limit = limit
 
     def set_ready_pods(self, pods: Iterable[str]) -> None:
-        ready = set(pods)
-        retried = [r.request for pod in set(self._pods) - ready for r in self._pods.pop(pod)]
-        for pod in ready:
-            self._pods.setdefault(pod, [])
-        if retried:
-            # Retried requests keep their arrival time, hence their place in the FIFO.
-            self._queue = deque(sorted([*retried, *self._queue], key=lambda r: r.arrival))
+        self.engine.set_pods(dict.fromkeys(pods, self.speed), self._now)
 
     def submit(self, requests: Iterable[Request]) -> None:
-        self._queue.extend(requests)
+        jobs = []
+        for request in requests:
+            i = next(self._ids)
+            self._requests[i] = request
+            tokens = max(1, request.wanted_tokens)
+            if self.token_limit is not None:
+                tokens = min(tokens, self.token_limit)
+            jobs.append(Job(i, request.arrival, float(request.prompt_tokens), tokens))
+        self.engine.submit(jobs)
 
     def tick(self, now: float, dt: float) -> TickResult:
-        """Advance the model over ``[now, now + dt)``: drop, start, then decode."""
-        result = TickResult()
-        while self._queue and now - self._queue[0].arrival > self.queue_timeout:
-            self._queue.popleft()
-            result.dropped += 1
-        self._start_waiting(now, result)
-        self._decode(now, dt, result)
-        return result
-
-    def _start_waiting(self, now: float, result: TickResult) -> None:
-        while self._queue:
-            # Most free slots first, then by name, so placement is deterministic.
-            pod = min(self._pods, key=lambda p: (len(self._pods[p]), p), default=None)
-            if pod is None or len(self._pods[pod]) >= self.max_concurrency:
-                return
-            request = self._queue.popleft()
-            target = max(1, request.wanted_tokens)
-            if self.token_limit is not None:
-                target = min(target, self.token_limit)
-            self._pods[pod].append(
-                _Running(
+        """Advance the fleet over ``[now, now + dt)``."""
+        events = self.engine.advance(now + dt)
+        self._now = now + dt
+        result = TickResult(generated=events.generated, dropped=len(events.timed_out))
+        result.started = [(pod, self._requests[job.id]) for pod, job in events.started]
+        for job in events.timed_out:
+            del self._requests[job.id]
+        for done in events.done:
+            request = self._requests.pop(done.job.id)
+            result.finished.append(
+                Finished(
+                    pod=done.pod,
                     request=request,
-                    target=target,
-                    finished_reason="length" if target < request.wanted_tokens else "stop",
-                    first_token_at=now + 1.0 / self.slot_rate,
+                    generated_tokens=done.job.tokens,
+                    finished_reason="length" if done.job.tokens < request.wanted_tokens else "stop",
+                    time_to_first_token=done.first_token_at - request.arrival,
+                    e2e_latency=done.finished_at - request.arrival,
                 )
             )
-            result.started.append((pod, request))
-
-    def _decode(self, now: float, dt: float, result: TickResult) -> None:
-        step = self.slot_rate * dt
-        for pod, batch in self._pods.items():
-            decoded = 0.0
-            still_running = []
-            for run in batch:
-                remaining = run.target - run.decoded
-                if step < remaining:
-                    run.decoded += step
-                    decoded += step
-                    still_running.append(run)
-                    continue
-                decoded += remaining
-                finished_at = now + remaining / self.slot_rate
-                result.finished.append(
-                    Finished(
-                        pod=pod,
-                        request=run.request,
-                        generated_tokens=run.target,
-                        finished_reason=run.finished_reason,
-                        time_to_first_token=run.first_token_at - run.request.arrival,
-                        e2e_latency=finished_at - run.request.arrival,
-                    )
-                )
-            batch[:] = still_running
-            if decoded:
-                result.generated[pod] = decoded
+        return result
 
 
 def spread(total: int, pods: list[str]) -> dict[str, int]:

@@ -1,0 +1,126 @@
+"""How fast one replica serves under continuous batching: the latency a token limit implies.
+
+vLLM decodes every running sequence of a replica once per engine step, so all of them gain a
+token per inter-token latency ``itl(b) = alpha + beta * b`` with ``b`` the sequences in the batch
+(at most ``maxNumSeqs``); a replica then generates ``b / itl(b)`` tokens/s, which grows with ``b``
+but ever more slowly.  A prompt costs ``prompt / prefill_rate`` seconds before the first token.
+Pure arithmetic: the simulator's request-level engine and the planner both use these numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from modelbudget.api.spec import NodePool, Serving, Slo
+
+Tokens = TypeVar("Tokens", float, npt.NDArray[np.float64])
+
+
+@dataclass(frozen=True)
+class ServingSpeed:
+    max_num_seqs: int
+    alpha: float  # seconds per token for a lone sequence
+    beta: float  # seconds per token added by each sequence in the batch
+    prefill_rate: float  # prompt tokens per second
+
+    def itl(self, batch: float) -> float:
+        """Seconds between two tokens of one sequence when ``batch`` sequences run."""
+        return self.alpha + self.beta * max(batch, 1.0)
+
+    def decode_seconds(self, tokens: Tokens, batch: float) -> Tokens:
+        """Seconds to generate ``tokens`` (the first comes with the prefill, the others one ITL apart)."""
+        return np.maximum(tokens - 1.0, 0.0) * self.itl(batch)  # type: ignore[no-any-return]
+
+    def prefill_seconds(self, prompt_tokens: Tokens) -> Tokens:
+        return prompt_tokens / self.prefill_rate
+
+    def throughput(self, batch: float) -> float:
+        """Generated tokens/s of one replica running ``batch`` sequences."""
+        b = min(max(batch, 0.0), float(self.max_num_seqs))
+        return b / self.itl(b) if b > 0 else 0.0
+
+    @property
+    def capacity(self) -> float:
+        """Generated tokens/s of one replica with a full batch."""
+        return self.throughput(self.max_num_seqs)
+
+    def batch_for(self, tokens_per_second: float) -> float:
+        """The batch one replica runs to generate ``tokens_per_second`` (``b / itl(b) = x``);
+        more than ``maxNumSeqs`` when a replica cannot generate that much."""
+        x = max(tokens_per_second, 0.0)
+        if x * self.beta >= 1.0:
+            return float("inf")
+        return max(1.0, x * self.alpha / (1.0 - x * self.beta)) if x > 0 else 0.0
+
+    def latency(self, prompt_tokens: Tokens, tokens: Tokens, batch: float) -> Tokens:
+        """End-to-end seconds of one request that is not queued: prefill, then its tokens."""
+        return self.prefill_seconds(prompt_tokens) + self.decode_seconds(tokens, batch)
+
+
+def serving_speed(pool: NodePool) -> ServingSpeed:
+    return speed_of(pool.serving, pool.tokens_per_second_per_replica)
+
+
+def speed_of(serving: Serving, tokens_per_second: float) -> ServingSpeed:
+    """The serving parameters; beta by default makes a full batch deliver ``tokens_per_second``
+    (the pool's ``tokensPerSecondPerReplica``, so the planner's throughput and the latency agree)."""
+    s, alpha, beta = serving, serving.decode_alpha_seconds, serving.decode_beta_seconds
+    if beta is None:
+        beta = (s.max_num_seqs / tokens_per_second - alpha) / s.max_num_seqs
+        if beta < 0:  # even a flat ITL of alpha is too slow for that throughput: the throughput wins
+            alpha, beta = s.max_num_seqs / tokens_per_second, 0.0
+    return ServingSpeed(s.max_num_seqs, alpha, beta, s.prefill_tokens_per_second)
+
+
+def largest_limit_within(speed: ServingSpeed, slo: Slo, prompt_tokens: float, batch: float) -> float:
+    """The most tokens one request may generate and still meet the SLO at this batch, unqueued:
+    its prefill plus its decode within ``latencySeconds``.  ``0`` when even the first token is
+    late, or the per-token target cannot be met at this batch."""
+    itl, prefill = speed.itl(batch), speed.prefill_seconds(prompt_tokens)
+    if slo.time_per_output_token_seconds is not None and itl > slo.time_per_output_token_seconds:
+        return 0.0
+    if slo.time_to_first_token_seconds is not None and prefill > slo.time_to_first_token_seconds:
+        return 0.0
+    room = slo.latency_seconds - prefill
+    return room / itl + 1.0 if room >= 0 else 0.0
+
+
+def batch_within(speed: ServingSpeed, slo: Slo, prompt_tokens: float, tokens: float) -> float:
+    """The largest batch (at most ``maxNumSeqs``) at which a request generating ``tokens`` meets
+    the SLO, unqueued; ``0`` when not even a lone sequence does."""
+    prefill = speed.prefill_seconds(prompt_tokens)
+    if slo.time_to_first_token_seconds is not None and prefill > slo.time_to_first_token_seconds:
+        return 0.0
+    room = slo.latency_seconds - prefill
+    if room < 0:
+        return 0.0
+    itl_max = room / (tokens - 1.0) if tokens > 1.0 else math.inf
+    if slo.time_per_output_token_seconds is not None:
+        itl_max = min(itl_max, slo.time_per_output_token_seconds)
+    if itl_max < speed.itl(1.0):
+        return 0.0
+    if speed.beta == 0:
+        return float(speed.max_num_seqs)
+    return min(float(speed.max_num_seqs), (itl_max - speed.alpha) / speed.beta)
+
+
+def busy_batch(mean_batch: float, z: float) -> float:
+    """The batch a replica runs at an upper quantile: sequences in flight on a replica are close to
+    Poisson (arrivals are, and continuous batching serves them all at once), so ``b + z * sqrt(b)``."""
+    return mean_batch + z * math.sqrt(max(mean_batch, 0.0))
+
+
+def mean_batch_within(batch: float, z: float) -> float:
+    """The largest mean batch whose ``busy_batch`` stays within ``batch`` (its inverse)."""
+    root = (-z + math.sqrt(z * z + 4.0 * max(batch, 0.0))) / 2.0
+    return root * root
+
+
+def slowest_speed(pools: list[NodePool]) -> ServingSpeed:
+    """The pool whose full batch is slowest per sequence: latency promises hold on every pool."""
+    return max((serving_speed(p) for p in pools), key=lambda s: s.itl(s.max_num_seqs))

@@ -1,0 +1,215 @@
+"""The request-level serving engine: vLLM-like replicas under continuous batching.
+
+One copy, used by the simulator's world and by the testbed's synthetic model server, so both
+serve the same way.  Pure and clock-free: time comes in as arguments.
+
+- A request is routed at its arrival time to the ready replica with the fewest sequences running
+  plus waiting at that moment (ties by name), as a load-aware router in front of vLLM pods does,
+  and waits in that replica's own FIFO queue.  With no ready replica it waits unrouted.  Routing
+  at the arrival time itself (not when the caller hands requests over) keeps the result the same
+  whatever step the caller advances by.
+- A replica runs at most ``maxNumSeqs`` sequences.  A sequence first prefills its prompt
+  (``prompt / prefill rate`` seconds; that produces its first token), then decodes its other
+  tokens at one per ``itl(b) = alpha + beta * b``, ``b`` the sequences running on the replica.
+  All running sequences of a replica advance together, so the engine keeps one decode clock per
+  replica (tokens decoded per sequence so far) and a heap of the clock values at which each
+  sequence is done: an event costs ``O(log b)``, and time between events costs nothing.
+- A request that has waited longer than ``timeout`` is dropped (its client gave up).
+- A replica that goes away (scale-down, spot interruption) hands all its requests back; they are
+  routed again with their original arrival time and start over (the client retries), so a lost
+  pod costs latency and work, not requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+from modelbudget.core.serving import ServingSpeed
+
+_EPS = 1e-9
+_LOAD = attrgetter("load")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    arrival: float
+    prompt: float
+    tokens: int  # tokens it generates (the limit already applied), at least 1
+
+
+@dataclass(frozen=True)
+class Done:
+    job: Job
+    pod: str
+    first_token_at: float
+    finished_at: float
+
+
+@dataclass
+class Events:
+    """What happened in one ``advance``."""
+
+    started: list[tuple[str, Job]] = field(default_factory=list)
+    done: list[Done] = field(default_factory=list)
+    timed_out: list[Job] = field(default_factory=list)
+    generated: dict[str, float] = field(default_factory=dict)  # tokens decoded per pod
+
+
+class _Replica:
+    def __init__(self, name: str, speed: ServingSpeed, now: float) -> None:
+        self.name, self.speed, self.clock = name, speed, now
+        self.decoded = 0.0  # the decode clock: tokens each running sequence has gained
+        self.decoding: list[tuple[float, int, Job, float]] = []  # (clock when done, id, job, first token at)
+        self.prefilling: list[tuple[float, int, Job]] = []  # (first token at, id, job)
+        self.waiting: deque[Job] = deque()
+        # Counted, not recomputed: routing reads ``load`` once per replica per arrival.
+        self.running = 0  # sequences in the batch (prefilling or decoding)
+        self.load = 0  # running + waiting
+        # The earliest time its load can drop: until then routing may read the load without
+        # advancing it (a replica with no event costs nothing between arrivals).
+        self.next_change = now
+
+    def jobs(self) -> list[Job]:
+        return [e[2] for e in self.decoding] + [e[2] for e in self.prefilling] + list(self.waiting)
+
+    def enqueue(self, job: Job) -> None:
+        self.waiting.append(job)
+        self.load += 1
+        self.next_change = min(self.next_change, job.arrival)  # it may start at once
+
+    def advance(self, until: float, timeout: float, events: Events) -> None:
+        speed, t = self.speed, self.clock
+        decoding, prefilling, waiting = self.decoding, self.prefilling, self.waiting
+        generated = 0.0
+        while True:
+            if waiting:
+                self._start(t, timeout, events)
+            itl = speed.itl(self.running)
+            nxt = until
+            if decoding:
+                nxt = min(nxt, t + (decoding[0][0] - self.decoded) * itl)
+            if prefilling:
+                nxt = min(nxt, prefilling[0][0])
+            if waiting and self.running < speed.max_num_seqs:
+                nxt = min(nxt, waiting[0].arrival)
+            nxt = max(nxt, t)
+            if decoding:
+                gained = (nxt - t) / itl
+                self.decoded += gained
+                generated += gained * len(decoding)
+            t = nxt
+            while decoding and decoding[0][0] <= self.decoded + _EPS:
+                _, _, job, first = heapq.heappop(decoding)
+                self._done(Done(job, self.name, first, t), events)
+            while prefilling and prefilling[0][0] <= t + _EPS:
+                first, _, job = heapq.heappop(prefilling)
+                generated += 1.0  # prefill yields the first token
+                if job.tokens <= 1:
+                    self._done(Done(job, self.name, first, t), events)
+                else:
+                    heapq.heappush(decoding, (self.decoded + job.tokens - 1, job.id, job, first))
+            if t >= until:
+                break
+        self.clock = until
+        while waiting and until - waiting[0].arrival > timeout:
+            events.timed_out.append(waiting.popleft())
+            self.load -= 1
+        self.next_change = math.inf
+        if decoding:
+            self.next_change = until + (decoding[0][0] - self.decoded) * speed.itl(self.running)
+        if prefilling:  # a one-token request is done when its prefill is
+            self.next_change = min(self.next_change, prefilling[0][0])
+        if waiting:
+            self.next_change = min(self.next_change, waiting[0].arrival + timeout)
+        if generated:
+            events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
+
+    def _done(self, done: Done, events: Events) -> None:
+        events.done.append(done)
+        self.running -= 1
+        self.load -= 1
+
+    def _start(self, t: float, timeout: float, events: Events) -> None:
+        waiting = self.waiting
+        while waiting and self.running < self.speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
+            job = waiting.popleft()
+            if t - job.arrival > timeout:
+                events.timed_out.append(job)
+                self.load -= 1
+                continue
+            start = max(t, job.arrival)
+            heapq.heappush(self.prefilling, (start + self.speed.prefill_seconds(job.prompt), job.id, job))
+            self.running += 1
+            events.started.append((self.name, job))
+
+
+class ServingEngine:
+    def __init__(self, timeout: float) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._pods: dict[str, _Replica] = {}
+        self._replicas: list[_Replica] = []  # the same, in name order
+        self._arriving: deque[Job] = deque()  # submitted, routed when the engine reaches their arrival
+        self._unrouted: deque[Job] = deque()  # arrived while no replica was ready
+
+    @property
+    def pods(self) -> list[str]:
+        return sorted(self._pods)
+
+    def running(self) -> dict[str, int]:
+        return {name: r.running for name, r in sorted(self._pods.items())}
+
+    def waiting(self) -> int:
+        return len(self._unrouted) + sum(len(r.waiting) for r in self._pods.values())
+
+    def in_flight(self) -> list[Job]:
+        """Every request that has arrived and is not done: running, waiting on a replica, or unrouted."""
+        return [j for r in self._pods.values() for j in r.jobs()] + list(self._unrouted)
+
+    def set_pods(self, pods: Mapping[str, ServingSpeed], now: float) -> None:
+        """The ready replicas (and how each serves) from ``now``; the requests of those that went
+        away are routed again."""
+        retried = [job for name in sorted(set(self._pods) - set(pods)) for job in self._pods.pop(name).jobs()]
+        for name in sorted(set(pods) - set(self._pods)):
+            self._pods[name] = _Replica(name, pods[name], now)
+        self._replicas = [self._pods[name] for name in sorted(self._pods)]
+        pending = sorted([*retried, *self._unrouted], key=lambda j: (j.arrival, j.id))
+        self._unrouted = deque()
+        for job in pending:  # they have arrived already: routed now, oldest first
+            self._route(job)
+
+    def submit(self, jobs: Iterable[Job]) -> None:
+        """Requests arriving from now on, in arrival order; each is routed when it arrives."""
+        self._arriving.extend(jobs)
+
+    def _route(self, job: Job) -> None:
+        if not self._pods:
+            self._unrouted.append(job)
+            return
+        # The least loaded; ties go to the first name (the replicas are kept in name order).
+        min(self._replicas, key=_LOAD).enqueue(job)
+
+    def advance(self, until: float) -> Events:
+        """Serve up to ``until``: route each arrival at its time, and every replica starts,
+        decodes and finishes what it can."""
+        events = Events()
+        replicas = self._replicas
+        while self._arriving and self._arriving[0].arrival < until:
+            job = self._arriving.popleft()
+            for replica in replicas:
+                if replica.next_change <= job.arrival:
+                    replica.advance(job.arrival, self.timeout, events)
+            self._route(job)
+        for replica in replicas:
+            replica.advance(until, self.timeout, events)
+        while self._unrouted and until - self._unrouted[0].arrival > self.timeout:
+            events.timed_out.append(self._unrouted.popleft())
+        events.done.sort(key=lambda d: (d.finished_at, d.job.id))
+        return events
