@@ -40,12 +40,23 @@ def test_there_are_examples():
     assert len(EXAMPLES) >= 2
 
 
+def pool_crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / "crds" / POOL_CRD_FILE).read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_is_valid_for_models_schema_and_cel(path):
-    doc = yaml.safe_load(path.read_text())
-    ModelBudget.model_validate(doc)
-    assert openapi_errors(crd_schema(), doc) == []
-    assert cel_violations(crd_schema()["properties"]["spec"], doc["spec"]) == []
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc["kind"] == "GpuPool":
+            GpuPoolSpec.model_validate(doc["spec"])
+            schema = pool_crd_schema()
+        else:
+            ModelBudget.model_validate(doc)
+            schema = crd_schema()
+        assert openapi_errors(schema, doc) == []
+        assert cel_violations(schema["properties"]["spec"], doc["spec"]) == []
 
 
 BAD = [
@@ -196,8 +207,7 @@ def test_gpu_pool_rules_reject_in_model_and_in_cel(patch: dict[str, object], mes
     with pytest.raises(ValidationError) as err:
         GpuPoolSpec.model_validate(doc)
     assert message in str(err.value)
-    schema = yaml.safe_load((ROOT / "crds" / POOL_CRD_FILE).read_text())["spec"]["versions"][0]["schema"]
-    assert any(message in m for _, m in cel_violations(schema["openAPIV3Schema"]["properties"]["spec"], doc))
+    assert any(message in m for _, m in cel_violations(pool_crd_schema()["properties"]["spec"], doc))
 
 
 def test_gpu_pool_allows_namespaces_by_name_or_label() -> None:
