@@ -33,7 +33,7 @@ from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.observation import DemandSample
-from modelbudget.core.pools import PoolView, claims_of, pool_view
+from modelbudget.core.pools import PoolView, claims_of, pool_view, with_views
 from modelbudget.core.tenancy import pools_not_allowed
 
 T = TypeVar("T")
@@ -169,7 +169,7 @@ class Reconciler:
             s.pool: pool_view(s, declared[s.pool].spec, declared[s.pool].status, ref.namespace, ref.name, per_replica)
             for s in own_spec.shared_pools
         }
-        resolved = _with_views(parsed, views)
+        resolved = resolve(with_views(own_spec, list(views.values()))) if views else parsed
         spec = resolved.spec
 
         cluster, sample = await asyncio.gather(
@@ -360,15 +360,6 @@ def _tightens(before: Published, wanted: Published) -> bool:
     was, now = before.admitted_rps_per_pod, wanted.admitted_rps_per_pod
     lower_cap = now is not None and (was is None or now < was)
     return lower_limit or lower_cap
-
-
-def _with_views(resolved: ResolvedSpec, views: Mapping[str, PoolView]) -> ResolvedSpec:
-    """The spec as the planner sees it: its own pools, then its view of each shared pool."""
-    if not views:
-        return resolved
-    spec = resolved.spec
-    planned = spec.model_copy(update={"node_pools": [*spec.node_pools, *(v.pool for v in views.values())]})
-    return resolve(planned)
 
 
 def _observation(cluster: Cluster, sample: DemandSample, views: Mapping[str, PoolView]) -> Observation:

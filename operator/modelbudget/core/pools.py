@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from modelbudget.api.pool import GpuPoolSpec, GpuPoolStatus, PoolGrant, SizeWanted
-from modelbudget.api.spec import NodePool, SharedPool
+from modelbudget.api.spec import ModelBudgetSpec, NodePool, SharedPool
 from modelbudget.api.status import Plan, PoolClaim
 
 _EPS = 1e-9
@@ -93,6 +93,11 @@ def pool_view(
     # The price is not re-validated: with rounding on big nodes it may pass the spec's bound.
     priced = view.model_copy(update={"price_per_gpu_hour": spec.price_per_gpu_hour * factor})
     return PoolView(priced, min(own // gpus_per_replica, priced.max_nodes))
+
+
+def with_views(spec: ModelBudgetSpec, views: Sequence[PoolView]) -> ModelBudgetSpec:
+    """The spec as the planner sees it: its own pools, then its view of each shared pool."""
+    return spec.model_copy(update={"node_pools": [*spec.node_pools, *(v.pool for v in views)]}) if views else spec
 
 
 def claims_of(plan: Plan, shared: Sequence[SharedPool], gpus_per_replica: int) -> list[PoolClaim]:
