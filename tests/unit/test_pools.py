@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from modelbudget.api.pool import GpuPoolSpec, GpuPoolStatus, PoolGrant, SizeWanted
 from modelbudget.api.spec import SharedPool
 from modelbudget.api.status import ControllerState, PoolClaim
-from modelbudget.core.pools import SPLIT_RULE, Claimant, claims_of, pool_view, settle, split
+from modelbudget.core.pools import SPLIT_RULE, Claimant, bounded_claim, claims_of, pool_view, settle, split
 from tests.builders import NOW, decide_for, make_spec, observe
 
 
@@ -180,3 +180,11 @@ def test_a_plan_on_the_view_becomes_a_claim_within_the_allowance() -> None:
     [claim] = claims_of(decision.plan, [SharedPool(pool="p", tokensPerSecondPerReplica=1000)], 1)
     assert claim.gpus == decision.plan.nodes_by_pool()["p"] > 0
     assert claim.payable_per_hour == pytest.approx(decision.plan.allowed_spend_per_hour)
+
+
+def test_a_claim_is_bounded_by_what_its_spec_could_ask() -> None:
+    spec = make_spec(replicas={"min": 0, "max": 3, "gpusPerReplica": 2})
+    forged = PoolClaim(pool="p", gpus=101, gpus_per_replica=1, payable_per_hour=1.0)
+    bounded = bounded_claim(forged, spec)
+    assert (bounded.gpus, bounded.gpus_per_replica) == (6, 2)
+    assert bounded_claim(PoolClaim(pool="p", gpus=3, gpus_per_replica=2, payable_per_hour=1.0), spec).gpus == 2

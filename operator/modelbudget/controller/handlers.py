@@ -21,13 +21,13 @@ from typing import Any
 import kopf
 
 from modelbudget.api.pool import POOL_PLURAL
-from modelbudget.api.spec import GROUP, PLURAL, VERSION
+from modelbudget.api.spec import GROUP, PLURAL, VERSION, ModelBudgetSpec
 from modelbudget.api.status import PoolClaim
 from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
-from modelbudget.core.pools import Claimant
+from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
 EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
@@ -93,15 +93,26 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         telemetry.forget(namespace or "", name)
 
     @kopf.index(GROUP, VERSION, PLURAL, id="pool_claims", registry=registry)
-    def pool_claims(name: str, namespace: str | None, status: kopf.Status, **_: Any) -> dict[str, Claimant]:
-        """Each ModelBudget's claims on shared pools, by pool: what the pool timer sums."""
+    def pool_claims(
+        name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
+    ) -> dict[str, Claimant]:
+        """Each ModelBudget's claims on shared pools, by pool, bounded by its spec: what the pool
+        timer sums. A ModelBudget whose spec does not parse claims nothing."""
+        raw_claims = status.get("poolClaims") or []
+        if not raw_claims:
+            return {}
+        try:
+            parsed = ModelBudgetSpec.model_validate(dict(spec))
+        except ValueError:
+            return {}
         claims = {}
-        for raw in status.get("poolClaims") or []:
+        for raw in raw_claims:
             try:
                 claim = PoolClaim.model_validate(raw)
             except ValueError:
                 continue  # not one this version wrote: no claim rather than a wrong one
-            claims[claim.pool] = Claimant(namespace or "", name, claim)
+            if any(s.pool == claim.pool for s in parsed.shared_pools):
+                claims[claim.pool] = Claimant(namespace or "", name, bounded_claim(claim, parsed))
         return claims
 
     @kopf.timer(GROUP, VERSION, POOL_PLURAL, id="settle-pool", interval=interval, registry=registry)

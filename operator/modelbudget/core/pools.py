@@ -120,6 +120,16 @@ def claims_of(plan: Plan, shared: Sequence[SharedPool], gpus_per_replica: int) -
     return claims
 
 
+def bounded_claim(claim: PoolClaim, spec: ModelBudgetSpec) -> PoolClaim:
+    """A claim as far as its ModelBudget's spec could ask: at most ``replicas.max`` replicas of
+    the spec's GPUs each. The claim sits in a status, which whoever may write the status can
+    edit; the spec is what the tenant is accountable for."""
+    per_replica = spec.replicas.gpus_per_replica
+    most = spec.replicas.max * per_replica
+    gpus = min(claim.gpus - claim.gpus % per_replica, most)
+    return claim.model_copy(update={"gpus": max(gpus, 0), "gpus_per_replica": per_replica})
+
+
 def split(max_gpus: int, claimants: Sequence[Claimant]) -> dict[tuple[str, str], int]:
     """GPUs granted to each claimant: everything when the claims fit, else the split rule."""
     asked = sum(c.claim.gpus for c in claimants)
