@@ -143,6 +143,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             return
         if outcome.status_patch:
             patch.status.update(outcome.status_patch)
+        telemetry.record_pool(name, outcome.status)
         for note in outcome.events:
             kopf.event(body, type=note.type, reason=note.reason.value, message=note.message)
             if note.type == "Warning":

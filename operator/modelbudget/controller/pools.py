@@ -27,9 +27,9 @@ from modelbudget.core.pools import Claimant, settle
 
 @dataclass(frozen=True)
 class PoolOutcome:
+    status: GpuPoolStatus  # as this tick sees it
     status_patch: dict[str, Any] | None  # merge patch for .status; None: nothing to write
     events: list[st.EventNote]
-    nodes: int | None = None  # what the provider object is sized to after this tick
 
 
 def _status_doc(status: GpuPoolStatus) -> dict[str, Any]:
@@ -82,7 +82,6 @@ class PoolReconciler:
             return self._stopped(old_doc, before, f"GpuPool {name}: {exc}", Reason.ACTUATION_FAILED, now)
         settled = settle(spec, allowed, sized_now, before.wanted, now)
         status, events = settled.status, []
-        nodes: int | None = settled.nodes
         if settled.nodes != sized_now:
             try:
                 await asyncio.to_thread(self.node_pools.resize_provider, ref, spec.gpus_per_node, "", settled.nodes)
@@ -92,13 +91,12 @@ class PoolReconciler:
                     )
                 )
             except AdapterError as exc:
-                nodes = sized_now
                 message = f"GpuPool {name}: {exc}"
                 status = status.model_copy(update={"nodes": sized_now, "message": message[:4096]})
                 events.append(st.EventNote("Warning", Reason.ACTUATION_FAILED, message))
         if status.split is not None and before.split is None:
             events.append(st.EventNote("Warning", Reason.POOL_SPLIT, status.message or status.split))
-        return PoolOutcome(st.merge_patch(old_doc, _status_doc(status)) or None, events, nodes)
+        return PoolOutcome(status, st.merge_patch(old_doc, _status_doc(status)) or None, events)
 
     @staticmethod
     def _stopped(
@@ -107,4 +105,4 @@ class PoolReconciler:
         """Nothing resized this tick: the grants stand, the status says why (an Event when it is new)."""
         status = before.model_copy(update={"message": message[:4096], "updated_at": now})
         events = [] if before.message == status.message else [st.EventNote("Warning", reason, message)]
-        return PoolOutcome(st.merge_patch(old_doc, _status_doc(status)) or None, events, before.nodes)
+        return PoolOutcome(status, st.merge_patch(old_doc, _status_doc(status)) or None, events)
