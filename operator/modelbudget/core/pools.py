@@ -30,8 +30,6 @@ from modelbudget.api.status import Plan, PoolClaim
 
 _EPS = 1e-9
 SPLIT_RULE = "in proportion to claims, in whole replicas, largest remainders first"
-# Beyond this many grant cuts the claims are absurd; settle stops cutting and leaves them at 0.
-_MAX_CUTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -192,12 +190,11 @@ def settle(
             f"({spec.max_gpus} GPUs): split in proportion to claims, in whole replicas"
         )
     # The ceiling holds on each share: cut the grant of whoever is billed beyond what it pays.
-    for _ in range(_MAX_CUTS):
-        nodes = _nodes_for(spec, sum(grants.values()))
-        over = _over_payable(claimants, _shares(_bill(spec, nodes), grants), grants)
-        if over is None:
-            break
+    # Each cut takes a replica off a grant, and with nothing granted no share is over: this ends.
+    nodes = _nodes_for(spec, sum(grants.values()))
+    while (over := _over_payable(claimants, _shares(_bill(spec, nodes), grants), grants)) is not None:
         grants[over.key] -= over.claim.gpus_per_replica
+        nodes = _nodes_for(spec, sum(grants.values()))
         cut = f"{over.namespace}/{over.name}: grant cut to keep its share within what it pays"
         if cut not in notes:
             notes.append(cut)
