@@ -12,7 +12,7 @@ test-unit:      ## lint + unit tier only (no cluster)
 
 crd:            ## regenerate crds/ (and the chart's copy) from the API models
 	.venv/bin/modelbudget crd --out-dir crds
-	cp crds/modelbudget.dev_modelbudgets.yaml charts/modelbudget-operator/files/
+	cp crds/modelbudget.dev_modelbudgets.yaml crds/modelbudget.dev_gpupools.yaml charts/modelbudget-operator/files/
 
 binaries:       ## build kube-*, etcd, kwok, helm into ~/.cache/modelbudget (cached)
 	hack/build-binaries.sh

@@ -71,8 +71,8 @@ cmd_up() {
   "$REPO/hack/testbed.sh" up
   testbed_env
 
-  kubectl apply -f "$REPO/crds/modelbudget.dev_modelbudgets.yaml" >/dev/null
-  kubectl wait --for condition=Established --timeout 60s crd/modelbudgets.modelbudget.dev >/dev/null
+  kubectl apply -f "$REPO/crds/modelbudget.dev_modelbudgets.yaml" -f "$REPO/crds/modelbudget.dev_gpupools.yaml" >/dev/null
+  kubectl wait --for condition=Established --timeout 60s crd/modelbudgets.modelbudget.dev crd/gpupools.modelbudget.dev >/dev/null
   kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl apply -f - >/dev/null <<EOF
 apiVersion: testbed.modelbudget.dev/v1alpha1

@@ -160,9 +160,18 @@ def model_server(testbed: Testbed) -> Iterator[Callable[..., str]]:
 
 @pytest.fixture(scope="session")
 def modelbudget_crd(testbed: Testbed) -> None:
-    """The ModelBudget CRD, applied and Established once per session."""
+    """The operator's CRDs (ModelBudget, GpuPool), applied and Established once per session."""
     testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
-    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", "crd/modelbudgets.modelbudget.dev")
+    testbed.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_gpupools.yaml"))
+    testbed.kubectl(
+        "wait",
+        "--for",
+        "condition=Established",
+        "--timeout",
+        "60s",
+        "crd/modelbudgets.modelbudget.dev",
+        "crd/gpupools.modelbudget.dev",
+    )
 
 
 @pytest.fixture

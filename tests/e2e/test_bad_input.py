@@ -34,7 +34,7 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     (
         "empty pools",
         {"nodePools": []},
-        "spec.nodePools: Invalid value: 0: spec.nodePools in body should have at least 1",
+        "give at least one of nodePools or sharedPools",
     ),
     ("absurd ceiling", {"budget": {"ceiling": {"amount": 1e12}, "valuePerPoint": 0.01}}, "less than or equal to 1e+09"),
     ("huge replicas", {"replicas": {"min": 1, "max": 10**12}}, "spec.replicas.max: Invalid value"),

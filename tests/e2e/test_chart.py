@@ -34,6 +34,7 @@ from support import (
 pytestmark = pytest.mark.e2e
 
 CRD_NAME = "modelbudgets.modelbudget.dev"
+CRD_NAMES = (CRD_NAME, "gpupools.modelbudget.dev")
 # kopf scans namespaces and CRDs to follow them at run time unless settings.scanning.disabled;
 # without list on those (not granted: the operator does not need them) it retries, warns and
 # carries on. These refusals are expected; any other is a permission the chart lacks.
@@ -70,22 +71,23 @@ def test_rendered_manifests_pass_server_side_validation(
 
 
 def let_release_adopt_the_crd(testbed: Any, release: str, namespace: str) -> None:
-    """Let this release take over the CRD other tests may have applied with kubectl.
+    """Let this release take over the CRDs other tests may have applied with kubectl.
 
     Helm adopts an existing object only when it carries the release's ownership metadata; the
-    CRD stays (resource-policy keep) when the release goes, so nothing else loses it.
+    CRDs stay (resource-policy keep) when the release goes, so nothing else loses them.
     """
-    if testbed.kubectl("get", "crd", CRD_NAME, check=False).returncode != 0:
-        return  # the release creates it
-    testbed.kubectl("label", "crd", CRD_NAME, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-    testbed.kubectl(
-        "annotate",
-        "crd",
-        CRD_NAME,
-        f"meta.helm.sh/release-name={release}",
-        f"meta.helm.sh/release-namespace={namespace}",
-        "--overwrite",
-    )
+    for crd in CRD_NAMES:
+        if testbed.kubectl("get", "crd", crd, check=False).returncode != 0:
+            continue  # the release creates it
+        testbed.kubectl("label", "crd", crd, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        testbed.kubectl(
+            "annotate",
+            "crd",
+            crd,
+            f"meta.helm.sh/release-name={release}",
+            f"meta.helm.sh/release-namespace={namespace}",
+            "--overwrite",
+        )
 
 
 def _budget(name: str, pool: str, prometheus_url: str) -> dict[str, Any]:
@@ -162,7 +164,7 @@ def test_install_rbac_is_enough_and_no_wider_then_uninstall_keeps_the_crd(
         sets.append(f"watchNamespaces={{{namespace}}}")
     let_release_adopt_the_crd(testbed, release, namespace)
     helm("install", release, str(CHART), "-n", namespace, *(a for s in sets for a in ("--set", s)))
-    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", f"crd/{CRD_NAME}")
+    testbed.kubectl("wait", "--for", "condition=Established", "--timeout", "60s", *[f"crd/{c}" for c in CRD_NAMES])
 
     core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)

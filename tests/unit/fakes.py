@@ -8,13 +8,14 @@ from datetime import datetime
 from typing import Any
 
 from modelbudget.adapters.errors import NotFound, Rejected
+from modelbudget.adapters.gpupools import DeclaredPool
 from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
-from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
+from modelbudget.api.spec import Metrics, NodePool, ProviderRef, TokenLimitPublish
 from modelbudget.controller.reconciler import Adapters
 from modelbudget.core.observation import DemandSample, GateReport
 
@@ -81,6 +82,33 @@ class FakeNodePools:
         self.resizes.append((pool.name, nodes))
         self.sizes[pool.name] = nodes
 
+    # A shared pool's provider object, recorded by its name.
+    def provider_sized_to(self, ref: ProviderRef, gpus_per_node: int, namespace: str) -> int | None:
+        self.reads.append(ref.name)
+        return self.sizes.get(ref.name)
+
+    def resize_provider(self, ref: ProviderRef, gpus_per_node: int, namespace: str, nodes: int) -> None:
+        if self.fail_resize:
+            raise Rejected(f"resizing {ref.kind.value} {ref.name}: HTTP 403 Forbidden")
+        self.resizes.append((ref.name, nodes))
+        self.sizes[ref.name] = nodes
+
+
+@dataclass
+class FakeGpuPools:
+    """GpuPools and namespace labels as the apiserver would list them; records the reads."""
+
+    pools: dict[str, DeclaredPool] = field(default_factory=dict)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    listed: int = 0
+
+    def declared(self) -> dict[str, DeclaredPool]:
+        self.listed += 1
+        return dict(self.pools)
+
+    def namespace_labels(self, namespace: str) -> dict[str, str]:
+        return dict(self.labels.get(namespace, {}))
+
 
 def node_selector_for(pool_name: str) -> dict[str, str]:
     return node_selector(
@@ -130,6 +158,7 @@ class FakeCluster:
     secrets: FakeSecrets = field(default_factory=FakeSecrets)
     scaler: FakeScaler = field(default_factory=FakeScaler)
     pools: FakeNodePools = field(default_factory=FakeNodePools)
+    gpu_pools: FakeGpuPools = field(default_factory=FakeGpuPools)
     tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
     conflicts: FakeConflicts = field(default_factory=FakeConflicts)
     gates_running: bool = True  # gates in every pod, applying what is published
@@ -149,6 +178,7 @@ class FakeCluster:
             secrets=self.secrets,
             scaler=self.scaler,
             node_pools=self.pools,
+            gpu_pools=self.gpu_pools,
             token_limits=self.tokens,
             conflicts=self.conflicts,
         )

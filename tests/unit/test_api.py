@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from modelbudget.api import ModelBudget, ModelBudgetSpec
-from modelbudget.api.crd import CRD_FILE, render_crd
+from modelbudget.api.crd import CRD_FILE, POOL_CRD_FILE, render_crd
+from modelbudget.api.pool import GpuPoolSpec
 from tests.builders import spec_dict
 from tests.celcheck import cel_violations
 
@@ -39,12 +40,23 @@ def test_there_are_examples():
     assert len(EXAMPLES) >= 2
 
 
+def pool_crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / "crds" / POOL_CRD_FILE).read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_is_valid_for_models_schema_and_cel(path):
-    doc = yaml.safe_load(path.read_text())
-    ModelBudget.model_validate(doc)
-    assert openapi_errors(crd_schema(), doc) == []
-    assert cel_violations(crd_schema()["properties"]["spec"], doc["spec"]) == []
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc["kind"] == "GpuPool":
+            GpuPoolSpec.model_validate(doc["spec"])
+            schema = pool_crd_schema()
+        else:
+            ModelBudget.model_validate(doc)
+            schema = crd_schema()
+        assert openapi_errors(schema, doc) == []
+        assert cel_violations(schema["properties"]["spec"], doc["spec"]) == []
 
 
 BAD = [
@@ -79,6 +91,17 @@ BAD = [
         },
         "providerRef.namespace is only for a MachineDeployment",
     ),
+    ("no pools", {"nodePools": []}, "give at least one of nodePools or sharedPools"),
+    (
+        "shared pool named twice",
+        {"sharedPools": [{"pool": "shared", "tokensPerSecondPerReplica": 500}] * 2},
+        "sharedPools[].pool must be unique and differ from every nodePools[].name",
+    ),
+    (
+        "shared pool named like an inline pool",
+        {"sharedPools": [{"pool": "pool-a", "tokensPerSecondPerReplica": 500}]},
+        "sharedPools[].pool must be unique and differ from every nodePools[].name",
+    ),
     (
         "fallback without replicas",
         {"behavior": {"fallback": {"action": "ScaleTo"}}},
@@ -110,7 +133,6 @@ FIELD_ERRORS = [
     ("zero ceiling", {"budget": {"ceiling": {"amount": 0}, "valuePerPoint": 1}}, "greater than 0"),
     ("unknown field", {"surprise": 1}, "Extra inputs are not permitted"),
     ("wrong type", {"replicas": {"min": "two", "max": 3}}, "valid integer"),
-    ("empty pools", {"nodePools": []}, "at least 1 item"),
     ("bad period", {"budget": {"ceiling": {"amount": 5, "period": "Week"}, "valuePerPoint": 1}}, "Hour"),
     ("bad url", {"metrics": {"prometheusUrl": "prometheus:9090"}}, "should match pattern"),
 ]
@@ -152,3 +174,49 @@ def test_parsing_garbage_gives_validation_errors_only(path, value):
         ModelBudgetSpec.model_validate(doc)
     except ValidationError as exc:
         assert exc.errors()
+
+
+def test_a_spec_may_draw_only_from_shared_pools() -> None:
+    doc = spec_dict(sharedPools=[{"pool": "shared", "tokensPerSecondPerReplica": 500}])
+    del doc["nodePools"]
+    spec = ModelBudgetSpec.model_validate(doc)
+    assert spec.node_pools == [] and spec.shared_pools[0].pool == "shared"
+    assert cel_violations(crd_schema()["properties"]["spec"], doc) == []
+
+
+GPU_POOL = {
+    "providerRef": {"kind": "KwokNodePool", "name": "shared"},
+    "gpuType": "nvidia-l4",
+    "pricePerGpuHour": 2.0,
+    "gpusPerNode": 4,
+    "maxNodes": 4,
+    "allowedNamespaces": {"namespaces": ["team-a"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"minNodes": 5}, "minNodes must not exceed maxNodes"),
+        ({"providerRef": {"kind": "MachineDeployment", "name": "md"}}, "providerRef.namespace is required"),
+        ({"allowedNamespaces": {"namespaces": []}}, "allowedNamespaces needs namespaces or a namespaceSelector"),
+    ],
+)
+def test_gpu_pool_rules_reject_in_model_and_in_cel(patch: dict[str, object], message: str) -> None:
+    doc = {**GPU_POOL, **patch}
+    with pytest.raises(ValidationError) as err:
+        GpuPoolSpec.model_validate(doc)
+    assert message in str(err.value)
+    assert any(message in m for _, m in cel_violations(pool_crd_schema()["properties"]["spec"], doc))
+
+
+def test_gpu_pool_allows_namespaces_by_name_or_label() -> None:
+    allowed = GpuPoolSpec.model_validate(
+        {
+            **GPU_POOL,
+            "allowedNamespaces": {"namespaces": ["team-a"], "namespaceSelector": {"matchLabels": {"gpu": "l4"}}},
+        }
+    ).allowed_namespaces
+    assert allowed.allows("team-a", {})
+    assert allowed.allows("team-b", {"gpu": "l4", "other": "x"})
+    assert not allowed.allows("team-c", {"gpu": "a100"})

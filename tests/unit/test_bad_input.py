@@ -44,7 +44,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("negative price", {"nodePools": [{**POOL, "pricePerGpuHour": -2}]}, "pricePerGpuHour: Input should be greater"),
     ("min > max", {"replicas": {"min": 5, "max": 2}}, "replicas.min must not exceed replicas.max"),
     ("pool min > max", {"nodePools": [{**POOL, "minNodes": 9, "maxNodes": 1}]}, "minNodes must not exceed maxNodes"),
-    ("empty pools", {"nodePools": []}, "nodePools: List should have at least 1 item"),
+    ("empty pools", {"nodePools": []}, "give at least one of nodePools or sharedPools"),
     ("absurd ceiling", {"budget": {"ceiling": {"amount": 1e12}}}, "amount: Input should be less than or equal to 1"),
     ("unknown field", {"surprise": True}, "surprise: Extra inputs are not permitted"),
     ("huge replicas", {"replicas": {"min": 1, "max": 10**12}}, "replicas.max: Input should be less than or equal"),

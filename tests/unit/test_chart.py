@@ -24,7 +24,7 @@ from modelbudget.controller import telemetry
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "modelbudget-operator"
-CRD = REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"
+CRDS = [REPO / "crds" / "modelbudget.dev_modelbudgets.yaml", REPO / "crds" / "modelbudget.dev_gpupools.yaml"]
 RELEASE, NAMESPACE = "mb", "mb-system"
 FULLNAME = f"{RELEASE}-modelbudget-operator"
 
@@ -121,6 +121,7 @@ def test_default_render(helm: str) -> None:
     docs = render(helm)
     assert sorted(d["kind"] for d in docs) == sorted(
         [
+            "CustomResourceDefinition",
             "CustomResourceDefinition",
             "ServiceAccount",
             "ClusterRole",
@@ -275,16 +276,18 @@ def test_app_version_is_the_package_version() -> None:
     assert chart["appVersion"] == modelbudget.__version__
 
 
-def test_chart_crd_is_the_generated_crd(helm: str) -> None:
+@pytest.mark.parametrize("crd", CRDS, ids=lambda p: p.name)
+def test_chart_crd_is_the_generated_crd(helm: str, crd: Path) -> None:
     # The copy in the chart is byte-identical to crds/ (regenerate: `make crd`, then copy) ...
-    copy = CHART / "files" / CRD.name
-    assert copy.read_text() == CRD.read_text(), f"cp {CRD.relative_to(REPO)} {copy.relative_to(REPO)}"
+    copy = CHART / "files" / crd.name
+    assert copy.read_text() == crd.read_text(), f"cp {crd.relative_to(REPO)} {copy.relative_to(REPO)}"
     # ... and rendering it (fromYaml/toYaml) changes nothing but the metadata the chart adds.
-    rendered = one(render(helm), "CustomResourceDefinition")
+    generated = yaml.safe_load(crd.read_text())
+    rendered = one(render(helm), "CustomResourceDefinition", generated["metadata"]["name"])
     meta = rendered["metadata"]
     assert meta.pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert meta.pop("labels")["app.kubernetes.io/managed-by"] == "Helm"
-    assert rendered == yaml.safe_load(CRD.read_text())
+    assert rendered == generated
 
 
 def test_security_defaults(helm: str) -> None:

@@ -133,3 +133,20 @@ def test_plan_rejects_invalid_manifest(tmp_path, capsys):
     bad.write_text(text)
     assert main(["plan", "-f", str(bad), "--demand-rps", "1"]) == 2
     assert "replicas.min must not exceed replicas.max" in capsys.readouterr().err
+
+
+def test_plan_on_a_shared_pool_needs_the_gpu_pool_beside_the_model_budget(tmp_path, capsys):
+    docs = (ROOT / "examples/shared-pool.yaml").read_text().split("\n---\n")
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(docs[1])  # the first ModelBudget, without its GpuPool
+    assert main(["plan", "-f", str(alone), "--demand-rps", "1"]) == 2
+    assert "no GpuPool shared-l4 in the file" in capsys.readouterr().err
+
+
+def test_plan_on_a_shared_pool_prices_it_from_the_gpu_pool(capsys):
+    args = ["plan", "-f", str(ROOT / "examples/shared-pool.yaml"), "--demand-rps", "10", "--output", "json"]
+    assert main([*args, "--at", "2026-11-23T12:00:00Z"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    [pool] = plan["pools"]
+    assert pool["pool"] == "shared-l4" and pool["replicas"] > 0
+    assert pool["spendPerHour"] == pytest.approx(pool["replicas"] * 0.85)  # 1 GPU per replica at the pool's price

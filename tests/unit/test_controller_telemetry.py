@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from modelbudget.api import ControllerState
+from modelbudget.api.pool import GpuPoolStatus, PoolGrant
 from modelbudget.api.status import Condition, ConditionType
 from modelbudget.controller import telemetry
 from tests.builders import NOW, decide_for, make_spec, observe
@@ -47,3 +48,21 @@ def test_a_deleted_modelbudget_takes_its_series_with_it() -> None:
     telemetry.forget("tel", "gone")
     assert series("tel", "gone") == []
     assert series("tel", "stays")
+
+
+def test_a_pool_settlement_is_projected_and_a_claimant_that_left_takes_its_series() -> None:
+    both = GpuPoolStatus(
+        nodes=2,
+        bill_per_hour=16.0,
+        grants=[
+            PoolGrant(namespace="tel-a", name="llm", claimed_gpus=3, granted_gpus=3, share_per_hour=9.6),
+            PoolGrant(namespace="tel-b", name="llm", claimed_gpus=2, granted_gpus=2, share_per_hour=6.4),
+        ],
+    )
+    telemetry.record_pool("tel-pool", both)
+    share = {"pool": "tel-pool", "namespace": "tel-a", "name": "llm"}
+    assert REGISTRY.get_sample_value("modelbudget_pool_share_dollars_per_hour", share) == 9.6
+    assert REGISTRY.get_sample_value("modelbudget_pool_bill_dollars_per_hour", {"pool": "tel-pool"}) == 16.0
+    telemetry.record_pool("tel-pool", both.model_copy(update={"grants": both.grants[1:]}))
+    assert REGISTRY.get_sample_value("modelbudget_pool_share_dollars_per_hour", share) is None
+    assert REGISTRY.get_sample_value("modelbudget_pool_granted_gpus", {**share, "namespace": "tel-b"}) == 2

@@ -81,6 +81,7 @@ def test_credentials_are_sent_and_never_reported(
         secrets=cluster.secrets,
         scaler=cluster.scaler,
         node_pools=cluster.pools,
+        gpu_pools=cluster.gpu_pools,
         token_limits=cluster.tokens,
         conflicts=cluster.conflicts,
     )

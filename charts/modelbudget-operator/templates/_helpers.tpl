@@ -107,6 +107,17 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["list"]
+# controller/handlers.py + adapters/gpupools.py: the pool reconciler (one writer per shared pool).
+- apiGroups: ["modelbudget.dev"]
+  resources: ["gpupools"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["modelbudget.dev"]
+  resources: ["gpupools/status"]
+  verbs: ["patch"]
+# adapters/gpupools.py: a namespace's labels, matched against a GpuPool's namespaceSelector.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
 {{- if .Values.rbac.nodePoolProviders.karpenter }}
 # adapters/nodepools.py: Karpenter pools are sized by spec.limits["nvidia.com/gpu"].
 - apiGroups: ["karpenter.sh"]

@@ -79,6 +79,12 @@ class NodePools(Protocol):
 
     def resize(self, pool: NodePool, namespace: str, nodes: int) -> None: ...
 
+    def provider_sized_to(self, ref: ProviderRef, gpus_per_node: int, namespace: str) -> int | None:
+        """``sized_to`` by the provider object itself (a GpuPool's); raises ``NotFound`` likewise."""
+        ...
+
+    def resize_provider(self, ref: ProviderRef, gpus_per_node: int, namespace: str, nodes: int) -> None: ...
+
 
 class KubeNodePools:
     def __init__(self, kube: KubeClients) -> None:
@@ -137,14 +143,18 @@ class KubeNodePools:
         )
 
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
-        ref = self._ref(pool)
-        return sized_nodes(ref.kind, self._get(ref, namespace), pool.gpus_per_node)
+        return self.provider_sized_to(self._ref(pool), pool.gpus_per_node, namespace)
+
+    def provider_sized_to(self, ref: ProviderRef, gpus_per_node: int, namespace: str) -> int | None:
+        return sized_nodes(ref.kind, self._get(ref, namespace), gpus_per_node)
 
     def resize(self, pool: NodePool, namespace: str, nodes: int) -> None:
-        ref = self._ref(pool)
+        self.resize_provider(self._ref(pool), pool.gpus_per_node, namespace, nodes)
+
+    def resize_provider(self, ref: ProviderRef, gpus_per_node: int, namespace: str, nodes: int) -> None:
         api = PROVIDERS[ref.kind]
         # Read first: which field sizes a Karpenter NodePool depends on the object (static or not).
-        body = size_patch(ref.kind, self._get(ref, namespace), nodes, pool.gpus_per_node)
+        body = size_patch(ref.kind, self._get(ref, namespace), nodes, gpus_per_node)
         if api.namespaced:
             ns = ref.namespace or namespace
             self._call(

@@ -66,6 +66,7 @@ class Reason(StrEnum):
     METRICS_RECOVERED = "MetricsRecovered"
     RESCALED = "Rescaled"
     NODE_POOL_RESIZED = "NodePoolResized"
+    POOL_SPLIT = "PoolSplit"
     TOKEN_LIMIT_CHANGED = "TokenLimitChanged"
     ADMISSION_CHANGED = "AdmissionChanged"
 

@@ -244,6 +244,25 @@ class NodePool(ApiModel):
     )
 
 
+class SharedPool(ApiModel):
+    """A GpuPool (cluster-scoped, declared by the cluster admin) this ModelBudget draws from.
+
+    Price, node shape and bounds come from the GpuPool; the operator grants GPUs on it and
+    bills this ModelBudget its share of the pool's bill (docs/pools.md).
+    """
+
+    pool: Name = Field(description="The GpuPool's name.")
+    tokens_per_second_per_replica: float = Field(
+        gt=0,
+        le=1e7,
+        description="Generated tokens/s one replica of this model sustains on the pool at target utilisation.",
+    )
+    serving: Serving = Field(
+        default_factory=lambda: Serving(),
+        description="How one replica of this model serves on the pool (continuous batching), as on nodePools[].",
+    )
+
+
 @cross_field_rules(
     CrossFieldRule(
         cel="self.min <= self.max",
@@ -448,14 +467,29 @@ class Behavior(ApiModel):
 
 @cross_field_rules(
     CrossFieldRule(
-        cel="self.nodePools.all(p, p.gpusPerNode >= self.replicas.gpusPerReplica)",
+        cel="!has(self.nodePools) || self.nodePools.all(p, p.gpusPerNode >= self.replicas.gpusPerReplica)",
         message="every node pool needs gpusPerNode >= replicas.gpusPerReplica (a replica must fit on a node)",
         check=lambda s: all(p.gpus_per_node >= s.replicas.gpus_per_replica for p in s.node_pools),
     ),
     CrossFieldRule(
-        cel="self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
+        cel="!has(self.nodePools) || self.nodePools.all(p, self.nodePools.exists_one(q, q.name == p.name))",
         message="nodePools[].name must be unique",
         check=lambda s: len({p.name for p in s.node_pools}) == len(s.node_pools),
+    ),
+    CrossFieldRule(
+        cel="(has(self.nodePools) && size(self.nodePools) > 0) "
+        "|| (has(self.sharedPools) && size(self.sharedPools) > 0)",
+        message="give at least one of nodePools or sharedPools",
+        check=lambda s: bool(s.node_pools) or bool(s.shared_pools),
+    ),
+    CrossFieldRule(
+        cel="!has(self.sharedPools) || self.sharedPools.all(s, self.sharedPools.exists_one(q, q.pool == s.pool) "
+        "&& (!has(self.nodePools) || self.nodePools.all(p, p.name != s.pool)))",
+        message="sharedPools[].pool must be unique and differ from every nodePools[].name",
+        check=lambda s: (
+            len({p.pool for p in s.shared_pools}) == len(s.shared_pools)
+            and not {p.pool for p in s.shared_pools} & {p.name for p in s.node_pools}
+        ),
     ),
 )
 class ModelBudgetSpec(ApiModel):
@@ -464,7 +498,16 @@ class ModelBudgetSpec(ApiModel):
     curve: Curve
     budget: Budget
     replicas: Replicas
-    node_pools: list[NodePool] = Field(min_length=1, max_length=16)
+    node_pools: list[NodePool] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Pools this ModelBudget has to itself, declared inline (see sharedPools for shared ones).",
+    )
+    shared_pools: list[SharedPool] = Field(
+        default_factory=list,
+        max_length=16,
+        description="GpuPools declared by the cluster admin that this ModelBudget draws from and is billed a share of.",
+    )
     token_limits: TokenLimits = Field(default_factory=TokenLimits)
     metrics: Metrics
     slo: Slo = Field(default_factory=Slo)

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import ApiModel
+from modelbudget.api.spec import ApiModel, Name
 
 
 class StatusModel(ApiModel):
@@ -139,6 +139,15 @@ class Plan(StatusModel):
         return any(r.reason is reason for r in self.reasons)
 
 
+class PoolClaim(StatusModel):
+    """One ModelBudget's ask of a shared pool, published in its status for the pool reconciler."""
+
+    pool: Name
+    gpus: int = Field(ge=0, description="GPUs its planned replicas need on the pool.")
+    gpus_per_replica: int = Field(ge=1, description="Grants are whole replicas.")
+    payable_per_hour: float = Field(ge=0, description="The most its allowance pays for its share of the pool.")
+
+
 class SpendStatus(StatusModel):
     current_per_hour: float = Field(description="Spend rate of the nodes running now.")
     allowed_per_hour: float = Field(description="The rate the ceiling (and pacing) allows now.")
@@ -183,3 +192,8 @@ class ModelBudgetStatus(StatusModel):
     plan: Plan | None = None
     curve: CurveStatus | None = None
     controller_state: ControllerState = Field(default_factory=ControllerState)
+    pool_claims: list[PoolClaim] = Field(
+        default_factory=list,
+        max_length=16,
+        description="What this ModelBudget asks of each shared pool (GpuPool); the pool reconciler reads it.",
+    )

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from modelbudget.adapters.conflicts import KubeConflictFinder
+    from modelbudget.adapters.gpupools import KubeGpuPools
     from modelbudget.adapters.kube import KubeClients
     from modelbudget.adapters.lease import KubeLeaseStore
     from modelbudget.adapters.metrics import PrometheusMetrics
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
     from modelbudget.controller import handlers, telemetry
     from modelbudget.controller.leader import LeaderElector, default_identity
+    from modelbudget.controller.pools import PoolReconciler
     from modelbudget.controller.reconciler import Adapters, Reconciler
 
     if args.interval <= 0 or args.status_heartbeat <= 0:
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         secrets=KubeSecrets(kube),
         scaler=DeploymentScaler(kube),
         node_pools=KubeNodePools(kube),
+        gpu_pools=KubeGpuPools(kube),
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
     )
@@ -120,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
             renew_deadline=duration * 2 / 3,
             retry_period=duration / 7.5,
         )
-    runtime = handlers.Runtime(Reconciler(adapters, timedelta(seconds=args.status_heartbeat)), elector, identity)
+    runtime = handlers.Runtime(
+        Reconciler(adapters, timedelta(seconds=args.status_heartbeat)),
+        elector,
+        identity,
+        PoolReconciler(adapters.node_pools, adapters.gpu_pools),
+    )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, runtime, args.interval)
     try:

@@ -20,10 +20,14 @@ from typing import Any
 
 import kopf
 
-from modelbudget.api.spec import GROUP, PLURAL, VERSION
+from modelbudget.api.pool import POOL_PLURAL
+from modelbudget.api.spec import GROUP, PLURAL, VERSION, ModelBudgetSpec
+from modelbudget.api.status import PoolClaim
 from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
+from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
+from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
 EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
@@ -36,9 +40,15 @@ class Runtime:
     reconciler: Reconciler
     elector: LeaderElector | None  # None: leader election disabled (one replica, development)
     identity: str  # this process, as the Lease and the Events' reporting instance name it
+    pools: PoolReconciler
 
     def leading(self) -> bool:
         return self.elector is None or self.elector.is_leader
+
+    def owns_pool(self, name: str) -> bool:
+        """Whether this process is the one writer of GpuPool ``name``: the leader writes every pool.
+        (The hook where sharding would pick one shard per pool.)"""
+        return self.leading()
 
     @property
     def term(self) -> int:
@@ -81,6 +91,63 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
     def forget(name: str, namespace: str | None, **_: Any) -> None:
         # optional: never blocks a deletion; a missed one only leaves stale gauges until restart.
         telemetry.forget(namespace or "", name)
+
+    @kopf.index(GROUP, VERSION, PLURAL, id="pool_claims", registry=registry)
+    def pool_claims(
+        name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
+    ) -> dict[str, Claimant]:
+        """Each ModelBudget's claims on shared pools, by pool, bounded by its spec: what the pool
+        timer sums. A ModelBudget whose spec does not parse claims nothing."""
+        raw_claims = status.get("poolClaims") or []
+        if not raw_claims:
+            return {}
+        try:
+            parsed = ModelBudgetSpec.model_validate(dict(spec))
+        except ValueError:
+            return {}
+        claims = {}
+        for raw in raw_claims:
+            try:
+                claim = PoolClaim.model_validate(raw)
+            except ValueError:
+                continue  # not one this version wrote: no claim rather than a wrong one
+            if any(s.pool == claim.pool for s in parsed.shared_pools):
+                claims[claim.pool] = Claimant(namespace or "", name, bounded_claim(claim, parsed))
+        return claims
+
+    @kopf.timer(GROUP, VERSION, POOL_PLURAL, id="settle-pool", interval=interval, registry=registry)
+    async def settle_pool(
+        name: str,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        memo: Any,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        **kwargs: Any,
+    ) -> None:
+        rt: Runtime = memo.runtime
+        if not rt.owns_pool(name):
+            return
+        index: kopf.Index[str, Claimant] = kwargs["pool_claims"]  # kopf hands every index in by its id
+        claimants = list(index.get(name, []))
+        try:
+            outcome = await rt.pools.reconcile(
+                name,
+                copy.deepcopy(body.get("spec") or {}),
+                copy.deepcopy(body.get("status") or {}),
+                claimants,
+                datetime.now(UTC),
+            )
+        except Exception as exc:
+            telemetry.ERRORS.labels("ReconcileFailed").inc()
+            logger.error("pool reconcile failed, retrying next tick: %s: %s", type(exc).__name__, exc)
+            return
+        if outcome.status_patch:
+            patch.status.update(outcome.status_patch)
+        telemetry.record_pool(name, outcome.status)
+        for note in outcome.events:
+            kopf.event(body, type=note.type, reason=note.reason.value, message=note.message)
+            if note.type == "Warning":
+                telemetry.ERRORS.labels(note.reason.value).inc()
 
     @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
     async def reconcile(

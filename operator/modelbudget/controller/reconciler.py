@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from modelbudget.adapters.conflicts import ConflictFinder
 from modelbudget.adapters.errors import AdapterError, NotFound
+from modelbudget.adapters.gpupools import DeclaredPool, GpuPools
 from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
 from modelbudget.adapters.scaler import Scaler, ScaleState
@@ -32,6 +33,7 @@ from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.observation import DemandSample
+from modelbudget.core.pools import PoolView, claims_of, pool_view, with_views
 from modelbudget.core.tenancy import pools_not_allowed
 
 T = TypeVar("T")
@@ -49,6 +51,7 @@ class Adapters:
     secrets: SecretSource
     scaler: Scaler
     node_pools: NodePools
+    gpu_pools: GpuPools
     token_limits: TokenLimitSink
     conflicts: ConflictFinder
 
@@ -153,23 +156,32 @@ class Reconciler:
         parsed = parse_spec(raw_spec)
         if isinstance(parsed, str):
             return self._refused(before, old_doc, Reason.INVALID_SPEC, parsed, ref, now)
-        resolved = parsed
-        spec = resolved.spec
+        own_spec = parsed.spec
         # Before anything is read or written on this ModelBudget's behalf: may it use its pools?
-        not_allowed = pools_not_allowed(spec, ref.namespace)
+        declared, labels = await self._gpu_pools(own_spec, ref.namespace)
+        not_allowed = pools_not_allowed(own_spec, ref.namespace, labels, {n: d.spec for n, d in declared.items()})
         if not_allowed:
             return self._refused(before, old_doc, Reason.POOL_NOT_ALLOWED, "; ".join(not_allowed), ref, now)
         state = carried if carried is not None else before.controller_state
+        # The planner sees each shared pool as this ModelBudget's granted view of it (core/pools.py).
+        per_replica = own_spec.replicas.gpus_per_replica
+        views = {
+            s.pool: pool_view(s, declared[s.pool].spec, declared[s.pool].status, ref.namespace, ref.name, per_replica)
+            for s in own_spec.shared_pools
+        }
+        resolved = resolve(with_views(own_spec, list(views.values()))) if views else parsed
+        spec = resolved.spec
 
         cluster, sample = await asyncio.gather(
-            self._observe_cluster(spec, ref.namespace), self._sample(spec, ref.namespace)
+            self._observe_cluster(own_spec, ref.namespace), self._sample(spec, ref.namespace)
         )
-        obs = _observation(cluster, sample)
+        obs = _observation(cluster, sample, views)
         decision = decide(obs, resolved, state, now)
 
         actions: list[st.KnobChange] = []
         failures: list[str] = []
-        if spec.mode is Mode.ENFORCE and not cluster.conflicts and cluster.scale is not None:
+        acting = spec.mode is Mode.ENFORCE and not cluster.conflicts and cluster.scale is not None
+        if acting:
             actions, failures = await self._act(spec, ref.namespace, decision, cluster)
 
         facts = st.Facts(
@@ -182,6 +194,9 @@ class Reconciler:
             failures=failures,
         )
         new = st.build_status(before, facts, ref.generation, now)
+        # Only a ModelBudget that acts claims shared capacity; one that does not releases its grants.
+        claims = claims_of(decision.plan, spec.shared_pools, spec.replicas.gpus_per_replica) if acting else []
+        new = new.model_copy(update={"pool_claims": claims})
         return Outcome(
             status=new,
             status_patch=st.status_patch(old_doc, new, now, self.heartbeat),
@@ -200,13 +215,25 @@ class Reconciler:
         now: datetime,
     ) -> Outcome:
         """The outcome for a ModelBudget the operator will not act on: nothing observed or done."""
-        refused = st.refused_status(before, reason, message, ref.generation, now)
+        # A refused ModelBudget acts on nothing, so it claims nothing of any shared pool.
+        refused = st.refused_status(before, reason, message, ref.generation, now).model_copy(update={"pool_claims": []})
         return Outcome(
             status=refused,
             status_patch=st.status_patch(old_doc, refused, now, self.heartbeat),
             events=st.events_for(before.conditions, refused.conditions, []),
             problems=[reason],
         )
+
+    async def _gpu_pools(self, spec: ModelBudgetSpec, namespace: str) -> tuple[dict[str, DeclaredPool], dict[str, str]]:
+        """The GpuPools declared and the namespace's labels, read only when the spec names a pool
+        provider or a shared pool (an inline provider must not be one a GpuPool declares)."""
+        inline_providers = any(p.provider_ref is not None for p in spec.node_pools)
+        if not inline_providers and not spec.shared_pools:
+            return {}, {}
+        a = self.adapters
+        declared = await self._call(a.gpu_pools.declared)
+        labels = await self._call(a.gpu_pools.namespace_labels, namespace) if spec.shared_pools else {}
+        return declared, labels
 
     async def _observe_cluster(self, spec: ModelBudgetSpec, namespace: str) -> Cluster:
         a, target = self.adapters, spec.target_ref.name
@@ -335,12 +362,13 @@ def _tightens(before: Published, wanted: Published) -> bool:
     return lower_limit or lower_cap
 
 
-def _observation(cluster: Cluster, sample: DemandSample) -> Observation:
+def _observation(cluster: Cluster, sample: DemandSample, views: Mapping[str, PoolView]) -> Observation:
+    """What was seen; on a shared pool, what this ModelBudget holds is its grant (its share of the bill)."""
     scale = cluster.scale or ScaleState(replicas=0, ready_replicas=0)
     return Observation(
         current_replicas=scale.replicas,
         ready_replicas=scale.ready_replicas,
-        current_nodes=cluster.nodes,
+        current_nodes={**cluster.nodes, **{name: v.granted_replicas for name, v in views.items()}},
         current_token_limit=cluster.published.token_limit,
         demand=sample,
     )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from modelbudget.api.pool import GpuPoolStatus
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.api.status import Condition
 from modelbudget.core.observation import Observation
@@ -42,6 +43,14 @@ CONDITION = Gauge(
     [*_MB, "type", "status"],
 )
 LEADER = Gauge("modelbudget_leader", "1 while this process holds the leader lease.")
+POOL_NODES = Gauge("modelbudget_pool_nodes", "Nodes a shared GpuPool is sized to.", ["pool"])
+POOL_BILL = Gauge("modelbudget_pool_bill_dollars_per_hour", "A shared GpuPool's bill: nodes x GPUs x price.", ["pool"])
+POOL_SHARE = Gauge(
+    "modelbudget_pool_share_dollars_per_hour",
+    "Each ModelBudget's share of a shared GpuPool's bill (the shares add up to the bill).",
+    ["pool", *_MB],
+)
+POOL_GRANTED = Gauge("modelbudget_pool_granted_gpus", "GPUs a shared GpuPool grants each ModelBudget.", ["pool", *_MB])
 
 # Every family with a series per ModelBudget: a deleted ModelBudget's series go with it.
 _PER_MODELBUDGET = (
@@ -111,3 +120,16 @@ def forget(namespace: str, name: str) -> None:
     """Drop every series of a deleted ModelBudget."""
     for family in _PER_MODELBUDGET:
         family.remove_by_labels({"namespace": namespace, "name": name})
+
+
+def record_pool(pool: str, status: GpuPoolStatus) -> None:
+    """Project one pool settlement onto the gauges; claimants that left take their series along."""
+    for family in (POOL_SHARE, POOL_GRANTED):
+        family.remove_by_labels({"pool": pool})
+    if status.nodes is not None:
+        POOL_NODES.labels(pool).set(status.nodes)
+    if status.bill_per_hour is not None:
+        POOL_BILL.labels(pool).set(status.bill_per_hour)
+    for grant in status.grants:
+        POOL_SHARE.labels(pool, grant.namespace, grant.name).set(grant.share_per_hour)
+        POOL_GRANTED.labels(pool, grant.namespace, grant.name).set(grant.granted_gpus)

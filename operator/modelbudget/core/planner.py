@@ -134,7 +134,7 @@ def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
         grid=token_grid(lo, hi, optima),
         ladder=CapacityLadder(spec),
         ladder_without_min_nodes=CapacityLadder(spec, honour_min_nodes=False),
-        speed=slowest_speed(spec.node_pools),
+        speed=slowest_speed(spec),
     )
 
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from modelbudget.api.spec import NodePool, Serving, Slo
+from modelbudget.api.spec import ModelBudgetSpec, NodePool, Serving, Slo
 
 Tokens = TypeVar("Tokens", float, npt.NDArray[np.float64])
 
@@ -121,6 +121,9 @@ def mean_batch_within(batch: float, z: float) -> float:
     return root * root
 
 
-def slowest_speed(pools: list[NodePool]) -> ServingSpeed:
-    """The pool whose full batch is slowest per sequence: latency promises hold on every pool."""
-    return max((serving_speed(p) for p in pools), key=lambda s: s.itl(s.max_num_seqs))
+def slowest_speed(spec: ModelBudgetSpec) -> ServingSpeed:
+    """The pool whose full batch is slowest per sequence: latency promises hold on every pool,
+    its own (``nodePools``) and those it draws from (``sharedPools``)."""
+    speeds = [serving_speed(p) for p in spec.node_pools]
+    speeds += [speed_of(s.serving, s.tokens_per_second_per_replica) for s in spec.shared_pools]
+    return max(speeds, key=lambda s: s.itl(s.max_num_seqs))

@@ -65,7 +65,7 @@ class OraclePolicy:
         self.slo = spec.slo.latency_seconds
         self.ladder = CapacityLadder(spec)
         self.free_ladder = CapacityLadder(spec, honour_min_nodes=False)
-        self.speed = slowest_speed(spec.node_pools)
+        self.speed = slowest_speed(spec)
 
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
