@@ -7,16 +7,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from modelbudget.adapters.errors import NotFound, Rejected
+from modelbudget.adapters.errors import NotFound, Rejected, Unavailable
 from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
-from modelbudget.api.spec import Metrics, NodePool, TokenLimitPublish
+from modelbudget.api.spec import Metrics, NodePool, OpenCostQueries, TokenLimitPublish
 from modelbudget.controller.reconciler import Adapters
 from modelbudget.core.observation import DemandSample, GateReport
+from modelbudget.core.prices import NodePrice
 
 
 @dataclass
@@ -71,6 +72,10 @@ class FakeNodePools:
     def count_nodes(self, selector: dict[str, str]) -> int:
         return next((n for pool, n in self.nodes.items() if node_selector_for(pool) == selector), 0)
 
+    def node_names(self, selector: dict[str, str]) -> list[str]:
+        pool = next((p for p in self.nodes if node_selector_for(p) == selector), None)
+        return [] if pool is None else fake_node_names(pool, self.nodes[pool])
+
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
         self.reads.append(pool.name)
         return self.sizes.get(pool.name)
@@ -80,6 +85,27 @@ class FakeNodePools:
             raise Rejected(f"resizing node pool {pool.name}: HTTP 403 Forbidden")
         self.resizes.append((pool.name, nodes))
         self.sizes[pool.name] = nodes
+
+
+def fake_node_names(pool: str, count: int) -> list[str]:
+    return [f"{pool}-node-{i}" for i in range(count)]
+
+
+@dataclass
+class FakePrices:
+    """OpenCost as the operator sees it: a price per node name, or an outage."""
+
+    prices: dict[str, NodePrice] = field(default_factory=dict)
+    error: str | None = None
+    calls: list[OpenCostQueries] = field(default_factory=list)
+
+    def node_prices(
+        self, metrics: Metrics, queries: OpenCostQueries, credentials: PrometheusCredentials
+    ) -> dict[str, NodePrice]:
+        self.calls.append(queries)
+        if self.error is not None:
+            raise Unavailable(self.error)
+        return dict(self.prices)
 
 
 def node_selector_for(pool_name: str) -> dict[str, str]:
@@ -132,6 +158,7 @@ class FakeCluster:
     pools: FakeNodePools = field(default_factory=FakeNodePools)
     tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
     conflicts: FakeConflicts = field(default_factory=FakeConflicts)
+    prices: FakePrices = field(default_factory=FakePrices)
     gates_running: bool = True  # gates in every pod, applying what is published
 
     def __post_init__(self) -> None:
@@ -151,6 +178,7 @@ class FakeCluster:
             node_pools=self.pools,
             token_limits=self.tokens,
             conflicts=self.conflicts,
+            prices=self.prices,
         )
 
     def writes(self) -> int:

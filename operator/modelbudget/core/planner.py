@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import FallbackAction, ModelBudgetSpec
+from modelbudget.api.spec import FallbackAction, ModelBudgetSpec, PriceSource
 from modelbudget.api.status import (
     ControllerState,
     Knob,
@@ -56,6 +56,7 @@ from modelbudget.core.dynamics import scale_up_cap, stabilised_nodes, stabilised
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
+from modelbudget.core.prices import PriceVerdict, assess_prices
 
 GRID_STEPS_PER_DOUBLING = 8  # token limits tried: 2**(1/8) apart, about 9% -- finer than whole-node steps
 GRID_MAX_POINTS = 161
@@ -123,6 +124,7 @@ class Context:
     verdict: MetricsVerdict
     enforcement: Enforcement
     running_spend: float  # $/h of the nodes running now
+    prices: PriceVerdict  # whose prices billed running_spend
     ledger: Ledger
     allowance: Allowance
     ladder: CapacityLadder
@@ -171,6 +173,7 @@ class Decision:
     curve: LogCurve
     running_spend: float
     allowance: Allowance
+    prices: PriceVerdict
 
 
 Stage = Callable[[Draft, Context], Draft]
@@ -188,14 +191,17 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         curve=resolved.curve,
         running_spend=ctx.running_spend,
         allowance=ctx.allowance,
+        prices=ctx.prices,
     )
 
 
 def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
     """The facts, and an empty draft carrying the reasons the facts alone give."""
     spec = resolved.spec
-    running = spend_of(obs.current_nodes, spec)
-    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period)
+    prices = assess_prices(obs.prices, obs.current_nodes, spec, now)
+    running = prices.running_per_hour
+    at_spec = prices.source is PriceSource.SPEC
+    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
     allowance = allowed_rate(spec.budget, ledger, now)
     draft = Draft(replicas=obs.current_replicas, raw_replicas=obs.current_replicas, limit=resolved.token_max)
     ladder = resolved.ladder
@@ -222,6 +228,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
             spec.token_limits.enforcement_grace_seconds,
         ),
         running_spend=running,
+        prices=prices,
         ledger=ledger,
         allowance=allowance,
         ladder=ladder,
