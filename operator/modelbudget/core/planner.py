@@ -266,19 +266,20 @@ def _search(ctx: Context) -> _Search:
     scores = profile.mean_score_many(ctx.resolved.curve, grid)
     value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
     room = min(spec.replicas.max, ladder.total_slots)
-    needed: list[int | None] = []
+    # Every limit of the grid at once (a decision per reconcile, and thousands per replay).
+    need = ladder.replicas_for_many(ctx.demand * tokens)
+    fits = (need >= 0) & (need <= room) & (need <= ctx.affordable)
+    replicas = np.maximum(need, ctx.min_replicas)
+    net = value_per_hour - ladder.spend_many(np.where(fits, replicas, 0))
+    needed: list[int | None] = [None if n < 0 else n for n in need.tolist()]
     blocked: list[tuple[int, int, Reason]] = []
+    for i in np.flatnonzero(~fits).tolist():
+        n = needed[i]
+        blocked.append((i, ladder.total_slots + 1 if n is None else n, _why_blocked(n, room, spec)))
     best: tuple[int, int, float] | None = None
-    for i in range(grid.size):
-        need = ladder.replicas_for(ctx.demand * tokens[i])
-        needed.append(need)
-        if need is None or need > room or need > ctx.affordable:
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, _why_blocked(need, room, spec)))
-            continue
-        n = max(need, ctx.min_replicas)
-        net = value_per_hour[i] - ladder.spend(n)
-        if best is None or net >= best[2] - _EPS:
-            best = (i, n, net)
+    for i, n, value in zip(np.flatnonzero(fits).tolist(), replicas[fits].tolist(), net[fits].tolist(), strict=True):
+        if best is None or value >= best[2] - _EPS:  # ties go to the larger limit
+            best = (i, n, value)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
 
 
