@@ -119,12 +119,13 @@ class OraclePolicy:
         value = self.value * (self._scores(tokens) * (arriving & reachable)[None, :]).sum(axis=1)
 
         best: tuple[float, int, int] | None = None  # (net value, replicas, limit)
-        for i, limit in enumerate(self.grid):
-            n = ladder.replicas_for(float(rates[i]))
-            if n is None or n > affordable:
-                break  # tokens only grow with the limit: no larger limit fits either
-            n = max(n, least)
-            net = float(value[i]) - ladder.spend(n) * self.interval / 3600.0
+        needed = ladder.replicas_for_many(rates)
+        misfit = (needed < 0) | (needed > affordable)
+        # Tokens only grow with the limit: past the first limit that does not fit, none does.
+        fitting = int(np.argmax(misfit)) if misfit.any() else needed.size
+        replicas = np.maximum(needed[:fitting], least)
+        nets = value[:fitting] - ladder.spend_many(replicas) * self.interval / 3600.0
+        for net, n, limit in zip(nets.tolist(), replicas.tolist(), self.grid[:fitting].tolist(), strict=True):
             # Ties go to the larger limit: queued requests start under it too, and are not in the value.
             if best is None or net >= best[0] - _EPS:
                 best = (net, n, int(limit))
