@@ -207,3 +207,15 @@ def test_cli_writes_the_table_and_the_figure(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "planner" in out and "oracle" in out
     assert (tmp_path / "r" / "demo-llm-t-F20.png").stat().st_size > 0
+
+
+def test_policies_in_processes_of_their_own_give_the_same_results_as_one_after_another() -> None:
+    spec, trace = sim_spec(), bursty(600, seed=3)
+    seen: list[tuple[str, float]] = []
+    policies = ("planner", "hpa", "oracle")
+    apart = run_benchmark(spec, "t", trace, 1.0, FAST, policies, lambda p, f: seen.append((p, f)), workers=2)
+    together = run_benchmark(spec, "t", trace, 1.0, FAST, policies)
+    assert apart.results == together.results
+    assert list(apart.runs) == list(policies)
+    assert np.array_equal(apart.runs["oracle"].series.spend_rate, together.runs["oracle"].series.spend_rate)
+    assert {(p, 1.0) for p in policies} <= set(seen)  # each reported done
