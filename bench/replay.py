@@ -11,8 +11,10 @@ Prometheus this script starts on a free loopback port; it scrapes nothing.
 2. Speed: a day and a week of 15 s history (the conversation trace tiled under a diurnal
    envelope, 2 pods; the latency, first-token and prompt histograms, which replay does not
    read, left out to keep the files small).  Each replay runs as its own process: wall time
-   and peak resident memory (``wait4``), for the planner alone and for every policy; the
-   reading part (range queries in chunks + rebuilding the requests) is also timed on its own.
+   and peak resident memory (``wait4``, the largest of the process and its workers), for the
+   planner alone and for every policy, one after another (``--jobs 1``) and as many at once
+   as there are CPUs (the default); the reading part (range queries in chunks + rebuilding the
+   requests) is also timed on its own.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def read_only(url: str, hours: float) -> float:
 
 def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, float]]) -> None:
     table = Table(title="replay time and peak memory, 15 s history of the conversation trace (2 cores)")
-    for col in ("history", "requests", "samples", "backfill s", "promtool s", "read+rebuild s", "policies"):
+    for col in ("history", "requests", "samples", "backfill s", "promtool s", "read+rebuild s", "policies", "jobs"):
         table.add_column(col, justify="right")
     table.add_column("replay s", justify="right")
     table.add_column("peak MiB", justify="right")
@@ -136,9 +138,10 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
         om.unlink()
         with serve_history(tsdb) as url:
             reading = read_only(url, hours)
-            for policies in ("planner", ",".join(POLICIES)):
-                out = work / f"replay-{label}-{policies.count(',')}"
-                replay = ["replay", "-f", str(EXAMPLE), "--prometheus", url, *_range(hours)]
+            cpus = os.cpu_count() or 1
+            for policies, jobs in (("planner", 1), (",".join(POLICIES), 1), (",".join(POLICIES), cpus)):
+                out = work / f"replay-{label}-{policies.count(',')}-{jobs}"
+                replay = ["replay", "-f", str(EXAMPLE), "--prometheus", url, *_range(hours), "--jobs", str(jobs)]
                 wall, peak = run_cli([*replay, "--out", str(out), "--policies", policies])
                 table.add_row(
                     label,
@@ -148,10 +151,11 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
                     f"{loaded:.1f}",
                     f"{reading:.1f}",
                     "planner" if policies == "planner" else "all 5",
+                    str(jobs),
                     f"{wall:.1f}",
                     f"{peak:.0f}",
                 )
-                console.print(f"[dim]{label}, {policies}: {wall:.1f}s, {peak:.0f} MiB[/dim]")
+                console.print(f"[dim]{label}, {policies}, {jobs} job(s): {wall:.1f}s, {peak:.0f} MiB[/dim]")
     console.print(table)
 
 
