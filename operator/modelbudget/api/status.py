@@ -148,8 +148,8 @@ class SpendStatus(StatusModel):
     period_to_date_at_spec_prices: float = Field(
         default=0.0, description="The part of periodToDate billed at the spec's prices."
     )
-    pools: list[PoolPrice] = Field(
-        default_factory=list, description="spend.source OpenCost: each pool's observed node price next to the spec's."
+    pools: list[PoolPrice] | None = Field(
+        default=None, description="spend.source OpenCost: each pool's observed node price next to the spec's."
     )
 
 
