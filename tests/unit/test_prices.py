@@ -194,3 +194,24 @@ def test_the_spec_source_never_asks_opencost_and_drops_the_condition(cluster: Fa
     assert len(cluster.prices.calls) == asked
     assert all(c["type"] != "PricesObserved" for c in h.status["conditions"])
     assert h.status["spend"]["source"] == "Spec"
+
+
+def test_a_broken_price_source_or_missing_credentials_bill_at_spec_prices(
+    cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> dict[str, NodePrice]:
+        raise KeyError("data")
+
+    monkeypatch.setattr(cluster.prices, "node_prices", broken)
+    h = Harness(cluster, opencost_spec())
+    tick(h, cluster, T0)
+    cond = h.condition("PricesObserved")
+    assert cond["reason"] == "PricesFromSpec"
+    assert cond["message"] == "OpenCost prices unavailable: price source failed: KeyError"
+    assert h.condition("Ready")["status"] == "True"  # the prices' source failing is no reason to stop
+
+    secret = opencost_spec()
+    secret["metrics"] = {**secret["metrics"], "auth": {"basicAuthSecretRef": "prom"}}
+    h = Harness(cluster, secret)
+    tick(h, cluster, T0)
+    assert "Secret demo/prom" in h.condition("PricesObserved")["message"]
