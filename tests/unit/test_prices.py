@@ -67,6 +67,13 @@ def test_any_unpriced_node_bills_the_whole_tick_at_spec_prices(prices: dict[str,
     assert why in verdict.message
 
 
+def test_no_price_series_at_all_is_no_source_even_with_no_node_to_bill() -> None:
+    verdict = assess_prices(seen(0, {}), {"gpu-pool": 0}, SPEC, T0)
+    assert verdict.reason is Reason.PRICES_FROM_SPEC and "no node_total_hourly_cost series" in verdict.message
+    other = {"elsewhere": NodePrice(3.0, None, T0)}  # OpenCost prices other nodes: it is there
+    assert assess_prices(seen(0, other), {"gpu-pool": 0}, SPEC, T0).reason is Reason.PRICES_FROM_OPEN_COST
+
+
 def test_an_unreachable_source_bills_at_spec_prices() -> None:
     verdict = assess_prices(ObservedPrices(error="Prometheus down"), {"gpu-pool": 1}, SPEC, T0)
     assert verdict.reason is Reason.PRICES_FROM_SPEC and "Prometheus down" in verdict.message

@@ -105,6 +105,9 @@ def assess_prices(
     if seen is None or seen.error is not None:
         why = seen.error if seen is not None else "not observed"
         return PriceVerdict(PriceSource.SPEC, Reason.PRICES_FROM_SPEC, f"OpenCost prices unavailable: {why}", at_spec)
+    if not seen.node_prices:  # not even for nodes of other pools: OpenCost is not there, or not scraped
+        message = f"billing at spec prices: no {spec.spend.queries.node_hourly_cost} series in Prometheus"
+        return PriceVerdict(PriceSource.SPEC, Reason.PRICES_FROM_SPEC, message, at_spec)
     limit = spec.spend.max_staleness_seconds
     missing, stale, absurd = [], [], []
     for pool in spec.node_pools:
