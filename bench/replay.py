@@ -11,8 +11,11 @@ Prometheus this script starts on a free loopback port; it scrapes nothing.
 2. Speed: a day and a week of 15 s history (the conversation trace tiled under a diurnal
    envelope, 2 pods; the latency, first-token and prompt histograms, which replay does not
    read, left out to keep the files small).  Each replay runs as its own process: wall time
-   and peak resident memory (``wait4``), for the planner alone and for every policy; the
-   reading part (range queries in chunks + rebuilding the requests) is also timed on its own.
+   CPU time and peak resident memory (``wait4``; CPU summed over the process and its workers,
+   memory the largest of them), for the
+   planner alone and for every policy, one after another (``--jobs 1``) and as many at once
+   as there are CPUs (the default); the reading part (range queries in chunks + rebuilding the
+   requests) is also timed on its own.
 """
 
 from __future__ import annotations
@@ -56,15 +59,18 @@ def _results(out: Path) -> dict[str, dict[str, Any]]:
     return {r["policy"]: r for r in json.loads(path.read_text())["runs"][0]["results"]}
 
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Run ``modelbudget`` as a child process: (wall seconds, peak resident MiB)."""
+def run_cli(args: list[str]) -> tuple[float, float, float]:
+    """Run ``modelbudget`` as a child process: (wall seconds, CPU seconds, peak resident MiB).
+
+    CPU seconds (user + system, the child and its workers) say what the work costs whatever else
+    the machine runs; wall seconds are what a user waits, and move with the machine's load."""
     began = time.monotonic()
     child = subprocess.Popen([CLI, *args], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"modelbudget {' '.join(args)} failed ({child.returncode})")
-    return time.monotonic() - began, usage.ru_maxrss / 1024  # Linux: KiB
+    return time.monotonic() - began, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def _range(hours: float) -> list[str]:
@@ -117,9 +123,10 @@ def read_only(url: str, hours: float) -> float:
 
 def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, float]]) -> None:
     table = Table(title="replay time and peak memory, 15 s history of the conversation trace (2 cores)")
-    for col in ("history", "requests", "samples", "backfill s", "promtool s", "read+rebuild s", "policies"):
+    for col in ("history", "requests", "samples", "backfill s", "promtool s", "read+rebuild s", "policies", "jobs"):
         table.add_column(col, justify="right")
     table.add_column("replay s", justify="right")
+    table.add_column("CPU s", justify="right")
     table.add_column("peak MiB", justify="right")
     manifest = load_manifest(str(EXAMPLE))
     base = read_trace(traces / "azure_llm_2023_conv.csv")
@@ -136,10 +143,11 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
         om.unlink()
         with serve_history(tsdb) as url:
             reading = read_only(url, hours)
-            for policies in ("planner", ",".join(POLICIES)):
-                out = work / f"replay-{label}-{policies.count(',')}"
-                replay = ["replay", "-f", str(EXAMPLE), "--prometheus", url, *_range(hours)]
-                wall, peak = run_cli([*replay, "--out", str(out), "--policies", policies])
+            cpus = os.cpu_count() or 1
+            for policies, jobs in (("planner", 1), (",".join(POLICIES), 1), (",".join(POLICIES), cpus)):
+                out = work / f"replay-{label}-{policies.count(',')}-{jobs}"
+                replay = ["replay", "-f", str(EXAMPLE), "--prometheus", url, *_range(hours), "--jobs", str(jobs)]
+                wall, cpu, peak = run_cli([*replay, "--out", str(out), "--policies", policies])
                 table.add_row(
                     label,
                     f"{len(trace):,}",
@@ -148,10 +156,13 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
                     f"{loaded:.1f}",
                     f"{reading:.1f}",
                     "planner" if policies == "planner" else "all 5",
+                    str(jobs),
                     f"{wall:.1f}",
+                    f"{cpu:.1f}",
                     f"{peak:.0f}",
                 )
-                console.print(f"[dim]{label}, {policies}: {wall:.1f}s, {peak:.0f} MiB[/dim]")
+                done = f"{wall:.1f}s, {cpu:.1f} CPU s, {peak:.0f} MiB"
+                console.print(f"[dim]{label}, {policies}, {jobs} job(s): {done}[/dim]")
     console.print(table)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from modelbudget.adapters.errors import NotFound, Rejected
+from modelbudget.adapters.errors import NotFound, Rejected, Unavailable
 from modelbudget.adapters.gpupools import DeclaredPool
 from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
@@ -15,9 +15,10 @@ from modelbudget.adapters.nodepools import node_selector
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
-from modelbudget.api.spec import Metrics, NodePool, ProviderRef, TokenLimitPublish
+from modelbudget.api.spec import Metrics, NodePool, OpenCostQueries, ProviderRef, TokenLimitPublish
 from modelbudget.controller.reconciler import Adapters
 from modelbudget.core.observation import DemandSample, GateReport
+from modelbudget.core.prices import NodePrice
 
 
 @dataclass
@@ -72,6 +73,10 @@ class FakeNodePools:
     def count_nodes(self, selector: dict[str, str]) -> int:
         return next((n for pool, n in self.nodes.items() if node_selector_for(pool) == selector), 0)
 
+    def node_names(self, selector: dict[str, str]) -> list[str]:
+        pool = next((p for p in self.nodes if node_selector_for(p) == selector), None)
+        return [] if pool is None else fake_node_names(pool, self.nodes[pool])
+
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
         self.reads.append(pool.name)
         return self.sizes.get(pool.name)
@@ -108,6 +113,27 @@ class FakeGpuPools:
 
     def namespace_labels(self, namespace: str) -> dict[str, str]:
         return dict(self.labels.get(namespace, {}))
+
+
+def fake_node_names(pool: str, count: int) -> list[str]:
+    return [f"{pool}-node-{i}" for i in range(count)]
+
+
+@dataclass
+class FakePrices:
+    """OpenCost as the operator sees it: a price per node name, or an outage."""
+
+    prices: dict[str, NodePrice] = field(default_factory=dict)
+    error: str | None = None
+    calls: list[OpenCostQueries] = field(default_factory=list)
+
+    def node_prices(
+        self, metrics: Metrics, queries: OpenCostQueries, credentials: PrometheusCredentials
+    ) -> dict[str, NodePrice]:
+        self.calls.append(queries)
+        if self.error is not None:
+            raise Unavailable(self.error)
+        return dict(self.prices)
 
 
 def node_selector_for(pool_name: str) -> dict[str, str]:
@@ -161,6 +187,7 @@ class FakeCluster:
     gpu_pools: FakeGpuPools = field(default_factory=FakeGpuPools)
     tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
     conflicts: FakeConflicts = field(default_factory=FakeConflicts)
+    prices: FakePrices = field(default_factory=FakePrices)
     gates_running: bool = True  # gates in every pod, applying what is published
 
     def __post_init__(self) -> None:
@@ -181,6 +208,7 @@ class FakeCluster:
             gpu_pools=self.gpu_pools,
             token_limits=self.tokens,
             conflicts=self.conflicts,
+            prices=self.prices,
         )
 
     def writes(self) -> int:

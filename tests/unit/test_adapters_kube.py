@@ -150,6 +150,7 @@ async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmoc
     pools = KubeNodePools(kube(kmock.url))
     assert await asyncio.to_thread(pools.count_nodes, {"modelbudget.dev/pool": "gpu-pool"}) == 2
     assert kmock["get /api/v1/nodes"][0].params["labelSelector"] == "modelbudget.dev/pool=gpu-pool"
+    assert await asyncio.to_thread(pools.node_names, {"modelbudget.dev/pool": "gpu-pool"}) == ["a", "b"]
     assert await asyncio.to_thread(pools.sized_to, pool("KwokNodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("NodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("MachineDeployment", namespace="infra"), "demo") == 1

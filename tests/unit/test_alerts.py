@@ -31,6 +31,7 @@ ALERTS = {
     "ModelBudgetTokenLimitNotEnforced",
     "ModelBudgetReconcileErrors",
     "ModelBudgetOperatorAbsent",
+    "ModelBudgetPricesFromSpec",
 }
 
 
@@ -188,6 +189,11 @@ tests:
         values: '0x30'
       - series: 'modelbudget_condition{namespace="serving",name="nogate",type="TokenLimitEnforced",status="Unknown"}'
         values: '1x30'
+      # prices: "unpriced" bills at spec prices from minute 3, "priced" bills from OpenCost
+      - series: 'modelbudget_condition{namespace="serving",name="unpriced",type="PricesObserved",status="False"}'
+        values: '0x2 1x27'
+      - series: 'modelbudget_condition{namespace="serving",name="priced",type="PricesObserved",status="False"}'
+        values: '0x30'
       # reconcile errors: ActuationFailed every minute; one ReconcileFailed blip at minute 2
       - series: 'modelbudget_reconcile_errors_total{reason="ActuationFailed",pod="op-0"}'
         values: '0+1x30'
@@ -258,6 +264,20 @@ tests:
                 The fast knob does not work: requests may generate more tokens than the plan pays for, so the
                 spend the plan promises may not hold.
               runbook_url: RUNBOOK#modelbudgettokenlimitnotenforced
+      - eval_time: 16m
+        alertname: ModelBudgetPricesFromSpec
+        exp_alerts: []
+      - eval_time: 19m
+        alertname: ModelBudgetPricesFromSpec
+        exp_alerts:
+          - exp_labels: {severity: warning, namespace: serving, name: unpriced}
+            exp_annotations:
+              summary: >-
+                ModelBudget serving/unpriced bills at its spec's prices: OpenCost's are missing or stale
+              description: >-
+                spend.source is OpenCost, but for 15 minutes or more the ledger has billed the spec's prices,
+                which may not be what the nodes cost. kubectl describe mb says why (PricesObserved).
+              runbook_url: RUNBOOK#modelbudgetpricesfromspec
       - eval_time: 10m
         alertname: ModelBudgetReconcileErrors
         exp_alerts: []

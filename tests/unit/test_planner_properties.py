@@ -6,13 +6,15 @@ import math
 from dataclasses import replace
 from datetime import timedelta
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelbudget.api import ControllerState, ModelBudgetSpec
 from modelbudget.api.status import DemandHistory
 from modelbudget.core import DemandSample, Observation, resolve
-from modelbudget.core.capacity import spend_of
+from modelbudget.core.capacity import CapacityLadder, spend_of
 from modelbudget.core.generation import GenerationProfile
 from tests.builders import NOW, decide_for
 
@@ -179,3 +181,15 @@ def test_safety_rules_hold_with_the_forecast_on(data):
         assert decision.plan.model_dump() == blind.plan.model_dump()
     if not decision.plan.metrics_available:
         assert decision.next_state.demand_history == history  # untrusted input is never recorded
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs(), demand=st.lists(st.floats(0, 1e6), min_size=1, max_size=40), honour=st.booleans())
+def test_the_grid_wide_ladder_answers_what_the_one_at_a_time_ladder_does(spec, demand, honour):
+    # The planner asks a whole token grid at once; it must get the per-limit answers.
+    ladder = CapacityLadder(spec, honour_min_nodes=honour)
+    many = ladder.replicas_for_many(np.array(demand)).tolist()
+    assert many == [-1 if (n := ladder.replicas_for(d)) is None else n for d in demand]
+    counts = list(range(ladder.total_slots + 2))
+    spent = ladder.spend_many(np.array(counts))
+    assert spent.tolist() == pytest.approx([ladder.spend(n) for n in counts], rel=1e-12, abs=1e-9)

@@ -84,6 +84,7 @@ def test_credentials_are_sent_and_never_reported(
         gpu_pools=cluster.gpu_pools,
         token_limits=cluster.tokens,
         conflicts=cluster.conflicts,
+        prices=cluster.prices,
     )
     # Credentials in the URL too (basic case only: requests lets URL credentials replace a bearer
     # header, so the two are not combined).

@@ -301,3 +301,15 @@ def test_capacity_lost_to_a_spot_interruption_comes_back() -> None:
     delay = config.delays.node_provision + config.delays.replica_start + config.decision_interval + config.step
     back = (s.t >= 405 + delay) & (s.t < 405 + delay + 120)  # later moves between pools are the planner's own
     assert np.all(s.ready[back] >= np.minimum(before, s.replicas[back]))
+
+
+def test_policies_in_processes_of_their_own_give_the_same_results_as_one_after_another() -> None:
+    spec, trace = sim_spec(), bursty(600, seed=3)
+    seen: list[tuple[str, float]] = []
+    policies = ("planner", "hpa", "oracle")
+    apart = run_benchmark(spec, "t", trace, 1.0, FAST, policies, lambda p, f: seen.append((p, f)), workers=2)
+    together = run_benchmark(spec, "t", trace, 1.0, FAST, policies)
+    assert apart.results == together.results
+    assert list(apart.runs) == list(policies)
+    assert np.array_equal(apart.runs["oracle"].series.spend_rate, together.runs["oracle"].series.spend_rate)
+    assert {(p, 1.0) for p in policies} <= set(seen)  # each reported done

@@ -253,7 +253,8 @@ class PrometheusMetrics:
             self._clients[key] = client
         return client
 
-    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+    def runner(self, metrics: Metrics, credentials: PrometheusCredentials) -> QueryRunner:
+        """Instant queries against ``metrics.prometheusUrl``; every failure is a ``QueryFailed``."""
         client = self._client(metrics, credentials)
         where = redact_url(metrics.prometheus_url)
 
@@ -269,4 +270,7 @@ class PrometheusMetrics:
             except (ValueError, KeyError, TypeError) as exc:  # JSON without data.result
                 raise QueryFailed(f"{where} sent a malformed answer: {type(exc).__name__}") from exc
 
-        return sample_with(run, metrics, namespace, target)
+        return run
+
+    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+        return sample_with(self.runner(metrics, credentials), metrics, namespace, target)

@@ -73,6 +73,10 @@ def sized_nodes(kind: ProviderKind, obj: dict[str, Any], gpus_per_node: int) -> 
 class NodePools(Protocol):
     def count_nodes(self, selector: dict[str, str]) -> int: ...
 
+    def node_names(self, selector: dict[str, str]) -> list[str]:
+        """The names of the Nodes the selector matches (to look up their prices)."""
+        ...
+
     def sized_to(self, pool: NodePool, namespace: str) -> int | None:
         """Raises ``NotFound`` when the provider object (or its CRD) does not exist."""
         ...
@@ -94,9 +98,13 @@ class KubeNodePools:
         self._versions: dict[str, str] = {}  # API group -> the version the server prefers
 
     def count_nodes(self, selector: dict[str, str]) -> int:
+        return len(self.node_names(selector))
+
+    def node_names(self, selector: dict[str, str]) -> list[str]:
         labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
         with kube_errors(f"listing Nodes {labels}"):
-            return len(self._core.list_node(label_selector=labels).items)
+            nodes = self._core.list_node(label_selector=labels).items
+            return [n.metadata.name for n in nodes if n.metadata is not None and n.metadata.name]
 
     @staticmethod
     def _ref(pool: NodePool) -> ProviderRef:

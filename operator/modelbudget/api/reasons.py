@@ -47,6 +47,11 @@ class Reason(StrEnum):
     NO_GATE = "NoGate"
     GATES_UNKNOWN = "GatesUnknown"
 
+    # --- Which prices bill the ledger (PricesObserved, spend.source OpenCost) ---
+    PRICES_FROM_OPEN_COST = "PricesFromOpenCost"
+    PRICE_MISMATCH = "PriceMismatch"
+    PRICES_FROM_SPEC = "PricesFromSpec"
+
     # --- Conditions ---
     ENFORCING = "Enforcing"
     RECOMMENDING = "Recommending"

@@ -53,6 +53,11 @@ class CapacityType(StrEnum):
     ON_DEMAND = "OnDemand"
 
 
+class PriceSource(StrEnum):
+    SPEC = "Spec"
+    OPEN_COST = "OpenCost"
+
+
 class FallbackAction(StrEnum):
     HOLD = "Hold"
     SCALE_TO = "ScaleTo"
@@ -391,6 +396,45 @@ class Metrics(ApiModel):
     queries: Queries = Field(default_factory=Queries)
 
 
+class OpenCostQueries(ApiModel):
+    """PromQL for OpenCost's per-node prices; each answer has one series per node, named by
+    ``nodeLabel``. A query that keeps the raw series keeps their sample times (staleness)."""
+
+    node_hourly_cost: PromQL = Field(
+        default="node_total_hourly_cost", description="Dollars per hour each node costs in all (what is billed)."
+    )
+    gpu_hourly_cost: PromQL = Field(
+        default="node_gpu_hourly_cost", description="The GPU part: dollars per GPU-hour on each node (reported)."
+    )
+    node_label: str = Field(
+        default="node",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="The label that carries the Node's name.",
+    )
+
+
+class Spend(ApiModel):
+    """Where the ledger's prices come from. ``Spec``: each pool's ``pricePerGpuHour``.
+    ``OpenCost``: what OpenCost says each running node costs, read from ``metrics.prometheusUrl``;
+    the spec's prices still size the plan, and stand in whenever the observed ones are missing
+    or stale (condition PricesObserved=False, reason PricesFromSpec)."""
+
+    source: PriceSource = PriceSource.SPEC
+    price_tolerance: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="OpenCost: a pool whose observed node price differs from the spec's by more than "
+        "this fraction is flagged (reason PriceMismatch).",
+    )
+    max_staleness_seconds: float = Field(
+        default=600, gt=0, le=86_400, description="OpenCost: older prices count as missing."
+    )
+    queries: OpenCostQueries = Field(default_factory=OpenCostQueries)
+
+
 class Slo(ApiModel):
     latency_seconds: float = Field(default=30.0, gt=0, le=86_400, description="End-to-end latency target.")
     percentile: float = Field(default=95, gt=0, lt=100)
@@ -510,6 +554,7 @@ class ModelBudgetSpec(ApiModel):
     )
     token_limits: TokenLimits = Field(default_factory=TokenLimits)
     metrics: Metrics
+    spend: Spend = Field(default_factory=Spend)
     slo: Slo = Field(default_factory=Slo)
     behavior: Behavior = Field(default_factory=Behavior)
 

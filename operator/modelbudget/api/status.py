@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import ApiModel, Name
+from modelbudget.api.spec import ApiModel, Name, PriceSource
 
 
 class StatusModel(ApiModel):
@@ -30,6 +30,7 @@ class ConditionType(StrEnum):
     CURVE_FITTED = "CurveFitted"
     BUDGET_LIMITED = "BudgetLimited"
     TOKEN_LIMIT_ENFORCED = "TokenLimitEnforced"
+    PRICES_OBSERVED = "PricesObserved"
     DEGRADED = "Degraded"
 
 
@@ -71,6 +72,12 @@ class Ledger(StatusModel):
     spent: float = Field(ge=0, description="Dollars spent since periodStart.")
     accrued_at: datetime = Field(description="Time up to which spend has been integrated.")
     rate_per_hour: float = Field(ge=0, description="Spend rate of the nodes running at accruedAt.")
+    spent_at_spec_prices: float = Field(
+        default=0.0,
+        ge=0,
+        description="The part of spent billed at the spec's prices (all of it with spend.source Spec; "
+        "with OpenCost, the time its prices were missing or stale).",
+    )
 
 
 class Recommendation(StatusModel):
@@ -148,6 +155,18 @@ class PoolClaim(StatusModel):
     payable_per_hour: float = Field(ge=0, description="The most its allowance pays for its share of the pool.")
 
 
+class PoolPrice(StatusModel):
+    pool: str
+    nodes: int = Field(description="Nodes running now.")
+    spec_per_node_hour: float = Field(description="gpusPerNode x pricePerGpuHour.")
+    observed_per_node_hour: float | None = Field(
+        default=None, description="Mean of OpenCost's node_total_hourly_cost over the running nodes."
+    )
+    observed_per_gpu_hour: float | None = Field(
+        default=None, description="Mean of OpenCost's node_gpu_hourly_cost over the running nodes."
+    )
+
+
 class SpendStatus(StatusModel):
     current_per_hour: float = Field(description="Spend rate of the nodes running now.")
     allowed_per_hour: float = Field(description="The rate the ceiling (and pacing) allows now.")
@@ -156,6 +175,13 @@ class SpendStatus(StatusModel):
     period_to_date: float
     projected_period_end: float = Field(description="Period-to-date plus the current rate until the period ends.")
     utilization: float = Field(description="current / allowed.")
+    source: PriceSource = Field(default=PriceSource.SPEC, description="Whose prices billed the latest accrual.")
+    period_to_date_at_spec_prices: float = Field(
+        default=0.0, description="The part of periodToDate billed at the spec's prices."
+    )
+    pools: list[PoolPrice] | None = Field(
+        default=None, description="spend.source OpenCost: each pool's observed node price next to the spec's."
+    )
 
 
 class DemandSource(StrEnum):

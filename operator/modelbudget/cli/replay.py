@@ -434,7 +434,9 @@ def run(args: argparse.Namespace) -> int:
 
     times = np.arange(history.request_rate.size, dtype=np.float64) * history.step
     observed = Observed(times, actual.spend, actual.replicas)
-    summary = replay_and_report(console, manifest, trace, [args.reasoning_factor], config, policies, out, observed)
+    summary = replay_and_report(
+        console, manifest, trace, [args.reasoning_factor], config, policies, out, observed, args.jobs
+    )
     ran = actual_table(actual, history.step, console)
     document = {
         "spec": manifest.metadata.name,

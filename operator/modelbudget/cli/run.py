@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from modelbudget.adapters.lease import KubeLeaseStore
     from modelbudget.adapters.metrics import PrometheusMetrics
     from modelbudget.adapters.nodepools import KubeNodePools
+    from modelbudget.adapters.prices import OpenCostPrices
     from modelbudget.adapters.scaler import DeploymentScaler
     from modelbudget.adapters.secrets import KubeSecrets
     from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
@@ -100,14 +101,16 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
 
     kube = KubeClients.connect(args.kubeconfig)
+    prometheus = PrometheusMetrics()
     adapters = Adapters(
-        metrics=PrometheusMetrics(),
+        metrics=prometheus,
         secrets=KubeSecrets(kube),
         scaler=DeploymentScaler(kube),
         node_pools=KubeNodePools(kube),
         gpu_pools=KubeGpuPools(kube),
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
+        prices=OpenCostPrices(prometheus),
     )
     identity = args.identity or default_identity()
     # kopf names itself after $POD_ID, else after getpass.getuser(), which raises for a uid with no

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -70,6 +71,12 @@ def add_simulator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-provision", type=float, default=120.0, help="seconds from requested to ready")
     p.add_argument("--timeout", type=float, default=None, help="queue timeout, seconds (default: 2 x SLO)")
     p.add_argument("--warmup", type=float, default=600.0, help="unscored replay of the trace's start, seconds")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="policies simulated at once, each in a process of its own (default: the CPUs, %(default)s)",
+    )
 
 
 def parse_policies(text: str) -> list[str]:
@@ -104,7 +111,13 @@ def check_positive(args: argparse.Namespace, *names: str, zero_ok: tuple[str, ..
 def config_from(args: argparse.Namespace, start: datetime) -> SimConfig:
     """The simulated cluster from ``add_simulator_arguments``' flags."""
     check_positive(
-        args, "step", "replica_start", "node_provision", "warmup", zero_ok=("replica_start", "node_provision", "warmup")
+        args,
+        "step",
+        "replica_start",
+        "node_provision",
+        "warmup",
+        "jobs",
+        zero_ok=("replica_start", "node_provision", "warmup"),
     )
     return SimConfig(
         step=args.step,
@@ -158,6 +171,7 @@ def replay_and_report(
     policies: list[str],
     out: Path,
     observed: Observed | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the benchmark at each reasoning factor: print its table, draw its figure; the JSON runs."""
     spec = manifest.spec
@@ -165,7 +179,7 @@ def replay_and_report(
     for factor in factors:
 
         def job(tick: Callable[[str, float], None], factor: float = factor) -> Benchmark:
-            return run_benchmark(spec, manifest.metadata.name, trace, factor, config, policies, tick)
+            return run_benchmark(spec, manifest.metadata.name, trace, factor, config, policies, tick, jobs)
 
         bench = _with_progress(console, f"F={factor:g}", job)
         render(bench, console, bench.describe(spec))
@@ -210,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     console = wide_console()
     factors = [args.reasoning_factor] + ([] if args.skip_factor_one or args.reasoning_factor == 1 else [1.0])
     out = Path(args.out)
-    summary = replay_and_report(console, manifest, trace, factors, config, policies, out)
+    summary = replay_and_report(console, manifest, trace, factors, config, policies, out, jobs=args.jobs)
     document = {"spec": manifest.metadata.name, "trace": args.trace, "config": asdict(config), "runs": summary}
     write_results(console, out, f"{manifest.metadata.name}-{trace.name}", document)
     return 0

@@ -23,17 +23,19 @@ from modelbudget.adapters.errors import AdapterError, NotFound
 from modelbudget.adapters.gpupools import DeclaredPool, GpuPools
 from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, MetricsSource
 from modelbudget.adapters.nodepools import NodePools, node_selector
+from modelbudget.adapters.prices import NodePriceSource
 from modelbudget.adapters.scaler import Scaler, ScaleState
 from modelbudget.adapters.secrets import SecretMissing, SecretSource, prometheus_credentials
 from modelbudget.adapters.tokenlimit import Published, TokenLimitSink, config_map_name
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool
+from modelbudget.api.spec import Mode, ModelBudgetSpec, NodePool, PriceSource
 from modelbudget.api.status import ControllerState, Knob, ModelBudgetStatus, Plan
 from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.observation import DemandSample
 from modelbudget.core.pools import PoolView, claims_of, pool_view, with_views
+from modelbudget.core.prices import NodePrice, ObservedPrices
 from modelbudget.core.tenancy import pools_not_allowed
 
 T = TypeVar("T")
@@ -54,6 +56,7 @@ class Adapters:
     gpu_pools: GpuPools
     token_limits: TokenLimitSink
     conflicts: ConflictFinder
+    prices: NodePriceSource
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Cluster:
     pool_sizes: dict[str, int | None]  # what each provider object is set to now
     published: Published
     conflicts: list[str]
+    node_names: dict[str, tuple[str, ...]] | None = None  # by pool; listed only to look up prices
 
 
 def _failure(action: st.KnobChange, exc: Exception) -> str:
@@ -172,10 +176,12 @@ class Reconciler:
         resolved = resolve(with_views(own_spec, list(views.values()))) if views else parsed
         spec = resolved.spec
 
-        cluster, sample = await asyncio.gather(
-            self._observe_cluster(own_spec, ref.namespace), self._sample(spec, ref.namespace)
+        cluster, sample, prices = await asyncio.gather(
+            self._observe_cluster(own_spec, ref.namespace),
+            self._sample(spec, ref.namespace),
+            self._node_prices(own_spec, ref.namespace),
         )
-        obs = _observation(cluster, sample, views)
+        obs = _observation(cluster, sample, views, prices)
         decision = decide(obs, resolved, state, now)
 
         actions: list[st.KnobChange] = []
@@ -242,19 +248,30 @@ class Reconciler:
             scale: ScaleState | None = await self._call(a.scaler.get, namespace, target)
         except NotFound:
             scale = None
-        counts, sizes, published, conflicts = await asyncio.gather(
-            asyncio.gather(*(self._call(a.node_pools.count_nodes, node_selector(p)) for p in pools)),
+        by_name = spec.spend.source is PriceSource.OPEN_COST
+        found, sizes, published, conflicts = await asyncio.gather(
+            asyncio.gather(*(self._pool_nodes(p, by_name) for p in pools)),
             asyncio.gather(*(self._sized_to(p, namespace) for p in pools)),
             self._call(a.token_limits.read, namespace, target, spec.token_limits.publish),
             self._call(a.conflicts.find, namespace, target),
         )
         return Cluster(
             scale=scale,
-            nodes={p.name: n for p, n in zip(pools, counts, strict=True)},
+            nodes={p.name: count for p, (count, _) in zip(pools, found, strict=True)},
             pool_sizes={p.name: s for p, s in zip(pools, sizes, strict=True)},
             published=published,
             conflicts=conflicts,
+            node_names={p.name: names for p, (_, names) in zip(pools, found, strict=True)} if by_name else None,
         )
+
+    async def _pool_nodes(self, pool: NodePool, by_name: bool) -> tuple[int, tuple[str, ...]]:
+        """How many Nodes the pool runs; with OpenCost prices also their names (one list call either
+        way), to price each."""
+        selector = node_selector(pool)
+        if not by_name:
+            return await self._call(self.adapters.node_pools.count_nodes, selector), ()
+        names = tuple(await self._call(self.adapters.node_pools.node_names, selector))
+        return len(names), names
 
     async def _sized_to(self, pool: NodePool, namespace: str) -> int | None:
         if pool.provider_ref is None:
@@ -280,6 +297,21 @@ class Reconciler:
             return DemandSample(error=f"credentials: {exc}")
         except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
             return DemandSample(error=f"metrics source failed: {type(exc).__name__}")
+
+    async def _node_prices(self, spec: ModelBudgetSpec, namespace: str) -> dict[str, NodePrice] | str | None:
+        """OpenCost's node prices (``spend.source: OpenCost`` only, else None), or why they could
+        not be read; never an exception."""
+        if spec.spend.source is not PriceSource.OPEN_COST:
+            return None
+        try:
+            creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._metrics_threads, self.adapters.prices.node_prices, spec.metrics, spec.spend.queries, creds
+            )
+        except (SecretMissing, AdapterError) as exc:
+            return str(exc)
+        except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
+            return f"price source failed: {type(exc).__name__}"
 
     async def _act(
         self,
@@ -362,13 +394,24 @@ def _tightens(before: Published, wanted: Published) -> bool:
     return lower_limit or lower_cap
 
 
-def _observation(cluster: Cluster, sample: DemandSample, views: Mapping[str, PoolView]) -> Observation:
+def _observation(
+    cluster: Cluster,
+    sample: DemandSample,
+    views: Mapping[str, PoolView],
+    prices: dict[str, NodePrice] | str | None,
+) -> Observation:
     """What was seen; on a shared pool, what this ModelBudget holds is its grant (its share of the bill)."""
     scale = cluster.scale or ScaleState(replicas=0, ready_replicas=0)
+    observed = None
+    if isinstance(prices, str):
+        observed = ObservedPrices(error=prices)
+    elif prices is not None and cluster.node_names is not None:
+        observed = ObservedPrices(pool_nodes=cluster.node_names, node_prices=prices)
     return Observation(
         current_replicas=scale.replicas,
         ready_replicas=scale.ready_replicas,
         current_nodes={**cluster.nodes, **{name: v.granted_replicas for name, v in views.items()}},
         current_token_limit=cluster.published.token_limit,
         demand=sample,
+        prices=observed,
     )

@@ -27,6 +27,7 @@ from modelbudget.api.status import (
     Knob,
     ModelBudgetStatus,
     Plan,
+    PoolPrice,
     SpendStatus,
 )
 from modelbudget.core.observation import Observation
@@ -185,7 +186,17 @@ def conditions_for(facts: Facts, previous: Sequence[Condition] = ()) -> list[Wan
         ready = Wanted(ConditionType.READY, "True", Reason.RECOMMENDING, "computing and reporting; changing nothing")
     else:
         ready = Wanted(ConditionType.READY, "True", Reason.ENFORCING, "")
-    return [ready, metrics, fitted, budget_condition(plan), enforcement_condition(facts, previous), degraded]
+    wanted = [ready, metrics, fitted, budget_condition(plan), enforcement_condition(facts, previous), degraded]
+    return [*wanted, prices] if (prices := prices_condition(facts)) is not None else wanted
+
+
+def prices_condition(facts: Facts) -> Wanted | None:
+    """Whether observed prices bill the ledger (``spend.source: OpenCost`` only; None otherwise)."""
+    verdict = facts.decision.prices
+    if verdict.reason is None:
+        return None
+    status: Status = "False" if verdict.reason is Reason.PRICES_FROM_SPEC else "True"
+    return Wanted(ConditionType.PRICES_OBSERVED, status, verdict.reason, verdict.message)
 
 
 def enforcement_condition(facts: Facts, previous: Sequence[Condition]) -> Wanted:
@@ -218,6 +229,9 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
             period_to_date=ledger.spent,
             projected_period_end=projected_period_end(ledger, running, ceiling.period, now),
             utilization=running / plan.allowed_spend_per_hour if plan.allowed_spend_per_hour > 0 else 0.0,
+            source=decision.prices.source,
+            period_to_date_at_spec_prices=ledger.spent_at_spec_prices,
+            pools=[PoolPrice(**vars(p)) for p in decision.prices.pools] or None,
         )
     demand = DemandStatus(
         source=obs.demand.demand_source if obs.demand.at is not None else None,
@@ -231,9 +245,12 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
         observed_at=obs.demand.at,
     )
     curve = decision.curve
+    conditions = merge_conditions(previous.conditions, conditions_for(facts, previous.conditions), generation, now)
+    if decision.prices.reason is None:  # spend.source Spec: no condition about observed prices
+        conditions = [c for c in conditions if c.type != ConditionType.PRICES_OBSERVED]
     return ModelBudgetStatus(
         observed_generation=generation,
-        conditions=merge_conditions(previous.conditions, conditions_for(facts, previous.conditions), generation, now),
+        conditions=conditions,
         spend=spend,
         demand=demand,
         plan=plan,
@@ -264,7 +281,7 @@ def status_document(status: ModelBudgetStatus) -> dict[str, Any]:
 # the heartbeat write refreshes them.
 _VOLATILE = {
     "plan": ("decidedAt", "demandRequestsPerSecond", "expectedPerformance"),
-    "spend": ("periodToDate", "projectedPeriodEnd", "utilization"),
+    "spend": ("periodToDate", "projectedPeriodEnd", "utilization", "periodToDateAtSpecPrices"),
 }
 
 
@@ -336,7 +353,12 @@ _FLIP_EVENTS: dict[tuple[ConditionType, Status], tuple[Literal["Normal", "Warnin
     (ConditionType.TOKEN_LIMIT_ENFORCED, "False"): ("Warning", None),
     (ConditionType.TOKEN_LIMIT_ENFORCED, "True"): ("Normal", Reason.ENFORCED),
     (ConditionType.DEGRADED, "True"): ("Warning", None),
+    (ConditionType.PRICES_OBSERVED, "False"): ("Warning", None),
+    (ConditionType.PRICES_OBSERVED, "True"): ("Normal", None),
 }
+# Reasons whose Event is a Warning whatever the condition's status: the condition still holds, but
+# something needs an owner's eye.
+_WARNING_REASONS = frozenset({Reason.PRICE_MISMATCH})
 
 
 def events_for(
@@ -351,11 +373,12 @@ def events_for(
         before = old.get(cond.type)
         if before is not None and before.status == cond.status and before.reason == cond.reason:
             continue
-        if before is None and cond.type == ConditionType.METRICS_AVAILABLE and cond.status == "True":
+        if before is None and cond.reason in (Reason.METRICS_OK, Reason.PRICES_FROM_OPEN_COST):
             continue  # the first observation working is not news
         rule = _FLIP_EVENTS.get((ConditionType(cond.type), cond.status))
         if rule is not None:
             kind, reason = rule
+            kind = "Warning" if cond.reason in _WARNING_REASONS else kind
             notes.append(EventNote(kind, reason or Reason(cond.reason), cond.message or cond.reason))
     for a in actions:
         reason, what = {

@@ -14,6 +14,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from modelbudget.api.spec import CapacityType, ModelBudgetSpec, NodePool
 
 _EPS = 1e-9
@@ -75,6 +78,13 @@ class CapacityLadder:
         self._blocks = free + paid
         self.base_spend = sum(self._min_nodes[p.name] * node_price(p) for p in spec.node_pools)
         self.total_slots = sum(b.slots for b in self._blocks)
+        # The blocks as arrays, for the per-limit questions the planner asks of a whole token grid.
+        self._slots = np.array([b.slots for b in self._blocks], dtype=np.int64)
+        self._rates = np.array([b.throughput for b in self._blocks], dtype=float)
+        self._per_node = np.array([b.replicas_per_node for b in self._blocks], dtype=np.int64)
+        self._paid_price = np.array([b.node_price if b.paid else 0.0 for b in self._blocks], dtype=float)
+        self._slots_before = np.cumsum(self._slots) - self._slots
+        self._capacity_to = np.cumsum(self._slots * self._rates)  # tokens/s of every block up to this one
 
     @staticmethod
     def _block_spend(block: _Block, taken: int) -> float:
@@ -111,6 +121,25 @@ class CapacityLadder:
             need -= b.slots * b.throughput
             count += b.slots
         return None
+
+    def replicas_for_many(self, tokens_per_second: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        """``replicas_for`` of each demand at once; -1 where no number of replicas covers it."""
+        need = np.asarray(tokens_per_second, dtype=float)
+        block = np.searchsorted(self._capacity_to + _EPS, need, side="left")
+        out = np.full(need.shape, -1, dtype=np.int64)
+        inside = block < self._slots.size
+        k = block[inside]
+        rest = need[inside] - (self._capacity_to[k] - self._slots[k] * self._rates[k])
+        out[inside] = self._slots_before[k] + np.maximum(1, np.ceil(rest / self._rates[k] - _EPS)).astype(np.int64)
+        out[need <= _EPS] = 0
+        return out
+
+    def spend_many(self, replicas: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """``spend`` of each replica count at once."""
+        taken = np.clip(np.asarray(replicas)[:, None] - self._slots_before[None, :], 0, self._slots[None, :])
+        nodes = -(-taken // self._per_node[None, :])
+        spend: npt.NDArray[np.float64] = self.base_spend + (nodes * self._paid_price[None, :]).sum(axis=1)
+        return spend
 
     def max_affordable(self, allowed_per_hour: float) -> int:
         """Most replicas (in ladder order) whose nodes cost no more than ``allowed_per_hour``."""

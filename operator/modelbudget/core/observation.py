@@ -17,6 +17,7 @@ from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.api.status import DemandSource
 from modelbudget.core.generation import GenerationProfile
+from modelbudget.core.prices import ObservedPrices
 
 # Beyond these, a number is a broken query or exporter, not demand.
 ABSURD_REQUESTS_PER_SECOND = 1e6
@@ -58,6 +59,7 @@ class Observation:
     current_nodes: Mapping[str, int] = field(default_factory=dict)
     current_token_limit: int | None = None
     demand: DemandSample = field(default_factory=DemandSample)
+    prices: ObservedPrices | None = None  # spend.source OpenCost only: None when not asked
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,16 @@ def _hours(delta: timedelta) -> float:
     return max(delta.total_seconds(), 0.0) / 3600.0
 
 
-def accrue(ledger: Ledger | None, running_per_hour: float, now: datetime, period: Period) -> Ledger:
+def accrue(
+    ledger: Ledger | None, running_per_hour: float, now: datetime, period: Period, at_spec_prices: bool = True
+) -> Ledger:
     """Add what ran since the last accrual; start a new period when the old one has ended.
 
     Between two observations the cluster ran at the old rate, the new rate, or something in
     between: the larger of the two is charged, so the ledger errs on the side of spent money.
     Time before the first observation is unknown and not charged (the status says when the
-    ledger started).
+    ledger started).  ``at_spec_prices``: whether this accrual is billed at the spec's prices
+    (else at observed ones); the ledger keeps that part apart.
     """
     start, _ = period_bounds(period, now)
     if ledger is None:
@@ -52,18 +55,21 @@ def accrue(ledger: Ledger | None, running_per_hour: float, now: datetime, period
     rate = max(ledger.rate_per_hour, running_per_hour)
     if ledger.period_start < start:  # the period rolled over since the last accrual
         since = max(start, ledger.accrued_at)
+        charge = rate * _hours(now - since)
         return Ledger(
             period_start=start,
-            spent=rate * _hours(now - since),
+            spent=charge,
             accrued_at=now,
             rate_per_hour=running_per_hour,
+            spent_at_spec_prices=charge if at_spec_prices else 0.0,
         )
-    spent = ledger.spent + rate * _hours(now - ledger.accrued_at)
+    charge = rate * _hours(now - ledger.accrued_at)
     return Ledger(
         period_start=ledger.period_start,
-        spent=spent,
+        spent=ledger.spent + charge,
         accrued_at=max(now, ledger.accrued_at),
         rate_per_hour=running_per_hour,
+        spent_at_spec_prices=ledger.spent_at_spec_prices + (charge if at_spec_prices else 0.0),
     )
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import FallbackAction, ModelBudgetSpec
+from modelbudget.api.spec import FallbackAction, ModelBudgetSpec, PriceSource
 from modelbudget.api.status import (
     ControllerState,
     DemandForecast,
@@ -71,6 +71,7 @@ from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.forecast import Forecast, forecast, record
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
+from modelbudget.core.prices import PriceVerdict, assess_prices
 from modelbudget.core.serving import (
     ServingSpeed,
     batch_within,
@@ -149,6 +150,7 @@ class Context:
     verdict: MetricsVerdict
     enforcement: Enforcement
     running_spend: float  # $/h of the nodes running now
+    prices: PriceVerdict  # whose prices billed running_spend
     ledger: Ledger
     allowance: Allowance
     ladder: CapacityLadder
@@ -200,6 +202,7 @@ class Decision:
     curve: LogCurve
     running_spend: float
     allowance: Allowance
+    prices: PriceVerdict
 
 
 Stage = Callable[[Draft, Context], Draft]
@@ -217,14 +220,17 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         curve=resolved.curve,
         running_spend=ctx.running_spend,
         allowance=ctx.allowance,
+        prices=ctx.prices,
     )
 
 
 def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
     """The facts, and an empty draft carrying the reasons the facts alone give."""
     spec = resolved.spec
-    running = spend_of(obs.current_nodes, spec)
-    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period)
+    prices = assess_prices(obs.prices, obs.current_nodes, spec, now)
+    running = prices.running_per_hour
+    at_spec = prices.source is PriceSource.SPEC
+    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
     allowance = allowed_rate(spec.budget, ledger, now)
     draft = Draft(replicas=obs.current_replicas, raw_replicas=obs.current_replicas, limit=resolved.token_max)
     ladder = resolved.ladder
@@ -257,6 +263,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
             spec.token_limits.enforcement_grace_seconds,
         ),
         running_spend=running,
+        prices=prices,
         ledger=ledger,
         allowance=allowance,
         ladder=ladder,
@@ -300,11 +307,13 @@ def _search(ctx: Context) -> _Search:
     scores = profile.mean_score_many(ctx.resolved.curve, grid)
     value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
     room = min(spec.replicas.max, ladder.total_slots)
+    # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
+    need_tokens: list[int] = ladder.replicas_for_many(ctx.demand * tokens).tolist()
     needed: list[int | None] = []
     blocked: list[tuple[int, int, Reason]] = []
     best: tuple[int, int, float] | None = None
     for i in range(grid.size):
-        need = ladder.replicas_for(ctx.demand * tokens[i])
+        need = None if need_tokens[i] < 0 else need_tokens[i]
         # The smallest limit is never blocked by latency: there is nothing lower to serve at
         # (respect_latency says so); the others need batches that meet the SLO.
         for_latency = 0 if i == 0 else _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])

@@ -7,7 +7,9 @@ into the rows both print (ratios to the oracle and to the HPA-style policy).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 from modelbudget.api.spec import ModelBudgetSpec, Period
 from modelbudget.sim import hindsight
@@ -63,18 +65,48 @@ def run_benchmark(
     config: SimConfig,
     policies: Sequence[str] = COMPARED,
     progress: Callable[[str, float], None] | None = None,
+    workers: int = 1,
 ) -> Benchmark:
+    """Every policy on the trace; with ``workers`` > 1, that many policies at once, each in a process
+    of its own (policies share nothing but the trace, and each is seconds to minutes of pure Python)."""
     work = Workload.of(trace, reasoning_factor, config.warmup)
-    runs, results = {}, {}
-    best_limit = None
-    for name in policies:
-        tick = (lambda f, n=name: progress(n, f)) if progress is not None else None
-        if name == hindsight.NAME:
-            runs[name], best_limit = hindsight.run_best_fixed_limit_hpa(spec, work, config, tick)
-        else:
-            runs[name] = run_policy(spec, work, name, config, tick)
-        results[name] = score(runs[name], work, spec)
+    done: dict[str, tuple[PolicyRun, PolicyResult, int | None]] = {}
+    if workers > 1 and len(policies) > 1:
+        # Spawned, not forked: the caller may run threads (a progress bar's refresh) that a fork would
+        # copy mid-lock.
+        with ProcessPoolExecutor(min(workers, len(policies)), mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_and_score, spec, work, name, config): name for name in policies}
+            for name in policies:
+                if progress is not None:
+                    progress(name, 0.0)  # a child cannot report its progress: started, then done
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                if progress is not None:
+                    progress(futures[future], 1.0)
+    else:
+        for name in policies:
+            tick = (lambda f, n=name: progress(n, f)) if progress is not None else None
+            done[name] = _run_and_score(spec, work, name, config, tick)
+    runs = {name: done[name][0] for name in policies}
+    results = {name: done[name][1] for name in policies}
+    best_limit = next((done[name][2] for name in policies if name == hindsight.NAME), None)
     return Benchmark(spec_name, trace, reasoning_factor, config, runs, results, best_limit)
+
+
+def _run_and_score(
+    spec: ModelBudgetSpec,
+    work: Workload,
+    name: str,
+    config: SimConfig,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[PolicyRun, PolicyResult, int | None]:
+    """One policy's run and score; for the HPA at the best fixed limit, also that limit."""
+    best_limit = None
+    if name == hindsight.NAME:
+        run, best_limit = hindsight.run_best_fixed_limit_hpa(spec, work, config, progress)
+    else:
+        run = run_policy(spec, work, name, config, progress)
+    return run, score(run, work, spec), best_limit
 
 
 # Ratios: "/orc" to the oracle, "/dorc" to the delay-aware oracle, "/hpa" to the HPA-style policy,
