@@ -74,6 +74,20 @@ def test_no_price_series_at_all_is_no_source_even_with_no_node_to_bill() -> None
     assert assess_prices(seen(0, other), {"gpu-pool": 0}, SPEC, T0).reason is Reason.PRICES_FROM_OPEN_COST
 
 
+def test_a_shared_pool_view_is_billed_its_share_beside_opencost_priced_nodes() -> None:
+    # A GpuPool's view has no Nodes of this ModelBudget's own: its share is billed at the view's
+    # price (what the pool reconciler charges), the own pool's nodes at OpenCost's.
+    own = opencost_spec()
+    view = {**own["nodePools"][0], "name": "shared-a", "gpusPerNode": 1, "pricePerGpuHour": 3.0, "maxNodes": 8}
+    view.pop("providerRef", None)
+    spec = ModelBudgetSpec.model_validate({**own, "nodePools": [*own["nodePools"], view]})
+    prices = priced("gpu-pool", 2, 8.4, T0 - timedelta(seconds=30))
+    verdict = assess_prices(seen(2, prices), {"gpu-pool": 2, "shared-a": 3}, spec, T0)
+    assert verdict.source is PriceSource.OPEN_COST
+    assert verdict.running_per_hour == pytest.approx(2 * 8.4 + 3 * 3.0)
+    assert [p.pool for p in verdict.pools] == ["gpu-pool"]
+
+
 def test_an_unreachable_source_bills_at_spec_prices() -> None:
     verdict = assess_prices(ObservedPrices(error="Prometheus down"), {"gpu-pool": 1}, SPEC, T0)
     assert verdict.reason is Reason.PRICES_FROM_SPEC and "Prometheus down" in verdict.message
