@@ -15,7 +15,7 @@ from datetime import datetime
 from pydantic import Field
 
 from modelbudget.api.rules import CrossFieldRule, cross_field_rules
-from modelbudget.api.spec import ApiModel, CapacityType, Name, ProviderKind, ProviderRef
+from modelbudget.api.spec import ApiModel, GpuOffering, Name, ProviderKind, ProviderRef
 from modelbudget.api.status import StatusModel
 
 POOL_KIND = "GpuPool"
@@ -62,14 +62,8 @@ class AllowedNamespaces(ApiModel):
         ),
     ),
 )
-class GpuPoolSpec(ApiModel):
+class GpuPoolSpec(GpuOffering):
     provider_ref: ProviderRef = Field(description="The object the operator sizes (the only writer of it).")
-    gpu_type: str = Field(min_length=1, max_length=63, description="e.g. nvidia-a100-80gb.")
-    price_per_gpu_hour: float = Field(gt=0, le=10_000, description="Dollars per GPU-hour.")
-    capacity_type: CapacityType = CapacityType.ON_DEMAND
-    gpus_per_node: int = Field(ge=1, le=64)
-    min_nodes: int = Field(default=0, ge=0, le=10_000)
-    max_nodes: int = Field(ge=0, le=10_000)
     allowed_namespaces: AllowedNamespaces
     scale_down_stabilization_seconds: int = Field(
         default=600,

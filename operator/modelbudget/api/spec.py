@@ -213,6 +213,18 @@ class Serving(ApiModel):
     )
 
 
+class GpuOffering(ApiModel):
+    """What a pool of GPU nodes is: its GPU, its price, its node shape and its bounds (inline in a
+    ModelBudget's ``nodePools``, or declared by the cluster admin as a GpuPool)."""
+
+    gpu_type: str = Field(min_length=1, max_length=63, description="e.g. nvidia-a100-80gb.")
+    price_per_gpu_hour: float = Field(gt=0, le=10_000, description="Dollars per GPU-hour.")
+    capacity_type: CapacityType = CapacityType.ON_DEMAND
+    gpus_per_node: int = Field(ge=1, le=64)
+    min_nodes: int = Field(default=0, ge=0, le=10_000)
+    max_nodes: int = Field(ge=0, le=10_000)
+
+
 @cross_field_rules(
     CrossFieldRule(
         cel="self.minNodes <= self.maxNodes",
@@ -220,16 +232,10 @@ class Serving(ApiModel):
         check=lambda p: p.min_nodes <= p.max_nodes,
     ),
 )
-class NodePool(ApiModel):
+class NodePool(GpuOffering):
     """One GPU offering: a price, a shape and a throughput, as data (the planner does the arithmetic)."""
 
     name: Name
-    gpu_type: str = Field(min_length=1, max_length=63, description="e.g. nvidia-a100-80gb.")
-    price_per_gpu_hour: float = Field(gt=0, le=10_000, description="Dollars per GPU-hour.")
-    capacity_type: CapacityType = CapacityType.ON_DEMAND
-    gpus_per_node: int = Field(ge=1, le=64)
-    min_nodes: int = Field(default=0, ge=0, le=10_000)
-    max_nodes: int = Field(ge=0, le=10_000)
     tokens_per_second_per_replica: float = Field(
         gt=0,
         le=1e7,
