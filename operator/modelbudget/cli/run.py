@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     kube = KubeClients.connect(args.kubeconfig)
     adapters = Adapters(
-        metrics=PrometheusMetrics(),
+        # A group query answers every ModelBudget for one interval: one query per template per tick.
+        metrics=PrometheusMetrics(reuse_seconds=args.interval),
         secrets=KubeSecrets(kube),
         scaler=DeploymentScaler(kube),
         node_pools=KubeNodePools(kube),
