@@ -24,6 +24,7 @@ from modelbudget.api.spec import GROUP, PLURAL, VERSION
 from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
+from modelbudget.controller.spread import phase
 
 FINALIZER = "modelbudget.dev/finalizer"
 EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
@@ -82,7 +83,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         # optional: never blocks a deletion; a missed one only leaves stale gauges until restart.
         telemetry.forget(namespace or "", name)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
+    # sharp: each tick is an interval after the previous one started, so a ModelBudget keeps the
+    # phase its first tick took (controller/spread.py) however long its reconciles take.
+    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, sharp=True, registry=registry)
     async def reconcile(
         name: str,
         namespace: str | None,
@@ -94,6 +97,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         **_: Any,
     ) -> None:
         assert namespace is not None  # ModelBudget is a namespaced kind
+        if not memo.get("phased"):
+            memo.phased = True
+            await asyncio.sleep(phase(namespace, name, interval))  # spreads the ticks; blocks nothing
         rt: Runtime = memo.runtime
         if not rt.leading():
             memo.pop("carried", None)
