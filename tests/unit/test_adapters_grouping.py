@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from modelbudget.adapters.grouping import split
-from modelbudget.adapters.metrics import PrometheusCredentials, PrometheusMetrics, queries_for
+from modelbudget.adapters.metrics import Endpoint, PrometheusCredentials, PrometheusHttp, PrometheusMetrics, queries_for
 from modelbudget.api.spec import Metrics
 
 TS = 1_767_614_400.0
@@ -101,14 +101,22 @@ class FakePrometheus:
     def __init__(self, rates: dict[str, float], status: int = 200) -> None:
         self.rates, self.status = rates, status
         self.queries: list[str] = []
+        self.methods: list[str] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def do_POST(self) -> None:
+                form = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                self.answer(urllib.parse.parse_qs(form)["query"][0])
+
             def do_GET(self) -> None:
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0]
+                self.answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0])
+
+            def answer(self, query: str) -> None:
                 fake.queries.append(query)
+                fake.methods.append(self.command)
                 series = [
                     {
                         "metric": {"namespace": ns, "model_name": "llm", "target": "llm", "le": "+Inf"},
@@ -198,6 +206,17 @@ def test_a_member_the_group_does_not_know_yet_asks_at_once(prometheus: FakeProme
     asked = len(prometheus.queries)
     assert source.sample(m, "c", "llm", PrometheusCredentials()).request_rate == 3.0
     assert len(prometheus.queries) == 2 * asked and 'namespace=~"a|c"' in prometheus.queries[-1]
+
+
+def test_a_long_group_query_is_posted(prometheus: FakePrometheus) -> None:
+    found = split('sum(rate(vllm:request_success_total{namespace="a"}[2m]))')
+    assert found is not None
+    members = [(f"team-{i:04d}-inference",) for i in range(300)] + [("a",)]
+    query = found[0].query(members)
+    endpoint = Endpoint(prometheus.url, PrometheusCredentials(), False, 5.0)
+    answer = PrometheusHttp(endpoint).query(query)
+    assert prometheus.methods == ["POST"] and prometheus.queries == [query]
+    assert found[0].select(answer, ("a",))[0]["value"][1] == "1.0"
 
 
 def trickling_server(stop: threading.Event) -> int:

@@ -64,6 +64,7 @@ def render_query(template: str, metrics: Metrics, namespace: str, target: str) -
 # the connections kept open to each Prometheus.
 MAX_PARALLEL_QUERIES = 16
 MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
+MAX_URL_QUERY = 4096  # characters of PromQL sent in a GET's URL; longer ones are POSTed
 QUERIES = prometheus_client.Counter(
     "modelbudget_prometheus_queries_total", "PromQL queries sent, grouped ones counted once"
 )
@@ -305,8 +306,17 @@ class PrometheusHttp:
         timeout = self.endpoint.timeout
         deadline = time.monotonic() + timeout
         try:
-            with self._session.get(
-                f"{self.endpoint.url}/api/v1/query", params={"query": query}, timeout=timeout, stream=True
+            # A group query over many members can be long: past what proxies take in a URL, it
+            # goes as a form (Prometheus takes both).
+            form = {"query": query}
+            short = len(query) <= MAX_URL_QUERY
+            with self._session.request(
+                "GET" if short else "POST",
+                f"{self.endpoint.url}/api/v1/query",
+                params=form if short else None,
+                data=None if short else form,
+                timeout=timeout,
+                stream=True,
             ) as response:
                 status = response.status_code
                 try:
