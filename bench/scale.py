@@ -250,6 +250,7 @@ def run(
                 break
             if time.monotonic() - started > 600:
                 raise SystemExit(f"N={n}: only {done} ModelBudgets got a status in 600 s")
+            print(f"N={n}: {done} with a status after {time.monotonic() - started:.0f} s", file=sys.stderr)
             time.sleep(2)
         first_status = time.monotonic() - started
         time.sleep(2 * interval)  # let the first decisions settle (replicas set once, then nothing)
