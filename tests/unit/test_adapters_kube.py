@@ -136,8 +136,9 @@ INSTALLED = ("testbed.modelbudget.dev/v1alpha1", "karpenter.sh/v1", "cluster.x-k
 
 @against_kmock
 async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmock.RawHandler) -> None:
-    nodes = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
-    kmock["get /api/v1/nodes"] << {"kind": "NodeList", "items": nodes}
+    pooled = {"modelbudget.dev/pool": "gpu-pool"}
+    nodes = [{"metadata": {"name": n, "labels": pooled}} for n in "ab"] + [{"metadata": {"name": "c"}}]
+    kmock["get /api/v1/nodes"] << {"kind": "NodeList", "metadata": {"resourceVersion": "7"}, "items": nodes}
     kmock["get /apis/"] << api_groups(*INSTALLED)
     kwok = "/apis/testbed.modelbudget.dev/v1alpha1/kwoknodepools/gpu-pool"
     karpenter = "/apis/karpenter.sh/v1/nodepools/gpu-pool"
@@ -148,8 +149,8 @@ async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmoc
     kmock[f"get {karpenter}"] << {"spec": {"limits": {"nvidia.com/gpu": "8"}, "template": {}}}
     kmock[f"get {capi}"] << {"spec": {"replicas": 1, "clusterName": "c"}}
     pools = KubeNodePools(kube(kmock.url))
-    assert await asyncio.to_thread(pools.count_nodes, {"modelbudget.dev/pool": "gpu-pool"}) == 2
-    assert kmock["get /api/v1/nodes"][0].params["labelSelector"] == "modelbudget.dev/pool=gpu-pool"
+    # Counted from the watched mirror of all Nodes (tests/e2e/test_watch_caches.py: the watch itself).
+    assert await asyncio.to_thread(pools.count_nodes, pooled) == 2
     assert await asyncio.to_thread(pools.sized_to, pool("KwokNodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("NodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("MachineDeployment", namespace="infra"), "demo") == 1
@@ -232,10 +233,12 @@ async def test_conflicts_find_hpas_and_scaled_objects_on_the_target(kmock: kmock
 
     kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {
         "kind": "HorizontalPodAutoscalerList",
+        "metadata": {"resourceVersion": "7"},
         "items": [hpa("mine", "demo-llm"), hpa("other", "web")],
     }
     kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << {
-        "items": [{"metadata": {"name": "keda"}, "spec": {"scaleTargetRef": {"name": "demo-llm"}}}]
+        "metadata": {"resourceVersion": "7"},
+        "items": [{"metadata": {"name": "keda"}, "spec": {"scaleTargetRef": {"name": "demo-llm"}}}],
     }
     finder = KubeConflictFinder(kube(kmock.url))
     found = await asyncio.to_thread(finder.find, "demo", "demo-llm")
@@ -244,7 +247,10 @@ async def test_conflicts_find_hpas_and_scaled_objects_on_the_target(kmock: kmock
 
 @against_kmock
 async def test_conflicts_without_keda_installed(kmock: kmock.RawHandler) -> None:
-    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {"items": []}
+    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {
+        "metadata": {"resourceVersion": "7"},
+        "items": [],
+    }
     kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << 404 << {"kind": "Status", "code": 404}
     assert await asyncio.to_thread(KubeConflictFinder(kube(kmock.url)).find, "demo", "demo-llm") == []
 

@@ -86,13 +86,14 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# adapters/conflicts.py: another autoscaler on the same Deployment makes the operator stand back.
+# adapters/conflicts.py: another autoscaler on the same Deployment makes the operator stand back
+# (read from a watched mirror: adapters/watchcache.py).
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- if .Values.rbac.nodePoolProviders.clusterAPI }}
 # adapters/nodepools.py: Cluster API pools are sized by spec.replicas.
 - apiGroups: ["cluster.x-k8s.io"]
@@ -103,10 +104,10 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 
 {{/* Cluster-scoped permissions: needed in every mode, Nodes and most pool providers have no namespace. */}}
 {{- define "mb.clusterRules" -}}
-# adapters/nodepools.py: nodes running in each pool (by label selector).
+# adapters/nodepools.py: nodes running in each pool (by label selector, from a watched mirror).
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- if .Values.rbac.nodePoolProviders.karpenter }}
 # adapters/nodepools.py: Karpenter pools are sized by spec.limits["nvidia.com/gpu"].
 - apiGroups: ["karpenter.sh"]
