@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -196,6 +197,16 @@ def test_a_failing_group_query_fails_every_member_once_per_tick() -> None:
         fake.close()
     assert all(e is not None and "HTTP Status Code 500" in e for e in errors)
     assert len(fake.queries) == asked
+
+
+def test_newcomers_gather_into_one_query(prometheus: FakePrometheus) -> None:
+    source = PrometheusMetrics(reuse_seconds=15, gather_seconds=0.5)
+    m = member_metrics(prometheus.url)
+    with ThreadPoolExecutor(3) as pool:
+        rates = list(pool.map(lambda ns: source.sample(m, ns, "llm", PrometheusCredentials()).request_rate, "abc"))
+    assert rates == [1.0, 2.0, 3.0]
+    assert len(prometheus.queries) == len(queries_for(m, "a", "llm"))
+    assert all('namespace=~"a|b|c"' in q for q in prometheus.queries)
 
 
 def test_a_member_the_group_does_not_know_yet_asks_at_once(prometheus: FakePrometheus) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import kmock
@@ -17,6 +18,7 @@ from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
 from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published
+from modelbudget.adapters.watchcache import WatchCache
 from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
 
 
@@ -50,12 +52,18 @@ def pool(kind: str, **extra: Any) -> NodePool:
 
 @against_kmock
 async def test_scaler_reads_scale_and_ready_and_patches_scale(kmock: kmock.RawHandler) -> None:
-    kmock[f"get {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 3}, "status": {"replicas": 3}}
-    kmock[f"get {DEPLOY}/status"] << {**DEPLOYMENT, "status": {"readyReplicas": 2}}
+    deployment = {"metadata": {"name": "demo-llm"}, "spec": {"replicas": 3}, "status": {"readyReplicas": 2}}
+    kmock["get /apis/apps/v1/namespaces/demo/deployments"] << {
+        "metadata": {"resourceVersion": "7"},
+        "items": [deployment],
+    }
     kmock[f"patch {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 5}}
     scaler = DeploymentScaler(kube(kmock.url))
+    # From the watched mirror of the namespace's Deployments (tests/e2e/test_watch_caches.py: the watch).
     state = await asyncio.to_thread(scaler.get, "demo", "demo-llm")
     assert (state.replicas, state.ready_replicas) == (3, 2)
+    with pytest.raises(NotFound, match="Deployment demo/other"):
+        await asyncio.to_thread(scaler.get, "demo", "other")
     await asyncio.to_thread(scaler.set_replicas, "demo", "demo-llm", 5)
     assert kmock[f"patch {DEPLOY}/scale"][0].data == {"spec": {"replicas": 5}}
 
@@ -273,6 +281,11 @@ def test_an_unreachable_apiserver_is_unavailable_not_a_client_exception() -> Non
         port = s.getsockname()[1]
     config = client.Configuration(host=f"http://127.0.0.1:{port}")
     config.retries = False
-    scaler = DeploymentScaler(KubeClients.over(client.ApiClient(config)))
-    with pytest.raises(Unavailable, match="Deployment demo/demo-llm: apiserver unreachable"):
-        scaler.get("demo", "demo-llm")
+    kube = KubeClients.over(client.ApiClient(config))
+    with pytest.raises(Unavailable, match="scaling Deployment demo/demo-llm: apiserver unreachable"):
+        DeploymentScaler(kube).set_replicas("demo", "demo-llm", 2)
+    # A mirror that cannot list says so when read, after a bounded wait.
+    mirror = WatchCache("Deployments in demo", partial(kube.apps.list_namespaced_deployment, "demo"), sync_wait=0.2)
+    with pytest.raises(Unavailable, match="Deployments in demo: not listed yet"):
+        mirror.items()
+    mirror.stop()

@@ -66,18 +66,15 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# adapters/scaler.py: read and set the serving Deployment's replicas.
+# adapters/scaler.py: set the serving Deployment's replicas.
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch"]
-# adapters/scaler.py: ready replicas (not in /scale).
-- apiGroups: ["apps"]
-  resources: ["deployments/status"]
-  verbs: ["get"]
+  verbs: ["patch"]
+# adapters/scaler.py: replicas and ready replicas, from a watched mirror (adapters/watchcache.py);
 # adapters/tokenlimit.py: the pod-template annotation (tokenLimits.publish.podTemplateAnnotation).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["patch"]
+  verbs: ["list", "watch", "patch"]
 # adapters/tokenlimit.py: the token-limit ConfigMap.
 - apiGroups: [""]
   resources: ["configmaps"]

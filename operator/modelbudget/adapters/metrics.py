@@ -64,6 +64,7 @@ def render_query(template: str, metrics: Metrics, namespace: str, target: str) -
 # the connections kept open to each Prometheus.
 MAX_PARALLEL_QUERIES = 16
 MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
+FORGET_AFTER_TICKS = 10  # a group member unheard of for this many reuse periods leaves it
 MAX_URL_QUERY = 4096  # characters of PromQL sent in a GET's URL; longer ones are POSTed
 QUERIES = prometheus_client.Counter(
     "modelbudget_prometheus_queries_total", "PromQL queries sent, grouped ones counted once"
@@ -350,11 +351,12 @@ class PrometheusHttp:
 
 @dataclass
 class _Flight:
-    """One group query: asked for these members, at this time."""
+    """One group query for these members, started at this time (members join until it is asked)."""
 
     answer: Future[Any]
-    members: frozenset[tuple[str, ...]]
+    members: set[tuple[str, ...]]
     asked_at: float
+    asked: bool = False
 
 
 @dataclass
@@ -369,12 +371,17 @@ class PrometheusMetrics:
     Queries of ModelBudgets on the same endpoint with the same shape (``grouping``) are asked as
     one group query, shared while it is in flight and reused for ``reuse_seconds`` after it was
     asked (the reconcile interval: then each group is asked once per tick, however many members
-    it has). A member the last group query did not include asks a new one for everyone. All
-    queries run on a bounded pool; each is answered or failed within ``timeoutSeconds``.
+    it has). A member the last group query did not include asks a new one for everyone, after
+    ``gather_seconds`` in which other newcomers join it (after a start, one query per template
+    for many members, not one each). All queries run on a bounded pool; each is answered or
+    failed within ``timeoutSeconds``.
     """
 
-    def __init__(self, reuse_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, reuse_seconds: float = 0.0, gather_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._reuse = reuse_seconds
+        self._gather = gather_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._http: dict[Endpoint, PrometheusHttp] = {}
@@ -394,23 +401,34 @@ class PrometheusMetrics:
         with self._lock:
             group = self._groups.setdefault((endpoint, shape), _Group())
             group.members[member] = now
-            # Members not heard of for a few reuse periods (deleted, moved) leave the group query.
-            gone = [m for m, seen in group.members.items() if now - seen > 3 * self._reuse and m != member]
+            # Members not heard of for many reuse periods (deleted, moved) leave the group query;
+            # "many": a saturated operator reconciles each one less often than every interval.
+            gone = [m for m, seen in group.members.items() if now - seen > FORGET_AFTER_TICKS * self._reuse]
             for m in gone:
                 del group.members[m]
             flight = group.flight
-            if (
-                flight is not None
-                and member in flight.members
-                and (not flight.answer.done() or now - flight.asked_at <= self._reuse)
-            ):
+            if flight is not None and member in flight.members:
+                if not flight.asked or not flight.answer.done() or now - flight.asked_at <= self._reuse:
+                    return flight.answer
+            elif flight is not None and not flight.asked:
+                flight.members.add(member)  # still gathering: one query for every newcomer
                 return flight.answer
-            members = frozenset(group.members)
-            group.flight = flight = _Flight(Future(), members, now)
-        # Asked outside the lock; the flight's future is completed with the group's answer.
-        asked = self._submit(endpoint, shape.query(sorted(members)))
-        asked.add_done_callback(lambda done: _pass_on(done, flight.answer))
+            group.flight = flight = _Flight(Future(), set(group.members), now)
+        if self._gather > 0:
+            timer = threading.Timer(self._gather, self._fly, (endpoint, shape, flight))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._fly(endpoint, shape, flight)
         return flight.answer
+
+    def _fly(self, endpoint: Endpoint, shape: GroupShape, flight: _Flight) -> None:
+        """Ask a gathered flight's query; its future gets the group's answer."""
+        with self._lock:
+            flight.asked = True
+            members = sorted(flight.members)
+        asked = self._submit(endpoint, shape.query(members))
+        asked.add_done_callback(lambda done: _pass_on(done, flight.answer))
 
     def _ask(self, endpoint: Endpoint, query: str) -> Callable[[float], Answer]:
         """Start one query now; the returned function waits for its answer until the deadline."""

@@ -34,9 +34,10 @@ ListCall = Callable[..., Any]  # a kubernetes client list_* method, its argument
 class WatchCache:
     """The objects ``list_call`` lists, kept current by watching them."""
 
-    def __init__(self, what: str, list_call: ListCall) -> None:
+    def __init__(self, what: str, list_call: ListCall, sync_wait: float = SYNC_WAIT_SECONDS) -> None:
         self.what = what  # names the resource in errors, e.g. "Nodes", "HPAs in team-a"
         self._list = list_call
+        self._sync_wait = sync_wait
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._synced = threading.Event()
@@ -46,7 +47,7 @@ class WatchCache:
 
     def items(self) -> list[dict[str, Any]]:
         """Every object as last seen; raises ``Unavailable`` when the first LIST has not landed."""
-        if not self._synced.wait(SYNC_WAIT_SECONDS):
+        if not self._synced.wait(self._sync_wait):
             raise Unavailable(f"{self.what}: not listed yet (apiserver unreachable?)")
         with self._lock:
             return list(self._objects.values())

@@ -10,6 +10,7 @@ from modelbudget.cli import CliError
 
 DEV_METRICS_ADDR = "127.0.0.1:19300"
 DEV_LIVENESS = "http://127.0.0.1:19301/healthz"
+GATHER_SECONDS = 0.25  # what a newcomer's first metrics wait for company; a fraction of a tick
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     kube = KubeClients.connect(args.kubeconfig)
     adapters = Adapters(
-        # A group query answers every ModelBudget for one interval: one query per template per tick.
-        metrics=PrometheusMetrics(reuse_seconds=args.interval),
+        # A group query answers every ModelBudget for one interval: one query per template per tick;
+        # newcomers (after a start) gather for a moment into one query.
+        metrics=PrometheusMetrics(reuse_seconds=args.interval, gather_seconds=GATHER_SECONDS),
         secrets=KubeSecrets(kube),
         scaler=DeploymentScaler(kube),
         node_pools=KubeNodePools(kube),
