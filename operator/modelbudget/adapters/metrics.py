@@ -413,8 +413,10 @@ class PrometheusMetrics:
             elif flight is not None and not flight.asked:
                 flight.members.add(member)  # still gathering: one query for every newcomer
                 return flight.answer
+            # Only a newcomer waits for company; a member set that is just due again asks at once.
+            newcomer = flight is None or member not in flight.members
             group.flight = flight = _Flight(Future(), set(group.members), now)
-        if self._gather > 0:
+        if newcomer and self._gather > 0:
             timer = threading.Timer(self._gather, self._fly, (endpoint, shape, flight))
             timer.daemon = True
             timer.start()
