@@ -89,9 +89,11 @@ def test_select_keeps_only_the_members_series() -> None:
     answer = [
         {"metric": {"namespace": "a"}, "value": [TS, "1"]},
         {"metric": {"namespace": "b"}, "value": [TS, "2"]},
-        {"value": [TS, "3"]},
+        {"metric": {"namespace": "c", "pod": "x"}, "value": [TS, "3"]},
     ]
     assert shape.select(answer, member) == answer[:1]
+    garbage = [{"metric": {}, "value": [TS, "1e15"]}, {"value": [TS, "3"]}, {"metric": {"namespace": "b"}}, "x"]
+    assert shape.select(garbage, member) == garbage  # for the parser to reject, not "no series"
     assert shape.select("garbage", member) == "garbage"  # for the parser to reject
 
 

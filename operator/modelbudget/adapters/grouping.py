@@ -67,12 +67,18 @@ class GroupShape:
         return grouped if self.form == "sum_by_le" else f"histogram_quantile({self.quantile}, {grouped})"
 
     def select(self, result: Any, member: tuple[str, ...]) -> Any:
-        """The member's part of the group's answer (anything not a list is passed on, for the
-        parser to reject as it would the member's own answer)."""
+        """The member's part of the group's answer. What cannot be attributed to one member (not
+        a list; a series without a value or without the group's labels, which a real Prometheus
+        never sends for the group query) goes to every member, as it would have answered each
+        member's own query: the parser judges it, and garbage never passes for "no series"."""
         if not isinstance(result, list):
             return result
         wanted = dict(zip(self.labels, member, strict=True))
-        return [item for item in result if _matches(_labels_of(item), wanted)]
+        return [item for item in result if self._unattributable(item) or _matches(_labels_of(item), wanted)]
+
+    def _unattributable(self, item: Any) -> bool:
+        labels = _labels_of(item)
+        return labels is None or "value" not in item or any(label not in labels for label in self.labels)
 
 
 def _labels_of(item: Any) -> Mapping[str, Any] | None:

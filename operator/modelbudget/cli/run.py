@@ -100,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
 
     kube = KubeClients.connect(args.kubeconfig)
     adapters = Adapters(
-        # A group query answers every ModelBudget for one interval: one query per template per tick;
-        # newcomers (after a start) gather for a moment into one query.
-        metrics=PrometheusMetrics(reuse_seconds=args.interval, gather_seconds=GATHER_SECONDS),
+        # A group query answers every ModelBudget for half an interval: two queries per template
+        # per tick, whatever the number of ModelBudgets, and no answer older than half a tick (a
+        # lone ModelBudget, ticking every interval, is asked afresh each time); newcomers (after a
+        # start) gather for a moment into one query.
+        metrics=PrometheusMetrics(reuse_seconds=args.interval / 2, gather_seconds=GATHER_SECONDS),
         secrets=KubeSecrets(kube),
         scaler=DeploymentScaler(kube),
         node_pools=KubeNodePools(kube),
