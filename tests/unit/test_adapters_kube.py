@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import kmock
@@ -17,6 +18,7 @@ from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
 from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published
+from modelbudget.adapters.watchcache import WatchCache
 from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
 
 
@@ -50,12 +52,18 @@ def pool(kind: str, **extra: Any) -> NodePool:
 
 @against_kmock
 async def test_scaler_reads_scale_and_ready_and_patches_scale(kmock: kmock.RawHandler) -> None:
-    kmock[f"get {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 3}, "status": {"replicas": 3}}
-    kmock[f"get {DEPLOY}/status"] << {**DEPLOYMENT, "status": {"readyReplicas": 2}}
+    deployment = {"metadata": {"name": "demo-llm"}, "spec": {"replicas": 3}, "status": {"readyReplicas": 2}}
+    kmock["get /apis/apps/v1/namespaces/demo/deployments"] << {
+        "metadata": {"resourceVersion": "7"},
+        "items": [deployment],
+    }
     kmock[f"patch {DEPLOY}/scale"] << {"kind": "Scale", "spec": {"replicas": 5}}
     scaler = DeploymentScaler(kube(kmock.url))
+    # From the watched mirror of the namespace's Deployments (tests/e2e/test_watch_caches.py: the watch).
     state = await asyncio.to_thread(scaler.get, "demo", "demo-llm")
     assert (state.replicas, state.ready_replicas) == (3, 2)
+    with pytest.raises(NotFound, match="Deployment demo/other"):
+        await asyncio.to_thread(scaler.get, "demo", "other")
     await asyncio.to_thread(scaler.set_replicas, "demo", "demo-llm", 5)
     assert kmock[f"patch {DEPLOY}/scale"][0].data == {"spec": {"replicas": 5}}
 
@@ -136,8 +144,9 @@ INSTALLED = ("testbed.modelbudget.dev/v1alpha1", "karpenter.sh/v1", "cluster.x-k
 
 @against_kmock
 async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmock.RawHandler) -> None:
-    nodes = [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]
-    kmock["get /api/v1/nodes"] << {"kind": "NodeList", "items": nodes}
+    pooled = {"modelbudget.dev/pool": "gpu-pool"}
+    nodes = [{"metadata": {"name": n, "labels": pooled}} for n in "ab"] + [{"metadata": {"name": "c"}}]
+    kmock["get /api/v1/nodes"] << {"kind": "NodeList", "metadata": {"resourceVersion": "7"}, "items": nodes}
     kmock["get /apis/"] << api_groups(*INSTALLED)
     kwok = "/apis/testbed.modelbudget.dev/v1alpha1/kwoknodepools/gpu-pool"
     karpenter = "/apis/karpenter.sh/v1/nodepools/gpu-pool"
@@ -148,9 +157,9 @@ async def test_node_pools_count_by_selector_and_resize_each_provider(kmock: kmoc
     kmock[f"get {karpenter}"] << {"spec": {"limits": {"nvidia.com/gpu": "8"}, "template": {}}}
     kmock[f"get {capi}"] << {"spec": {"replicas": 1, "clusterName": "c"}}
     pools = KubeNodePools(kube(kmock.url))
-    assert await asyncio.to_thread(pools.count_nodes, {"modelbudget.dev/pool": "gpu-pool"}) == 2
-    assert kmock["get /api/v1/nodes"][0].params["labelSelector"] == "modelbudget.dev/pool=gpu-pool"
-    assert await asyncio.to_thread(pools.node_names, {"modelbudget.dev/pool": "gpu-pool"}) == ["a", "b"]
+    # Counted from the watched mirror of all Nodes (tests/e2e/test_watch_caches.py: the watch itself).
+    assert await asyncio.to_thread(pools.count_nodes, pooled) == 2
+    assert await asyncio.to_thread(pools.node_names, pooled) == ["a", "b"]
     assert await asyncio.to_thread(pools.sized_to, pool("KwokNodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("NodePool"), "demo") == 2
     assert await asyncio.to_thread(pools.sized_to, pool("MachineDeployment", namespace="infra"), "demo") == 1
@@ -233,10 +242,12 @@ async def test_conflicts_find_hpas_and_scaled_objects_on_the_target(kmock: kmock
 
     kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {
         "kind": "HorizontalPodAutoscalerList",
+        "metadata": {"resourceVersion": "7"},
         "items": [hpa("mine", "demo-llm"), hpa("other", "web")],
     }
     kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << {
-        "items": [{"metadata": {"name": "keda"}, "spec": {"scaleTargetRef": {"name": "demo-llm"}}}]
+        "metadata": {"resourceVersion": "7"},
+        "items": [{"metadata": {"name": "keda"}, "spec": {"scaleTargetRef": {"name": "demo-llm"}}}],
     }
     finder = KubeConflictFinder(kube(kmock.url))
     found = await asyncio.to_thread(finder.find, "demo", "demo-llm")
@@ -245,7 +256,10 @@ async def test_conflicts_find_hpas_and_scaled_objects_on_the_target(kmock: kmock
 
 @against_kmock
 async def test_conflicts_without_keda_installed(kmock: kmock.RawHandler) -> None:
-    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {"items": []}
+    kmock["get /apis/autoscaling/v2/namespaces/demo/horizontalpodautoscalers"] << {
+        "metadata": {"resourceVersion": "7"},
+        "items": [],
+    }
     kmock["get /apis/keda.sh/v1alpha1/namespaces/demo/scaledobjects"] << 404 << {"kind": "Status", "code": 404}
     assert await asyncio.to_thread(KubeConflictFinder(kube(kmock.url)).find, "demo", "demo-llm") == []
 
@@ -268,6 +282,11 @@ def test_an_unreachable_apiserver_is_unavailable_not_a_client_exception() -> Non
         port = s.getsockname()[1]
     config = client.Configuration(host=f"http://127.0.0.1:{port}")
     config.retries = False
-    scaler = DeploymentScaler(KubeClients.over(client.ApiClient(config)))
-    with pytest.raises(Unavailable, match="Deployment demo/demo-llm: apiserver unreachable"):
-        scaler.get("demo", "demo-llm")
+    kube = KubeClients.over(client.ApiClient(config))
+    with pytest.raises(Unavailable, match="scaling Deployment demo/demo-llm: apiserver unreachable"):
+        DeploymentScaler(kube).set_replicas("demo", "demo-llm", 2)
+    # A mirror that cannot list says so when read, after a bounded wait.
+    mirror = WatchCache("Deployments in demo", partial(kube.apps.list_namespaced_deployment, "demo"), sync_wait=0.2)
+    with pytest.raises(Unavailable, match="Deployments in demo: not listed yet"):
+        mirror.items()
+    mirror.stop()

@@ -169,6 +169,18 @@ def test_a_failing_rate_query_is_an_error_and_a_failing_secondary_one_is_unknown
         Canned({"prompt_tokens": QueryFailed("x"), "request_success_total": vec("1")}), metrics(), "demo", "demo-llm"
     )
     assert s.error is None and s.prompt_tokens_per_request is None
+    assert s.unread == ("promptTokensRate: x",)  # reported, not silently unknown
+
+
+def test_only_failed_secondary_queries_are_unread_not_empty_ones() -> None:
+    s = sample_with(
+        Canned({"modelbudget_gate_arrivals_total": QueryFailed("bad_data"), "request_success_total": vec("1")}),
+        metrics(),
+        "demo",
+        "demo-llm",
+    )
+    assert s.demand_source is DemandSource.SERVER and s.unread == ("gateArrivalRate: bad_data",)
+    assert sample_with(Canned({"request_success_total": vec("1")}), metrics(), "demo", "demo-llm").unread == ()
 
 
 def test_zero_demand_has_no_per_request_figures() -> None:
@@ -182,7 +194,11 @@ def test_urls_lose_their_credentials_in_messages() -> None:
     assert redact_url("https://user:pw@prom.example:9090/x?token=1") == "https://prom.example:9090/x"
 
 
-OK = {"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [TS, "2.5"]}]}}
+# A grouped query's answer carries the grouping labels: the series of namespace "demo".
+OK = {
+    "status": "success",
+    "data": {"resultType": "vector", "result": [{"metric": {"namespace": "demo"}, "value": [TS, "2.5"]}]},
+}
 
 
 @pytest.mark.asyncio
@@ -192,9 +208,10 @@ async def test_prometheus_client_sends_auth_and_parses(kmock: kmock.RawHandler) 
     creds = PrometheusCredentials(bearer_token="t0ken")
     s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", creds)
     assert s.error is None and s.request_rate == 2.5
-    first = kmock["get /api/v1/query"][0]
-    assert first.headers["Authorization"] == "Bearer t0ken"
-    assert 'namespace="demo"' in first.params["query"]
+    sent = kmock["get /api/v1/query"]
+    assert all(r.headers["Authorization"] == "Bearer t0ken" for r in sent)
+    queries = [r.params["query"] for r in sent]
+    assert 'sum by (namespace) (rate(vllm:request_success_total{namespace="demo"}[2m]))' in queries
 
 
 @pytest.mark.asyncio

@@ -9,6 +9,7 @@ and a hung Prometheus that must not starve the neighbours' apiserver calls or th
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from unittest import mock
 
 import pytest
 import requests
+import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
@@ -242,7 +244,8 @@ def canned(status: int, body: bytes) -> Any:
 
     def send(adapter: Any, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         response = requests.Response()
-        response.status_code, response._content, response.request = status, body, request
+        response.status_code, response.request = status, request
+        response.raw = urllib3.HTTPResponse(body=io.BytesIO(body), status=status, preload_content=False)
         response.url = request.url or ""
         return response
 
@@ -261,7 +264,7 @@ bodies = (
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(status=hs.sampled_from([200, 200, 200, 204, 400, 401, 422, 500, 503]), body=bodies)
 def test_any_http_answer_from_prometheus_becomes_a_sample(status: int, body: bytes) -> None:
-    # At the transport: PrometheusConnect mounts its own adapters on the session it is given.
+    # At the transport, under the adapter's own session.
     with mock.patch.object(requests.adapters.HTTPAdapter, "send", canned(status, body)):
         s = PrometheusMetrics().sample(METRICS, "demo", "demo-llm", PrometheusCredentials(bearer_token="t0ken"))
     if status != 200:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,18 @@ def test_metrics_outage_holds_then_falls_back_then_recovers(cluster: FakeCluster
     out = h.tick(T0 + timedelta(seconds=105))
     assert h.condition("MetricsAvailable")["status"] == "True"
     assert "MetricsRecovered" in [e.reason for e in out.events]
+
+
+def test_a_failed_secondary_query_is_reported_while_the_rate_is_used(cluster: FakeCluster) -> None:
+    h = Harness(cluster, demo_spec())
+    cluster.metrics.next = dataclasses.replace(demand(T0, rps=20), unread=("latencyP95: prom unreachable",))
+    out = h.tick(T0)
+    metrics = h.condition("MetricsAvailable")
+    assert metrics["status"] == "True" and "not read: latencyP95: prom unreachable" in metrics["message"]
+    assert "MetricsPartial" in out.problems
+    cluster.metrics.next = demand(T0 + timedelta(seconds=15), rps=20)
+    out = h.tick(T0 + timedelta(seconds=15))
+    assert "not read" not in h.condition("MetricsAvailable")["message"] and "MetricsPartial" not in out.problems
 
 
 def test_nan_and_absurd_metrics_never_scale_up(cluster: FakeCluster) -> None:

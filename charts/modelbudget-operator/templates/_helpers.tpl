@@ -66,18 +66,15 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# adapters/scaler.py: read and set the serving Deployment's replicas.
+# adapters/scaler.py: set the serving Deployment's replicas.
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
-  verbs: ["get", "patch"]
-# adapters/scaler.py: ready replicas (not in /scale).
-- apiGroups: ["apps"]
-  resources: ["deployments/status"]
-  verbs: ["get"]
+  verbs: ["patch"]
+# adapters/scaler.py: replicas and ready replicas, from a watched mirror (adapters/watchcache.py);
 # adapters/tokenlimit.py: the pod-template annotation (tokenLimits.publish.podTemplateAnnotation).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["patch"]
+  verbs: ["list", "watch", "patch"]
 # adapters/tokenlimit.py: the token-limit ConfigMap.
 - apiGroups: [""]
   resources: ["configmaps"]
@@ -86,13 +83,14 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# adapters/conflicts.py: another autoscaler on the same Deployment makes the operator stand back.
+# adapters/conflicts.py: another autoscaler on the same Deployment makes the operator stand back
+# (read from a watched mirror: adapters/watchcache.py).
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- if .Values.rbac.nodePoolProviders.clusterAPI }}
 # adapters/nodepools.py: Cluster API pools are sized by spec.replicas.
 - apiGroups: ["cluster.x-k8s.io"]
@@ -103,10 +101,10 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 
 {{/* Cluster-scoped permissions: needed in every mode, Nodes and most pool providers have no namespace. */}}
 {{- define "mb.clusterRules" -}}
-# adapters/nodepools.py: nodes running in each pool (by label selector).
+# adapters/nodepools.py: nodes running in each pool (by label selector, from a watched mirror).
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 # controller/handlers.py + adapters/gpupools.py: the pool reconciler (one writer per shared pool).
 - apiGroups: ["modelbudget.dev"]
   resources: ["gpupools"]

@@ -5,10 +5,12 @@ Two controllers writing one replica count fight; the operator refuses to act ins
 
 from __future__ import annotations
 
+import threading
+from functools import partial
 from typing import Any, Protocol
 
-from modelbudget.adapters.errors import NotFound
-from modelbudget.adapters.kube import KubeClients, kube_errors
+from modelbudget.adapters.kube import KubeClients
+from modelbudget.adapters.watchcache import WatchCache
 
 KEDA = ("keda.sh", "v1alpha1", "scaledobjects")
 
@@ -27,25 +29,37 @@ def _targets(ref: dict[str, Any] | None, deployment: str) -> bool:
 
 
 class KubeConflictFinder:
+    """From watched mirrors of each namespace's HPAs and ScaledObjects, started on the namespace's
+    first look: no request per reconcile."""
+
     def __init__(self, kube: KubeClients) -> None:
         self._autoscaling = kube.autoscaling
         self._custom = kube.custom
+        self._lock = threading.Lock()
+        self._caches: dict[str, tuple[WatchCache, WatchCache]] = {}
+
+    def _watched(self, namespace: str) -> tuple[WatchCache, WatchCache]:
+        with self._lock:
+            caches = self._caches.get(namespace)
+            if caches is None:
+                hpas = partial(self._autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace)
+                scaled = partial(self._custom.list_namespaced_custom_object, *KEDA[:2], namespace, KEDA[2])
+                caches = self._caches[namespace] = (
+                    WatchCache(f"HorizontalPodAutoscalers in {namespace}", hpas),
+                    WatchCache(f"ScaledObjects in {namespace}", scaled),  # empty while KEDA is not installed
+                )
+            return caches
 
     def find(self, namespace: str, deployment: str) -> list[str]:
-        found = []
-        with kube_errors(f"listing HorizontalPodAutoscalers in {namespace}"):
-            hpas = self._autoscaling.list_namespaced_horizontal_pod_autoscaler(namespace).items
-        for hpa in hpas:
-            ref = hpa.spec.scale_target_ref
-            if ref.kind == "Deployment" and ref.name == deployment and hpa.metadata is not None:
-                found.append(f"HorizontalPodAutoscaler/{hpa.metadata.name}")
-        scaled: Any
-        try:
-            with kube_errors(f"listing ScaledObjects in {namespace}"):
-                scaled = self._custom.list_namespaced_custom_object(*KEDA[:2], namespace, KEDA[2])
-        except NotFound:  # KEDA not installed: nothing to conflict with
-            scaled = {"items": []}
-        for obj in scaled.get("items", []):
-            if _targets(obj.get("spec", {}).get("scaleTargetRef"), deployment):
+        hpas, scaled = self._watched(namespace)
+        found = [
+            f"HorizontalPodAutoscaler/{hpa['metadata']['name']}"
+            for hpa in hpas.items()
+            if (ref := (hpa.get("spec") or {}).get("scaleTargetRef"))
+            and ref.get("kind") == "Deployment"
+            and ref.get("name") == deployment
+        ]
+        for obj in scaled.items():
+            if _targets((obj.get("spec") or {}).get("scaleTargetRef"), deployment):
                 found.append(f"ScaledObject/{obj['metadata']['name']}")
         return sorted(found)

@@ -8,22 +8,27 @@ never raises on a bad answer and never scales anything.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from string import Template
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import prometheus_client
 import requests
 import urllib3
-from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from modelbudget.api.spec import Metrics
+from modelbudget.adapters.grouping import GroupShape, split
+from modelbudget.api.spec import Metrics, Queries
 from modelbudget.api.status import DemandSource
 from modelbudget.core.generation import GenerationProfile
 from modelbudget.core.observation import DemandSample, GateReport
@@ -59,6 +64,11 @@ def render_query(template: str, metrics: Metrics, namespace: str, target: str) -
 # the connections kept open to each Prometheus.
 MAX_PARALLEL_QUERIES = 16
 MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
+FORGET_AFTER_TICKS = 10  # a group member unheard of for this many reuse periods leaves it
+MAX_URL_QUERY = 4096  # characters of PromQL sent in a GET's URL; longer ones are POSTed
+QUERIES = prometheus_client.Counter(
+    "modelbudget_prometheus_queries_total", "PromQL queries sent, grouped ones counted once"
+)
 
 
 def _number(raw: Any) -> float | None:
@@ -148,69 +158,102 @@ def parse_per_series(result: Any) -> tuple[float, ...]:
     return tuple(v for _, v in (_sample_pair(item) for item in result) if v is not None)
 
 
-def _gates(run: QueryRunner, query: str) -> GateReport:
+def _gates(result: Any) -> GateReport:
     try:
-        return GateReport(applied_limits=parse_per_series(run(query)))
+        return GateReport(applied_limits=parse_per_series(result))
     except QueryFailed as exc:
         return GateReport(error=str(exc))
 
 
+# A query's answer: the raw ``data.result``, or why there is none.
+Answer = Any | QueryFailed
+# The spec's queries a secondary figure comes from (every query but the request rate and the gates'
+# limits, which are reported on their own: MetricsUnreachable and TokenLimitEnforced).
+SECONDARY = (
+    "gate_arrival_rate",
+    "truncated_request_rate",
+    "prompt_tokens_rate",
+    "generation_tokens_rate",
+    "requests_waiting",
+    "latency_p95",
+    "time_to_first_token_p95",
+    "time_per_output_token_p95",
+    "generation_tokens_histogram",
+)
+
+
+def queries_for(metrics: Metrics, namespace: str, target: str) -> dict[str, str]:
+    """Every query of the spec, rendered for one ModelBudget, by the ``Queries`` field it comes from."""
+    return {
+        name: render_query(template, metrics, namespace, target)
+        for name, template in metrics.queries.model_dump().items()
+    }
+
+
+def _ask(run: QueryRunner, query: str) -> Answer:
+    try:
+        return run(query)
+    except QueryFailed as exc:
+        return exc
+
+
 def sample_with(run: QueryRunner, metrics: Metrics, namespace: str, target: str) -> DemandSample:
-    """Run the spec's queries through ``run`` and turn the answers into a ``DemandSample``.
+    """The spec's queries asked one after another through ``run``, as a ``DemandSample``."""
+    return sample_from({name: _ask(run, q) for name, q in queries_for(metrics, namespace, target).items()})
+
+
+def _scalar(answer: Answer) -> tuple[float | None, float | None]:
+    if isinstance(answer, QueryFailed):
+        raise answer
+    return parse_scalar(answer)
+
+
+def sample_from(answers: Mapping[str, Answer]) -> DemandSample:
+    """The answers to ``queries_for``'s queries as a ``DemandSample``.
 
     Demand is the gates' arrival rate where gate series exist (every request, served or not), else
     the server's completion rate. Per-request figures always divide server totals by the server's
-    completion rate, so the two sources are never mixed in one ratio.
+    completion rate, so the two sources are never mixed in one ratio. A secondary query that fails
+    leaves its figure unknown and says so in ``unread``; one that finds no series is just unknown.
     """
-    q = metrics.queries
-
-    def scalar(template: str) -> tuple[float | None, float | None]:
-        return parse_scalar(run(render_query(template, metrics, namespace, target)))
-
     try:
-        rate, at_ts = scalar(q.request_rate)
+        rate, at_ts = _scalar(answers["request_rate"])
     except QueryFailed as exc:
         return DemandSample(error=f"request rate: {exc}")
     if at_ts is None:
         return DemandSample()  # no series at all: the core calls this MetricsMissing
+    unread: list[str] = []
+    figures: dict[str, float | None] = {}
+    for name in SECONDARY[:-1]:
+        try:
+            figures[name], _ = _scalar(answers[name])
+        except QueryFailed as exc:
+            figures[name] = None
+            unread.append(f"{Queries.model_fields[name].alias}: {exc}")
+    histogram = answers["generation_tokens_histogram"]
     try:
-        arrivals, _ = scalar(q.gate_arrival_rate)
-    except QueryFailed:
-        arrivals = None  # no gate answer: the server's rate is the demand
-    sample = DemandSample(
+        if isinstance(histogram, QueryFailed):
+            raise histogram
+        buckets = parse_buckets(histogram)
+    except QueryFailed as exc:
+        buckets = []
+        unread.append(f"{Queries.model_fields['generation_tokens_histogram'].alias}: {exc}")
+    limits = answers["gate_token_limits"]
+    arrivals = figures["gate_arrival_rate"]
+    truncated = _per_request(figures["truncated_request_rate"], rate) or 0.0
+    return DemandSample(
         at=datetime.fromtimestamp(at_ts, UTC),
         request_rate=rate if arrivals is None else arrivals,
         demand_source=DemandSource.SERVER if arrivals is None else DemandSource.GATE,
-        gates=_gates(run, render_query(q.gate_token_limits, metrics, namespace, target)),
-    )
-    optional: dict[str, float | None] = {}
-    for name, template in (
-        ("truncated", q.truncated_request_rate),
-        ("prompt", q.prompt_tokens_rate),
-        ("generated", q.generation_tokens_rate),
-        ("waiting", q.requests_waiting),
-        ("latency", q.latency_p95),
-        ("ttft", q.time_to_first_token_p95),
-        ("tpot", q.time_per_output_token_p95),
-    ):
-        try:
-            optional[name], _ = scalar(template)
-        except QueryFailed:
-            optional[name] = None  # a secondary figure missing is survivable; the rate is not
-    try:
-        buckets = parse_buckets(run(render_query(q.generation_tokens_histogram, metrics, namespace, target)))
-    except QueryFailed:
-        buckets = []
-    truncated = _per_request(optional["truncated"], rate) or 0.0
-    return replace(
-        sample,
-        prompt_tokens_per_request=_per_request(optional["prompt"], rate),
-        generated_tokens_per_request=_per_request(optional["generated"], rate),
+        gates=GateReport(error=str(limits)) if isinstance(limits, QueryFailed) else _gates(limits),
+        prompt_tokens_per_request=_per_request(figures["prompt_tokens_rate"], rate),
+        generated_tokens_per_request=_per_request(figures["generation_tokens_rate"], rate),
         generation=_profile(buckets, truncated),
-        requests_waiting=optional["waiting"],
-        latency_p95_seconds=optional["latency"],
-        time_to_first_token_p95_seconds=optional["ttft"],
-        time_per_output_token_p95_seconds=optional["tpot"],
+        requests_waiting=figures["requests_waiting"],
+        latency_p95_seconds=figures["latency_p95"],
+        time_to_first_token_p95_seconds=figures["time_to_first_token_p95"],
+        time_per_output_token_p95_seconds=figures["time_per_output_token_p95"],
+        unread=tuple(unread),
     )
 
 
@@ -223,54 +266,220 @@ def _why(exc: requests.RequestException, timeout: float) -> str:
     return type(reason or exc).__name__
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where queries go and as whom: ModelBudgets with the same endpoint share a connection pool
+    and their queries' groups."""
+
+    url: str
+    credentials: PrometheusCredentials
+    insecure_skip_verify: bool
+    timeout: float
+
+    @classmethod
+    def of(cls, metrics: Metrics, credentials: PrometheusCredentials) -> Endpoint:
+        url = metrics.prometheus_url.rstrip("/")
+        return cls(url, credentials, metrics.insecure_skip_verify, metrics.timeout_seconds)
+
+    def no_answer(self) -> QueryFailed:
+        return QueryFailed(f"{redact_url(self.url)} unreachable: no answer within {self.timeout:g}s")
+
+
+class PrometheusHttp:
+    """Instant queries over one endpoint's HTTP API, each bounded by a whole-query deadline."""
+
+    READ_SIZE = 65_536
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._where = redact_url(endpoint.url)
+        session = requests.Session()
+        session.verify = False if endpoint.insecure_skip_verify else (endpoint.credentials.ca_bundle_path or True)
+        session.auth = endpoint.credentials.basic_auth
+        if endpoint.credentials.bearer_token:
+            session.headers["Authorization"] = f"Bearer {endpoint.credentials.bearer_token}"
+        # No retries: the next reconcile is the retry, and a stuck query must not hold it up. As
+        # many pooled connections as queries in flight, or each extra one is a new TCP (and TLS)
+        # connection, dropped after one query.
+        no_retry = Retry(total=0)
+        session.mount(endpoint.url, HTTPAdapter(max_retries=no_retry, pool_maxsize=MAX_PARALLEL_QUERIES))
+        self._session = session
+
+    def query(self, query: str) -> Any:
+        """The ``data.result`` of one instant query; raises ``QueryFailed`` (never past the deadline
+        by more than one read: each read returns what has arrived, and the clock is checked)."""
+        timeout = self.endpoint.timeout
+        deadline = time.monotonic() + timeout
+        try:
+            # A group query over many members can be long: past what proxies take in a URL, it
+            # goes as a form (Prometheus takes both).
+            form = {"query": query}
+            short = len(query) <= MAX_URL_QUERY
+            with self._session.request(
+                "GET" if short else "POST",
+                f"{self.endpoint.url}/api/v1/query",
+                params=form if short else None,
+                data=None if short else form,
+                timeout=timeout,
+                stream=True,
+            ) as response:
+                status = response.status_code
+                try:
+                    body = self._body(response, deadline)
+                except urllib3.exceptions.TimeoutError as exc:
+                    raise self.endpoint.no_answer() from exc
+                except urllib3.exceptions.HTTPError as exc:  # a broken body
+                    if status == 200:
+                        raise QueryFailed(f"{self._where} sent a broken answer: {type(exc).__name__}") from exc
+                    body = b""  # the status says what went wrong
+        except requests.RequestException as exc:
+            raise QueryFailed(f"{self._where} unreachable: {_why(exc, timeout)}") from exc
+        if status != 200:
+            raise QueryFailed(f"{self._where} answered {f'HTTP Status Code {status} ({body!r})'[:200]}")
+        try:
+            return json.loads(body)["data"]["result"]
+        except ValueError as exc:
+            raise QueryFailed(f"{self._where} sent a malformed answer: not JSON") from exc
+        except (KeyError, TypeError) as exc:  # JSON without data.result
+            raise QueryFailed(f"{self._where} sent a malformed answer: {type(exc).__name__}") from exc
+
+    def _body(self, response: requests.Response, deadline: float) -> bytes:
+        """The whole body, read as it arrives; past the deadline it is not waited for any more."""
+        body = bytearray()
+        while chunk := response.raw.read1(self.READ_SIZE, decode_content=True):
+            body += chunk
+            if time.monotonic() > deadline:
+                raise self.endpoint.no_answer()  # a Prometheus that trickles bytes
+        return bytes(body)
+
+
+@dataclass
+class _Flight:
+    """One group query for these members, started at this time (members join until it is asked)."""
+
+    answer: Future[Any]
+    members: set[tuple[str, ...]]
+    asked_at: float
+    asked: bool = False
+
+
+@dataclass
+class _Group:
+    members: dict[tuple[str, ...], float] = field(default_factory=dict)  # member -> last asked for
+    flight: _Flight | None = None
+
+
 class PrometheusMetrics:
-    """``MetricsSource`` over the Prometheus HTTP API (prometheus-api-client), one client per URL+auth."""
+    """``MetricsSource`` over the Prometheus HTTP API.
 
-    def __init__(self) -> None:
-        self._clients: dict[tuple[str, PrometheusCredentials, bool, float], PrometheusConnect] = {}
+    Queries of ModelBudgets on the same endpoint with the same shape (``grouping``) are asked as
+    one group query, shared while it is in flight and reused for ``reuse_seconds`` after it was
+    asked (the reconcile interval: then each group is asked once per tick, however many members
+    it has). A member the last group query did not include asks a new one for everyone, after
+    ``gather_seconds`` in which other newcomers join it (after a start, one query per template
+    for many members, not one each). All queries run on a bounded pool; each is answered or
+    failed within ``timeoutSeconds``.
+    """
 
-    def _client(self, metrics: Metrics, credentials: PrometheusCredentials) -> PrometheusConnect:
-        key = (metrics.prometheus_url, credentials, metrics.insecure_skip_verify, metrics.timeout_seconds)
-        client = self._clients.get(key)
-        if client is None:
-            session = requests.Session()
-            session.verify = False if metrics.insecure_skip_verify else (credentials.ca_bundle_path or True)
-            headers = {"Authorization": f"Bearer {credentials.bearer_token}"} if credentials.bearer_token else None
-            url = metrics.prometheus_url.rstrip("/")
-            no_retry = Retry(total=0)  # the next reconcile is the retry; a stuck one must not hold it up
-            client = PrometheusConnect(
-                url=url,
-                headers=headers,
-                auth=credentials.basic_auth,
-                session=session,
-                retry=no_retry,
-                timeout=metrics.timeout_seconds,
-            )
-            # PrometheusConnect mounts an adapter with requests' default 10 pooled connections; with
-            # more concurrent queries (one Prometheus shared by many ModelBudgets) every extra one
-            # would be a new TCP (and TLS) connection, dropped after one query.
-            session.mount(url, HTTPAdapter(max_retries=no_retry, pool_maxsize=MAX_PARALLEL_QUERIES))
-            self._clients[key] = client
-        return client
+    def __init__(
+        self, reuse_seconds: float = 0.0, gather_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._reuse = reuse_seconds
+        self._gather = gather_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._http: dict[Endpoint, PrometheusHttp] = {}
+        self._groups: dict[tuple[Endpoint, GroupShape], _Group] = {}
+        self._pool = ThreadPoolExecutor(MAX_PARALLEL_QUERIES, thread_name_prefix="promql")
+
+    def _submit(self, endpoint: Endpoint, query: str) -> Future[Any]:
+        with self._lock:
+            http = self._http.get(endpoint)
+            if http is None:
+                http = self._http[endpoint] = PrometheusHttp(endpoint)
+        QUERIES.inc()
+        return self._pool.submit(http.query, query)
+
+    def _grouped(self, endpoint: Endpoint, shape: GroupShape, member: tuple[str, ...]) -> Future[Any]:
+        now = self._clock()
+        with self._lock:
+            group = self._groups.setdefault((endpoint, shape), _Group())
+            group.members[member] = now
+            # Members not heard of for many reuse periods (deleted, moved) leave the group query;
+            # "many": a saturated operator reconciles each one less often than every interval.
+            gone = [m for m, seen in group.members.items() if now - seen > FORGET_AFTER_TICKS * self._reuse]
+            for m in gone:
+                del group.members[m]
+            flight = group.flight
+            if flight is not None and member in flight.members:
+                if not flight.asked or not flight.answer.done() or now - flight.asked_at <= self._reuse:
+                    return flight.answer
+            elif flight is not None and not flight.asked:
+                flight.members.add(member)  # still gathering: one query for every newcomer
+                return flight.answer
+            # Only a newcomer waits for company; a member set that is just due again asks at once.
+            newcomer = flight is None or member not in flight.members
+            group.flight = flight = _Flight(Future(), set(group.members), now)
+        if newcomer and self._gather > 0:
+            timer = threading.Timer(self._gather, self._fly, (endpoint, shape, flight))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._fly(endpoint, shape, flight)
+        return flight.answer
+
+    def _fly(self, endpoint: Endpoint, shape: GroupShape, flight: _Flight) -> None:
+        """Ask a gathered flight's query; its future gets the group's answer."""
+        with self._lock:
+            flight.asked = True
+            members = sorted(flight.members)
+        asked = self._submit(endpoint, shape.query(members))
+        asked.add_done_callback(lambda done: _pass_on(done, flight.answer))
+
+    def _ask(self, endpoint: Endpoint, query: str) -> Callable[[float], Answer]:
+        """Start one query now; the returned function waits for its answer until the deadline."""
+        grouped = split(query)
+        if grouped is None:
+            answer = self._submit(endpoint, query)
+            select: Callable[[Any], Any] = lambda result: result  # noqa: E731
+        else:
+            shape, member = grouped
+            answer = self._grouped(endpoint, shape, member)
+            select = lambda result: shape.select(result, member)  # noqa: E731
+
+        def wait(deadline: float) -> Answer:
+            try:
+                return select(answer.result(timeout=max(deadline - time.monotonic(), 0.0)))
+            except FutureTimeout:
+                return endpoint.no_answer()
+            except QueryFailed as exc:
+                return exc
+
+        return wait
 
     def runner(self, metrics: Metrics, credentials: PrometheusCredentials) -> QueryRunner:
-        """Instant queries against ``metrics.prometheusUrl``; every failure is a ``QueryFailed``."""
-        client = self._client(metrics, credentials)
-        where = redact_url(metrics.prometheus_url)
+        """Ungrouped instant queries against ``metrics.prometheusUrl`` on the same bounded pool and
+        connections, each answered or failed within ``timeoutSeconds`` (``QueryFailed``)."""
+        endpoint = Endpoint.of(metrics, credentials)
 
         def run(query: str) -> Any:
-            try:
-                return client.custom_query(query)
-            except PrometheusApiClientException as exc:
-                raise QueryFailed(f"{where} answered {str(exc)[:200]}") from exc
-            except requests.exceptions.InvalidJSONError as exc:  # a RequestException, but it did answer
-                raise QueryFailed(f"{where} sent a malformed answer: not JSON") from exc
-            except requests.RequestException as exc:
-                raise QueryFailed(f"{where} unreachable: {_why(exc, metrics.timeout_seconds)}") from exc
-            except (ValueError, KeyError, TypeError) as exc:  # JSON without data.result
-                raise QueryFailed(f"{where} sent a malformed answer: {type(exc).__name__}") from exc
+            answer = self._ask(endpoint, query)(time.monotonic() + endpoint.timeout)
+            if isinstance(answer, QueryFailed):
+                raise answer
+            return answer
 
         return run
 
     def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
-        return sample_with(self.runner(metrics, credentials), metrics, namespace, target)
+        endpoint = Endpoint.of(metrics, credentials)
+        deadline = time.monotonic() + endpoint.timeout
+        waits = {name: self._ask(endpoint, q) for name, q in queries_for(metrics, namespace, target).items()}
+        return sample_from({name: wait(deadline) for name, wait in waits.items()})
+
+
+def _pass_on(done: Future[Any], to: Future[Any]) -> None:
+    exc = done.exception()
+    if exc is None:
+        to.set_result(done.result())
+    else:
+        to.set_exception(exc)

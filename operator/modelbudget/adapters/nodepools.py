@@ -16,11 +16,13 @@ Cluster API v1.13 stores v1beta2 and deprecates v1beta1, and the next releases d
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from modelbudget.adapters.errors import NotFound
 from modelbudget.adapters.kube import KubeClients, kube_errors
+from modelbudget.adapters.watchcache import WatchCache, labels_match
 from modelbudget.api.spec import NodePool, ProviderKind, ProviderRef
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -96,15 +98,21 @@ class KubeNodePools:
         self._custom = kube.custom
         self._apis = kube.apis
         self._versions: dict[str, str] = {}  # API group -> the version the server prefers
+        self._nodes_lock = threading.Lock()
+        self._nodes: WatchCache | None = None  # started by the first count: only the operator counts
 
     def count_nodes(self, selector: dict[str, str]) -> int:
         return len(self.node_names(selector))
 
     def node_names(self, selector: dict[str, str]) -> list[str]:
-        labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        with kube_errors(f"listing Nodes {labels}"):
-            nodes = self._core.list_node(label_selector=labels).items
-            return [n.metadata.name for n in nodes if n.metadata is not None and n.metadata.name]
+        """From a watched mirror of all Nodes: no request per reconcile."""
+        with self._nodes_lock:
+            if self._nodes is None:
+                self._nodes = WatchCache("Nodes", self._core.list_node)
+        names = (
+            (node.get("metadata") or {}).get("name") for node in self._nodes.items() if labels_match(node, selector)
+        )
+        return [name for name in names if name]
 
     @staticmethod
     def _ref(pool: NodePool) -> ProviderRef:

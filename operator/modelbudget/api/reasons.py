@@ -66,6 +66,7 @@ class Reason(StrEnum):
     CONFLICTING_AUTOSCALER = "ConflictingAutoscaler"
     ACTUATION_FAILED = "ActuationFailed"
     METRICS_FALLBACK = "MetricsFallback"
+    METRICS_PARTIAL = "MetricsPartial"  # the rate was read, a secondary query failed
 
     # --- Events for actions and recoveries ---
     METRICS_RECOVERED = "MetricsRecovered"

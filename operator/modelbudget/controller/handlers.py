@@ -27,6 +27,7 @@ from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
+from modelbudget.controller.spread import phase
 from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
@@ -149,7 +150,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             if note.type == "Warning":
                 telemetry.ERRORS.labels(note.reason.value).inc()
 
-    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, registry=registry)
+    # sharp: each tick is an interval after the previous one started, so a ModelBudget keeps the
+    # phase its first tick took (controller/spread.py) however long its reconciles take.
+    @kopf.timer(GROUP, VERSION, PLURAL, id="reconcile", interval=interval, sharp=True, registry=registry)
     async def reconcile(
         name: str,
         namespace: str | None,
@@ -161,6 +164,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         **_: Any,
     ) -> None:
         assert namespace is not None  # ModelBudget is a namespaced kind
+        if not memo.get("phased"):
+            memo.phased = True
+            await asyncio.sleep(phase(namespace, name, interval))  # spreads the ticks; blocks nothing
         rt: Runtime = memo.runtime
         if not rt.leading():
             memo.pop("carried", None)

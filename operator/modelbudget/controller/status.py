@@ -156,6 +156,8 @@ def problems(facts: Facts) -> list[Reason]:
     found: list[Reason] = [r for r, _ in troubles(facts) if r is not Reason.METRICS_FALLBACK]
     if not facts.decision.verdict.ok:
         found.append(Reason.METRICS_UNAVAILABLE)
+    elif facts.observation.demand.unread:
+        found.append(Reason.METRICS_PARTIAL)
     return found
 
 

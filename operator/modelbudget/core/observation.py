@@ -48,6 +48,7 @@ class DemandSample:
     time_to_first_token_p95_seconds: float | None = None
     time_per_output_token_p95_seconds: float | None = None
     error: str | None = None
+    unread: tuple[str, ...] = ()  # secondary queries that failed (not: found no series), and why
 
 
 @dataclass(frozen=True)
@@ -110,4 +111,7 @@ def assess(obs: Observation, spec: ModelBudgetSpec, now: datetime) -> MetricsVer
                 False, Reason.METRICS_MISSING, "no generated-token figures for a non-zero request rate"
             )
         profile = GenerationProfile.from_mean(1.0, None)
-    return MetricsVerdict(True, Reason.METRICS_OK, f"{rate:.3g} req/s observed", profile)
+    observed = f"{rate:.3g} req/s observed"
+    if seen.unread:
+        observed += f"; not read: {'; '.join(seen.unread)}"[:800]
+    return MetricsVerdict(True, Reason.METRICS_OK, observed, profile)

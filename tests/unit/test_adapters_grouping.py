@@ -1,0 +1,281 @@
+"""Batched observation: one query per template and Prometheus for many ModelBudgets, fanned out,
+and every query bounded by a whole-query deadline."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from modelbudget.adapters.grouping import split
+from modelbudget.adapters.metrics import Endpoint, PrometheusCredentials, PrometheusHttp, PrometheusMetrics, queries_for
+from modelbudget.api.spec import Metrics
+
+TS = 1_767_614_400.0
+SELECTOR = 'namespace="$namespace",model_name="$target"'
+
+
+def member_metrics(url: str = "http://prom:9090", **extra: Any) -> Metrics:
+    return Metrics.model_validate({"prometheusUrl": url, "selector": SELECTOR, **extra})
+
+
+def test_every_default_query_is_grouped_by_its_equality_labels() -> None:
+    for query in queries_for(member_metrics(), "team-a", "llm-1").values():
+        found = split(query)
+        assert found is not None, query
+        shape, member = found
+        assert "team-a" in member
+        # The group asked for this member alone is the member's own query, grouped by its labels.
+        assert shape.query([member]).replace(", ".join(shape.labels) + ", ", "").count("{") == 1
+
+
+@pytest.mark.parametrize(
+    ("query", "grouped"),
+    [
+        (
+            'sum(rate(x_total{namespace="a",model_name="m"}[2m]))',
+            'sum by (namespace, model_name) (rate(x_total{namespace=~"a|b",model_name="m"}[2m]))',
+        ),
+        (
+            'histogram_quantile(0.95, sum by (le) (rate(h_bucket{namespace="a",code!="500"}[30s])))',
+            'histogram_quantile(0.95, sum by (le, namespace) (rate(h_bucket{code!="500",namespace=~"a|b"}[30s])))',
+        ),
+        ('limit{namespace="a",target="t"}', 'limit{namespace=~"a|b",target="t"}'),
+    ],
+)
+def test_group_query_asks_for_every_member(query: str, grouped: str) -> None:
+    found = split(query)
+    assert found is not None
+    shape, member = found
+    other = tuple("b" if v == "a" else v for v in member)
+    assert shape.query([member, other]) == grouped
+
+
+def test_dots_in_values_are_literal_in_the_group_regex() -> None:
+    found = split('sum(x{model_name="llama-3.1"})')
+    assert found is not None
+    assert found[0].query([("llama-3.1",), ("qwen",)]) == 'sum by (model_name) (x{model_name=~"llama-3\\\\.1|qwen"})'
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        'sum(rate(a{namespace="x"}[2m])) / sum(rate(b{namespace="x"}[2m]))',  # two selectors
+        'sum(rate(a{namespace=~"x.*"}[2m]))',  # nothing to group by
+        'sum by (pod) (rate(a{namespace="x"}[2m]))',  # an aggregation of its own
+        'max(a{namespace="x"})',  # not a sum: max by is not the member's max
+        'sum(a{namespace="x",namespace="y"})',  # one label matched twice
+        'sum(a{namespace="x y"})',  # a value that is not plain
+        'sum(rate(a{namespace="x"}[2m] offset 5m))',
+        "sum(a)",
+    ],
+)
+def test_shapes_that_cannot_be_grouped_are_asked_alone(query: str) -> None:
+    assert split(query) is None
+
+
+def test_select_keeps_only_the_members_series() -> None:
+    found = split('sum(x{namespace="a"})')
+    assert found is not None
+    shape, member = found
+    answer = [
+        {"metric": {"namespace": "a"}, "value": [TS, "1"]},
+        {"metric": {"namespace": "b"}, "value": [TS, "2"]},
+        {"metric": {"namespace": "c", "pod": "x"}, "value": [TS, "3"]},
+    ]
+    assert shape.select(answer, member) == answer[:1]
+    garbage = [{"metric": {}, "value": [TS, "1e15"]}, {"value": [TS, "3"]}, {"metric": {"namespace": "b"}}, "x"]
+    assert shape.select(garbage, member) == garbage  # for the parser to reject, not "no series"
+    assert shape.select("garbage", member) == "garbage"  # for the parser to reject
+
+
+class FakePrometheus:
+    """A real HTTP server answering every query with one series per namespace in ``rates``
+    (labelled as every default query groups them), recording the queries."""
+
+    def __init__(self, rates: dict[str, float], status: int = 200) -> None:
+        self.rates, self.status = rates, status
+        self.queries: list[str] = []
+        self.methods: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                form = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                self.answer(urllib.parse.parse_qs(form)["query"][0])
+
+            def do_GET(self) -> None:
+                self.answer(urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["query"][0])
+
+            def answer(self, query: str) -> None:
+                fake.queries.append(query)
+                fake.methods.append(self.command)
+                series = [
+                    {
+                        "metric": {"namespace": ns, "model_name": "llm", "target": "llm", "le": "+Inf"},
+                        "value": [time.time(), str(rate)],
+                    }
+                    for ns, rate in fake.rates.items()
+                ]
+                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": series}}).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def prometheus() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus({"a": 1.0, "b": 2.0, "c": 3.0})
+    yield fake
+    fake.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_members_share_one_query_per_template_per_tick(prometheus: FakePrometheus) -> None:
+    clock = Clock()
+    source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+    m = member_metrics(prometheus.url)
+    templates = len(queries_for(m, "a", "llm"))
+
+    def tick() -> dict[str, float | None]:
+        return {ns: source.sample(m, ns, "llm", PrometheusCredentials()).request_rate for ns in "abc"}
+
+    # The first tick meets the members one by one: each newcomer asks again, for everyone so far.
+    assert tick() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert len(prometheus.queries) == 3 * templates
+    # Within the interval every member is answered from the group's query: nothing is asked.
+    clock.now += 5
+    assert tick() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert len(prometheus.queries) == 3 * templates
+    # The next tick: one query per template, for all three.
+    clock.now += 15
+    assert tick() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    last = prometheus.queries[3 * templates :]
+    assert len(last) == templates and all('namespace=~"a|b|c"' in q for q in last)
+
+
+def test_a_failing_group_query_fails_every_member_once_per_tick() -> None:
+    fake = FakePrometheus({"a": 1.0}, status=500)
+    try:
+        clock = Clock()
+        source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+        m = member_metrics(fake.url)
+        for ns in "abc":
+            source.sample(m, ns, "llm", PrometheusCredentials())
+        asked = len(fake.queries)
+        clock.now += 1
+        errors = [source.sample(m, ns, "llm", PrometheusCredentials()).error for ns in "abc"]
+    finally:
+        fake.close()
+    assert all(e is not None and "HTTP Status Code 500" in e for e in errors)
+    assert len(fake.queries) == asked
+
+
+def test_newcomers_gather_into_one_query(prometheus: FakePrometheus) -> None:
+    source = PrometheusMetrics(reuse_seconds=15, gather_seconds=0.5)
+    m = member_metrics(prometheus.url)
+    with ThreadPoolExecutor(3) as pool:
+        rates = list(pool.map(lambda ns: source.sample(m, ns, "llm", PrometheusCredentials()).request_rate, "abc"))
+    assert rates == [1.0, 2.0, 3.0]
+    assert len(prometheus.queries) == len(queries_for(m, "a", "llm"))
+    assert all('namespace=~"a|b|c"' in q for q in prometheus.queries)
+
+
+def test_a_member_the_group_does_not_know_yet_asks_at_once(prometheus: FakePrometheus) -> None:
+    clock = Clock()
+    source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+    m = member_metrics(prometheus.url)
+    source.sample(m, "a", "llm", PrometheusCredentials())
+    asked = len(prometheus.queries)
+    assert source.sample(m, "c", "llm", PrometheusCredentials()).request_rate == 3.0
+    assert len(prometheus.queries) == 2 * asked and 'namespace=~"a|c"' in prometheus.queries[-1]
+
+
+def test_a_long_group_query_is_posted(prometheus: FakePrometheus) -> None:
+    found = split('sum(rate(vllm:request_success_total{namespace="a"}[2m]))')
+    assert found is not None
+    members = [(f"team-{i:04d}-inference",) for i in range(300)] + [("a",)]
+    query = found[0].query(members)
+    endpoint = Endpoint(prometheus.url, PrometheusCredentials(), False, 5.0)
+    answer = PrometheusHttp(endpoint).query(query)
+    assert prometheus.methods == ["POST"] and prometheus.queries == [query]
+    assert found[0].select(answer, ("a",))[0]["value"][1] == "1.0"
+
+
+def trickling_server(stop: threading.Event) -> int:
+    """Answers every request with headers at once, then one byte of body every 0.1 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+        listener.close()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def test_a_trickling_prometheus_does_not_hold_a_query_past_its_timeout() -> None:
+    stop = threading.Event()
+    port = trickling_server(stop)
+    try:
+        m = member_metrics(f"http://127.0.0.1:{port}", timeoutSeconds=1)
+        started = time.monotonic()
+        s = PrometheusMetrics().sample(m, "a", "llm", PrometheusCredentials())
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+    # The body would take ~6 s at this pace; every read is quick, so only a deadline stops it.
+    assert s.error is not None and "no answer within 1s" in s.error
+    assert took < 1.5  # timeoutSeconds is the functional bound; 0.5 s for the threads to wake
