@@ -115,11 +115,15 @@ class OraclePolicy:
             reverse=True,
         )
         lone = speed.itl(1.0)
+        # A request starting over joins the batches running now (at their busy size), not an idle replica.
+        in_flight = sum(len(pod) for name, pod in held.items() if name)
+        busy = self._itl(np.array([speed.throughput(in_flight / max(len(newest_first), 1))]))
+        again = float(busy[0]) if newest_first else lone
 
         def lost(job: Job, left: float) -> float:
             """Its score, if it makes its deadline where it is and not when it starts over."""
             room = job.arrival + slo - t
-            restart = speed.prefill_seconds(job.prompt) + (job.tokens - 1) * lone
+            restart = speed.prefill_seconds(job.prompt) + (job.tokens - 1) * again
             return float(self._scores(np.array([job.tokens]))[0]) if left * lone <= room < restart else 0.0
 
         losses = [self.value * sum(lost(job, left) for job, left in held.get(pod, [])) for pod in newest_first]
