@@ -124,7 +124,9 @@ class OraclePolicy:
             """Its score, if it makes its deadline where it is and not when it starts over."""
             room = job.arrival + slo - t
             restart = speed.prefill_seconds(job.prompt) + (job.tokens - 1) * again
-            return float(self._scores(np.array([job.tokens]))[0]) if left * lone <= room < restart else 0.0
+            if not left * lone <= room < restart:
+                return 0.0
+            return min(max(self.a + self.b * math.log(max(job.tokens, 1.0)), 0.0), 1.0)  # as ``_scores``, scalar
 
         losses = [self.value * sum(lost(job, left) for job, left in held.get(pod, [])) for pod in newest_first]
         return np.concatenate([[0.0], np.cumsum(losses)])
@@ -146,13 +148,14 @@ class OraclePolicy:
         busy = np.minimum(mean + self.z * np.sqrt(mean), float(speed.max_num_seqs))
         return speed.alpha + speed.beta * np.maximum(busy, 1.0)
 
-    def _values(self, now: _Interval, i: int, replicas: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        """The value of limit ``i`` served by each count of ``replicas``; ``-inf`` where they cannot
-        generate its tokens/s even with full batches."""
-        per_replica = now.load[i] / np.maximum(replicas, 1)
+    def _values(self, now: _Interval, replicas: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """The value of each limit (rows) served by each count of ``replicas`` (columns); ``-inf``
+        where they cannot generate its tokens/s even with full batches."""
+        per_replica = now.load[:, None] / np.maximum(replicas, 1)[None, :]
         itl = self._itl(per_replica)
-        value = now.value[i][np.searchsorted(now.slack[i], itl, side="left")]
-        fits = (per_replica <= self.speed.capacity + _EPS) & ((replicas > 0) | (now.load[i] <= 0))
+        rows = range(itl.shape[0])
+        value = np.stack([now.value[i][np.searchsorted(now.slack[i], itl[i], side="left")] for i in rows])
+        fits = (per_replica <= self.speed.capacity + _EPS) & ((replicas > 0)[None, :] | (now.load <= 0)[:, None])
         return np.where(fits, value, -np.inf)
 
     def _bounds(self, t: float) -> tuple[CapacityLadder, int, int]:
@@ -182,8 +185,9 @@ class OraclePolicy:
         ready = now.lost.size - 1
         cost += now.lost[np.clip(ready - counts, 0, ready)]
         best: tuple[float, int, int] | None = None  # (net value, replicas, limit)
+        values = self._values(now, counts)
         for i, limit in enumerate(self.grid):
-            net = self._values(now, i, counts) - cost
+            net = values[i] - cost
             k = int(np.argmax(net))  # the fewest replicas among equals
             # Ties go to the larger limit: queued requests start under it too.
             if np.isfinite(net[k]) and (best is None or net[k] >= best[0] - _EPS):
@@ -201,7 +205,7 @@ class OraclePolicy:
     def fast_knobs(self, t: float, serving: int) -> tuple[int, float | None]:
         """The token limit (and admission cap) worth most for the ``serving`` replicas ready now."""
         now = self._interval(t)
-        values = np.array([self._values(now, i, np.array([serving]))[0] for i in range(self.grid.size)])
+        values = self._values(now, np.array([serving]))[:, 0]
         feasible = np.flatnonzero(np.isfinite(values))
         if feasible.size == 0:
             capacity = serving * self.speed.capacity
