@@ -4,40 +4,46 @@
 know" with "did not plan".  ``DelayAwareOraclePolicy`` (below) has the same foresight and the same
 delays as every other policy: the fair bound.
 
-Definition.  At every step (its interval) the oracle knows the exact wanted tokens ``W_i`` and
-arrival times of every request arriving in the interval and of every request still queued.  It
-chooses one token limit ``L`` (on the planner's grid) and a replica count ``n`` to maximise
+Definition.  At every step (its interval) the oracle knows, for every request arriving in the
+interval, its exact prompt and wanted tokens ``W_i``, and the work still waiting in the queue.  It
+serves them under the same continuous-batching engine as every policy (``sim/serving.py``, the
+speeds of ``core/serving.py``): a request generating ``t_i = min(W_i, L)`` tokens takes
+``prefill_i + (t_i - 1) * itl(b)``, ``b`` the batch its replica runs.  It chooses one token limit
+``L`` (on the planner's grid) and a replica count ``n`` to maximise
 
-    v * sum_i clamp(a + b ln min(W_i, L), 0, 1)  -  spend(n) * interval / 3600
+    v * sum_i clamp(a + b ln t_i, 0, 1) * [request i meets the SLO]  -  spend(n) * interval / 3600
 
-over those requests, subject to:
+where, with ``X(L)`` the tokens/s the arriving requests (and the waiting backlog, drained within
+the interval) need, each replica generates ``X(L) / n`` and so runs the batch ``b`` with
+``b / itl(b) = X(L) / n``; a request meets the SLO when its prefill plus its decode at the busy batch
+``b + z sqrt(b)`` (``z`` the SLO's percentile; sequences in flight are close to Poisson, and capped
+at ``maxNumSeqs``) is within ``latencySeconds`` (and the TTFT/TPOT targets, if set).  So it sizes
+replicas for concurrency (small enough batches) as well as for tokens/s (``X / n`` at most a full
+batch's throughput), and it picks the limit knowing every request it will cut: the planner sees
+only the histogram of the last window and the SLO's percentile request.
 
-- deadlines: served FIFO at the rate ``r(n)`` of ``n`` replicas, every one of them that can
-  still make its SLO finishes by ``arrival + SLO``.  For a fluid FIFO that is
-  ``r >= (C_j - C_{i-1}) / (d_j - s_i)`` for every pair ``i <= j`` (``C`` cumulative tokens, ``s``
-  when a request can start, ``d`` its deadline), so the smallest such ``r`` is exact, and
-  queueing within the SLO is used as fully as any policy could use it;
-- the ceiling: ``spend(n)`` within the allowance (the hourly cap, or the paced rate computed from
-  what the oracle has actually spent), replicas placed cheapest-per-token first on whole nodes,
-  minNodes and replicas.min/max honoured.
-
-If not even the smallest limit fits, it serves at the smallest limit with every affordable
-replica and admits what they can carry.  Replicas that fit on nodes already paid for are free,
-so it always fills them (more capacity at no cost never lowers the score).  Its world has no
-replica start or node provisioning delay, so what it chooses serves at once.
+It obeys the ceiling: ``spend(n)`` within the allowance (the hourly cap, or the paced rate computed
+from what the oracle has actually spent), replicas placed cheapest-per-token first on whole nodes,
+minNodes and replicas.min/max honoured.  It knows what a scale-down costs: a replica going away hands its
+requests back to start over, so the value of those that then miss counts against it.  If not even
+the smallest limit fits, it serves at the smallest limit with every affordable replica and admits
+what they can carry.  Replicas that fit on nodes already paid for are free, so it always fills
+them (smaller batches at no cost).  Its world has no replica start or node provisioning delay,
+so what it chooses serves at once.
 
 The objective is the benchmark's net value, so the oracle's (score, spend) is on the efficient
-frontier of its choices: a policy with a higher score at no more spend would have a higher net
-value than the oracle, which (within the resolution of the token grid, and of choosing interval
-by interval) it cannot have.  For a paced budget the oracle is greedy over time (it does not save
-money for a later peak): there it bounds policies that pace the same way.
+frontier of its choices, as far as the batch arithmetic above predicts the engine: a policy with a
+higher score at no more spend would need to know more than every request's size in advance.
+It is greedy interval by interval (it does not save money for a later peak, and for a paced
+budget it paces as it goes): there it bounds policies that pace the same way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +54,7 @@ from modelbudget.core.curve import resolve_curve
 from modelbudget.core.planner import token_bounds, token_grid
 from modelbudget.core.serving import slowest_speed
 from modelbudget.sim.metrics import Scrape
+from modelbudget.sim.serving import Job
 from modelbudget.sim.world import NO_DELAYS, Action, World
 
 _EPS = 1e-9
@@ -66,72 +73,90 @@ class OraclePolicy:
         self.ladder = CapacityLadder(spec)
         self.free_ladder = CapacityLadder(spec, honour_min_nodes=False)
         self.speed = slowest_speed(spec)
+        self.z = NormalDist().inv_cdf(spec.slo.percentile / 100.0)
+        self._spends: dict[int, npt.NDArray[np.float64]] = {}
 
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
 
-    @staticmethod
-    def _least_rates(
-        cum: npt.NDArray[np.float64],
-        arrival: npt.NDArray[np.float64],
-        deadline: npt.NDArray[np.float64],
-        queued: int,
-        t: float,
-    ) -> npt.NDArray[np.float64]:
-        """Per (limit, request j): the least constant rate finishing j by its deadline, FIFO.
-
-        ``max_i (C_j - C_{i-1}) / (d_j - s_i)`` over the points ``i <= j`` where a busy period can
-        begin: the queued requests can all start now (they share ``s = t``, so the first dominates),
-        a new one not before it arrives.  Deadlines already past are left out (0).
-        """
-        grid, count = cum.shape
-        need = np.zeros((grid, count))
-        if queued:
-            span = deadline - t
-            need = np.where(span > _EPS, cum / np.where(span > _EPS, span, 1.0), 0.0)
-        if count > queued:  # busy periods starting at a new arrival: (limit, start i, request j)
-            begin = np.maximum(arrival[queued:], t)
-            before = cum[:, queued - 1 : count - 1] if queued else np.pad(cum[:, :-1], ((0, 0), (1, 0)))
-            work = cum[:, None, queued:] - before[:, :, None]
-            span = deadline[None, queued:] - begin[:, None]
-            new = np.arange(count - queued)
-            binding = (new[:, None] <= new[None, :]) & (span > _EPS)
-            late = np.where(binding[None], work / np.where(binding, span, 1.0)[None], 0.0).max(axis=1)
-            need[:, queued:] = np.maximum(need[:, queued:], late)
-        return need
-
-    def _options(
-        self, t: float, capacity: float
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Callable[[int, int], float]]:
-        """Per limit on the grid: the least serving rate meeting every reachable deadline of the
-        queued requests and of those arriving in ``[t, t + interval)``, and the value of the arriving
-        ones.  A request not reachable even at the smallest limit with ``capacity`` tokens/s is
-        left out: it is lost whatever is chosen, and must not make every choice look infeasible."""
-        world = self.world
-        queued = world.queued()
+    def _interval(self, t: float) -> _Interval:
+        """What the requests arriving in ``[t, t + interval)`` need and are worth at each limit."""
+        world, slo = self.world, self.spec.slo
         lo, hi = np.searchsorted(world.arrival, [t, t + self.interval])
-        index = np.concatenate([queued, np.arange(lo, hi)])
-        tokens = np.minimum(world.wanted[index][None, :], self.grid[:, None])  # (grid, requests)
-        tokens[:, : queued.size] = np.minimum(world.wanted[queued], world.limit[queued])  # their limit is fixed
-        deadline = world.arrival[index] + self.slo
-        reachable = deadline > t + _EPS
-        need = self._least_rates(np.cumsum(tokens, axis=1), world.arrival[index], deadline, queued.size, t)
-        reachable &= need[0] <= capacity + _EPS
-        rates = np.where(reachable[None, :], need, 0.0).max(axis=1, initial=0.0)  # (grid,)
-        # Each request's score counts once, in the interval it arrives in; the queued ones were
-        # counted before, but their tokens still need serving (the rate above).
-        arriving = np.arange(index.size) >= queued.size
-        value = self.value * (self._scores(tokens) * (arriving & reachable)[None, :]).sum(axis=1)
-        prompt = world.prompt[index]
+        tokens = np.maximum(np.minimum(world.wanted[lo:hi][None, :], self.grid[:, None]), 1.0)  # (grid, requests)
+        backlog = sum(job.tokens for job in world.engine.waiting_jobs())  # drained within the interval
+        load = (tokens.sum(axis=1) + backlog) / self.interval
+        prefill = self.speed.prefill_seconds(world.prompt[lo:hi])
+        # The largest inter-token latency at which each request still meets the SLO.
+        room = slo.latency_seconds - prefill
+        with np.errstate(divide="ignore"):
+            slack = np.where(tokens > 1.0, room[None, :] / (tokens - 1.0), np.inf)
+        slack = np.where(room[None, :] < 0, -np.inf, slack)
+        if slo.time_per_output_token_seconds is not None:
+            slack = np.minimum(slack, slo.time_per_output_token_seconds)
+        if slo.time_to_first_token_seconds is not None:
+            slack = np.where(prefill[None, :] > slo.time_to_first_token_seconds, -np.inf, slack)
+        order = np.argsort(slack, axis=1)
+        slack = np.take_along_axis(slack, order, axis=1)
+        scores = np.take_along_axis(self._scores(tokens), order, axis=1)
+        # value[i, k]: what the requests with the k smallest slacks' complement are worth at limit i.
+        tail = np.concatenate([np.cumsum(scores[:, ::-1], axis=1)[:, ::-1], np.zeros((self.grid.size, 1))], axis=1)
+        return _Interval(load, slack, self.value * tail, int(hi - lo), self._lost_by_scale_down(t))
 
-        def late_loss(i: int, replicas: int) -> float:
-            """Under continuous batching a request also needs its own prefill and decode time at
-            the batch this load runs: one that cannot make its SLO even unqueued scores nothing."""
-            batch = self.speed.batch_for(float(rates[i]) / max(replicas, 1))
-            late = self.speed.latency(prompt, tokens[i], batch) > self.slo
-            return self.value * float((self._scores(tokens[i]) * (arriving & reachable & late)).sum())
+    def _lost_by_scale_down(self, t: float) -> npt.NDArray[np.float64]:
+        """``lost[k]``: the value of the requests in flight that miss their deadline if the ``k``
+        newest ready replicas go (a replica going away hands its requests back to start over; the
+        world drops the newest first)."""
+        speed, slo = self.speed, self.spec.slo.latency_seconds
+        held = self.world.engine.remaining()
+        newest_first = sorted(
+            (f"{name}/{int(p[1])}" for name, pool in self.world.pools.items() for p in pool.pods if p[0] <= t),
+            key=lambda pod: self._ready_order(pod),
+            reverse=True,
+        )
+        lone = speed.itl(1.0)
+        # A request starting over joins the batches running now (at their busy size), not an idle replica.
+        in_flight = sum(len(pod) for name, pod in held.items() if name)
+        busy = self._itl(np.array([speed.throughput(in_flight / max(len(newest_first), 1))]))
+        again = float(busy[0]) if newest_first else lone
 
-        return rates, value, late_loss
+        def lost(job: Job, left: float) -> float:
+            """Its score, if it makes its deadline where it is and not when it starts over."""
+            room = job.arrival + slo - t
+            restart = speed.prefill_seconds(job.prompt) + (job.tokens - 1) * again
+            if not left * lone <= room < restart:
+                return 0.0
+            return min(max(self.a + self.b * math.log(max(job.tokens, 1.0)), 0.0), 1.0)  # as ``_scores``, scalar
+
+        losses = [self.value * sum(lost(job, left) for job, left in held.get(pod, [])) for pod in newest_first]
+        return np.concatenate([[0.0], np.cumsum(losses)])
+
+    def _ready_order(self, pod: str) -> tuple[float, int]:
+        name, serial = pod.rsplit("/", 1)
+        for ready, s in self.world.pools[name].pods:
+            if int(s) == int(serial):
+                return ready, int(s)
+        return math.inf, int(serial)
+
+    def _itl(self, tokens_per_second: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The inter-token latency a replica generating ``tokens_per_second`` runs at in its busy
+        moments (the batch at the SLO's percentile, at most ``maxNumSeqs``)."""
+        speed = self.speed
+        x = np.maximum(tokens_per_second, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(x > 0, np.maximum(x * speed.alpha / np.maximum(1.0 - x * speed.beta, _EPS), 1.0), 0.0)
+        busy = np.minimum(mean + self.z * np.sqrt(mean), float(speed.max_num_seqs))
+        return speed.alpha + speed.beta * np.maximum(busy, 1.0)
+
+    def _values(self, now: _Interval, replicas: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """The value of each limit (rows) served by each count of ``replicas`` (columns); ``-inf``
+        where they cannot generate its tokens/s even with full batches."""
+        per_replica = now.load[:, None] / np.maximum(replicas, 1)[None, :]
+        itl = self._itl(per_replica)
+        rows = range(itl.shape[0])
+        value = np.stack([now.value[i][np.searchsorted(now.slack[i], itl[i], side="left")] for i in rows])
+        fits = (per_replica <= self.speed.capacity + _EPS) & ((replicas > 0)[None, :] | (now.load <= 0)[:, None])
+        return np.where(fits, value, -np.inf)
 
     def _bounds(self, t: float) -> tuple[CapacityLadder, int, int]:
         """The ladder the allowance pays for, the most replicas it buys, and the least to run."""
@@ -140,31 +165,66 @@ class OraclePolicy:
         affordable = min(self.spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance))
         return ladder, affordable, min(self.spec.replicas.min, affordable)
 
+    def _spend(self, ladder: CapacityLadder) -> npt.NDArray[np.float64]:
+        """$/hour of 0..total_slots replicas on ``ladder`` (worked out once per ladder)."""
+        cached = self._spends.get(id(ladder))
+        if cached is None:
+            cached = np.array([ladder.spend(n) for n in range(ladder.total_slots + 1)])
+            self._spends[id(ladder)] = cached
+        return cached
+
     def act(self, seen: Scrape, now: datetime) -> Action:
         return self.decide((now - self.world.books.origin).total_seconds())
 
     def decide(self, t: float) -> Action:
         ladder, affordable, least = self._bounds(t)
-        rates, value, late_loss = self._options(t, ladder.throughput(affordable))
+        now = self._interval(t)
+        counts = np.arange(least, affordable + 1)
+        cost = self._spend(ladder)[counts] * self.interval / 3600.0
+        # Fewer replicas than are ready: the newest go, and their requests start over.
+        ready = now.lost.size - 1
+        cost += now.lost[np.clip(ready - counts, 0, ready)]
         best: tuple[float, int, int] | None = None  # (net value, replicas, limit)
+        values = self._values(now, counts)
         for i, limit in enumerate(self.grid):
-            n = ladder.replicas_for(float(rates[i]))
-            if n is None or n > affordable:
-                break  # tokens only grow with the limit: no larger limit fits either
-            n = max(n, least)
-            net = float(value[i]) - late_loss(i, n) - ladder.spend(n) * self.interval / 3600.0
-            # Ties go to the larger limit: queued requests start under it too, and are not in the value.
-            if best is None or net >= best[0] - _EPS:
-                best = (net, n, int(limit))
+            net = values[i] - cost
+            k = int(np.argmax(net))  # the fewest replicas among equals
+            # Ties go to the larger limit: queued requests start under it too.
+            if np.isfinite(net[k]) and (best is None or net[k] >= best[0] - _EPS):
+                best = (float(net[k]), int(counts[k]), int(limit))
         admitted = None
         if best is None:
             n, limit = affordable, int(self.grid[0])
-            admitted = ladder.throughput(n) / float(self.grid[0])
+            admitted = ladder.throughput(n) / max(now.load[0] / max(now.arrivals, 1) * self.interval, 1.0)
         else:
             _, n, limit = best
             n = _fill_paid_slots(ladder, n, affordable)
         allocation = ladder.allocation(n)
         return Action(allocation.replicas, allocation.nodes, limit, admitted)
+
+    def fast_knobs(self, t: float, serving: int) -> tuple[int, float | None]:
+        """The token limit (and admission cap) worth most for the ``serving`` replicas ready now."""
+        now = self._interval(t)
+        values = self._values(now, np.array([serving]))[:, 0]
+        feasible = np.flatnonzero(np.isfinite(values))
+        if feasible.size == 0:
+            capacity = serving * self.speed.capacity
+            per_request = max(now.load[0] / max(now.arrivals, 1) * self.interval, 1.0)
+            return int(self.grid[0]), (capacity / per_request if capacity > 0 else None)
+        # Ties go to the larger limit, as in ``decide``.
+        best = feasible[np.flatnonzero(values[feasible] >= values[feasible].max() - _EPS)[-1]]
+        return int(self.grid[best]), None
+
+
+@dataclass(frozen=True)
+class _Interval:
+    """One interval's requests, per limit on the grid (rows)."""
+
+    load: npt.NDArray[np.float64]  # tokens/s they (and the waiting backlog) need
+    slack: npt.NDArray[np.float64]  # each request's largest ITL meeting the SLO, ascending
+    value: npt.NDArray[np.float64]  # value[i, k]: what the requests from the k-th slack on are worth
+    arrivals: int
+    lost: npt.NDArray[np.float64]  # value lost if the k newest ready replicas go
 
 
 def _fill_paid_slots(ladder: CapacityLadder, n: int, most: int) -> int:
@@ -187,7 +247,7 @@ class DelayAwareOraclePolicy:
     asking again would pay for provisioning anyway); a longer one is released.  It never releases
     what the delay-free oracle would use for its own queue now.  The token limit
     and the admission cap, the fast knobs, are chosen every step with full foresight for the
-    replicas actually serving: the highest-value limit whose deadlines they meet.
+    replicas actually serving: the limit worth most at the batch they will run (as ``OraclePolicy`` reckons it).
     """
 
     name = "oracle-delays"
@@ -233,15 +293,7 @@ class DelayAwareOraclePolicy:
         allocation = ladder.allocation(n)
         # What serves once this action is applied: fewer pods drop the newest (not ready) first.
         serving = sum(
-            min(pool.ready_pods(t), allocation.replicas.get(name, 0)) * pool.speed.capacity
-            for name, pool in self.world.pools.items()
+            min(pool.ready_pods(t), allocation.replicas.get(name, 0)) for name, pool in self.world.pools.items()
         )
-        rates, value, _ = self.fast._options(t, serving)
-        feasible = np.flatnonzero(rates <= serving + _EPS)
-        if feasible.size == 0:
-            limit = int(self.fast.grid[0])
-            admitted = serving / float(self.fast.grid[0]) if serving > 0 else None
-            return Action(allocation.replicas, allocation.nodes, limit, admitted)
-        # Ties go to the larger limit, as in the delay-free oracle.
-        best = feasible[np.flatnonzero(value[feasible] >= value[feasible].max() - _EPS)[-1]]
-        return Action(allocation.replicas, allocation.nodes, int(self.fast.grid[best]))
+        limit, admitted = self.fast.fast_knobs(t, serving)
+        return Action(allocation.replicas, allocation.nodes, limit, admitted)

@@ -169,6 +169,24 @@ class ServingEngine:
     def waiting(self) -> int:
         return len(self._unrouted) + sum(len(r.waiting) for r in self._pods.values())
 
+    def waiting_jobs(self) -> list[Job]:
+        """Every request that has arrived and not started: waiting on a replica, or unrouted."""
+        return [j for r in self._replicas for j in r.waiting] + list(self._unrouted)
+
+    def remaining(self) -> dict[str, list[tuple[Job, float]]]:
+        """Per pod (``""``: not routed), every request on it that is not done, with the tokens it
+        still has to generate."""
+        held = {
+            r.name: [
+                *((e[2], e[0] - r.decoded) for e in r.decoding),
+                *((e[2], float(e[2].tokens)) for e in r.prefilling),
+                *((job, float(job.tokens)) for job in r.waiting),
+            ]
+            for r in self._replicas
+        }
+        held[""] = [(job, float(job.tokens)) for job in self._unrouted]
+        return held
+
     def in_flight(self) -> list[Job]:
         """Every request that has arrived and is not done: running, waiting on a replica, or unrouted."""
         return [j for r in self._pods.values() for j in r.jobs()] + list(self._unrouted)
