@@ -115,7 +115,7 @@ EOF
     --namespace demo --deployment demo-llm --listen "$MB_MODELSERVER_ADDR" \
     --rate-curve "$RAMP" --generated-tokens-mean "$TOKENS" --tokens-per-second-per-replica 1000
   start_bg demo-operator "$MODELBUDGET" run --kubeconfig "$KUBECONFIG" --namespace demo \
-    --interval "$INTERVAL" --lease-namespace demo \
+    --interval "$INTERVAL" --lease-namespace demo --inline-cluster-pools=allow \
     --metrics-addr "$OPERATOR_METRICS" --liveness "http://$OPERATOR_LIVENESS/healthz"
   kubectl apply -f "$REPO/examples/local-demo.yaml" >/dev/null
   say "ModelBudget demo-llm applied (examples/local-demo.yaml); demand ramps along $RAMP req/s"

@@ -309,7 +309,8 @@ class Env:
         metrics, liveness = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}/healthz"
         args = ["run", "--kubeconfig", self.kubeconfig, "-n", self.ns, "--interval", "3"]
         args += ["--status-heartbeat", "5", "--lease-namespace", self.ns, "--lease-duration", "6"]
-        args += ["--identity", f"operator-{tag}", "--metrics-addr", metrics, "--liveness", liveness, *extra]
+        args += ["--identity", f"operator-{tag}", "--metrics-addr", metrics, "--liveness", liveness]
+        args += ["--inline-cluster-pools=allow", *extra]  # the testbed has one tenant: its KwokNodePool inline
         log = LOGS / f"e2e-operator-{self.ns}-{tag}.log"
         operator = Operator(start_modelbudget(args, log), metrics, liveness, log)
         self.operators.append(operator)

@@ -188,6 +188,7 @@ def test_install_rbac_is_enough_and_no_wider_then_uninstall_keeps_the_crd(
         "--identity": "chart-e2e",
         "--metrics-addr": f"127.0.0.1:{free_port()}",
         "--liveness": f"http://127.0.0.1:{free_port()}/healthz",
+        "--inline-cluster-pools": "allow",  # as tenancy.inlineClusterPools=true renders: one tenant here
     }
     operator = operator_process(*(arg for flag in flags.items() for arg in flag))
     try:

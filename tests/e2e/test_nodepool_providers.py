@@ -209,7 +209,7 @@ class TenantOperator:
         self.metrics_addr = f"127.0.0.1:{free_port()}"
         self.log = LOGS / f"e2e-operator-{namespace}.log"
         args = ["run", "--kubeconfig", kubeconfig, "-n", namespace, "--interval", "2"]
-        args += ["--no-leader-election", "--metrics-addr", self.metrics_addr]
+        args += ["--no-leader-election", "--metrics-addr", self.metrics_addr, "--inline-cluster-pools=allow"]
         args += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
         self.proc = start_modelbudget(args, self.log)
 

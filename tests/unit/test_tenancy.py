@@ -32,13 +32,24 @@ def spec(*pools: dict[str, Any]) -> dict[str, Any]:
     [
         [pool("a", kind="MachineDeployment")],
         [pool("a", kind="MachineDeployment", namespace=TENANT)],
-        [pool("a", kind="NodePool"), pool("b", kind="KwokNodePool")],
         [{**spec_dict()["nodePools"][0]}],  # no providerRef: observed, never resized
     ],
-    ids=["own namespace by default", "own namespace named", "cluster-scoped", "no provider"],
+    ids=["own namespace by default", "own namespace named", "no provider"],
 )
 def test_pools_in_the_own_namespace_are_allowed(pools: list[dict[str, Any]]) -> None:
     assert pools_not_allowed(ModelBudgetSpec.model_validate(spec(*pools)), TENANT) == []
+
+
+def test_cluster_scoped_pools_inline_are_refused_unless_the_operator_allows_them() -> None:
+    # A Karpenter NodePool or a KwokNodePool belongs to no namespace: any tenant naming it inline
+    # could resize capacity it was never granted. The message says how to migrate.
+    mb = ModelBudgetSpec.model_validate(spec(pool("a", kind="NodePool"), pool("b", kind="KwokNodePool")))
+    refused = pools_not_allowed(mb, TENANT)
+    assert len(refused) == 2
+    assert "NodePool a is cluster-scoped capacity" in refused[0]
+    assert "sharedPools[].pool" in refused[0] and "--inline-cluster-pools=allow" in refused[0]
+    assert "KwokNodePool b" in refused[1]
+    assert pools_not_allowed(mb, TENANT, inline_cluster_pools=True) == []
 
 
 def test_each_pool_in_another_namespace_is_named() -> None:
@@ -97,3 +108,18 @@ def test_fixing_the_reference_lifts_the_refusal() -> None:
     h.tick(T0 + timedelta(seconds=15))
     assert h.condition("Degraded")["reason"] != "PoolNotAllowed"
     assert cluster.pools.reads == ["prod-gpus"]
+
+
+def test_an_inline_cluster_scoped_pool_is_resized_only_where_the_operator_allows_it() -> None:
+    for allowed in (False, True):
+        cluster = FakeCluster()
+        cluster.pools.nodes = cluster.pools.sizes = {"shared-l4": 7}
+        h = Harness(cluster, spec(pool("shared-l4", kind="KwokNodePool")), ObjectRef(TENANT, "llm", generation=1))
+        h.reconciler.inline_cluster_pools = allowed
+        out = h.tick(T0)
+        if allowed:
+            assert cluster.pools.resizes == [("shared-l4", 1)]
+        else:
+            assert cluster.pools.resizes == [] and cluster.pools.reads == []
+            assert out.problems == ["PoolNotAllowed"]
+            assert "--inline-cluster-pools=allow" in h.condition("Degraded")["message"]

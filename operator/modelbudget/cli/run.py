@@ -67,6 +67,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds a standby waits on an unrenewed lease before taking over",
     )
     p.add_argument("--identity", default=None, help="this process's name in the Lease (default host-pid-random)")
+    p.add_argument(
+        "--inline-cluster-pools",
+        choices=("refuse", "allow"),
+        default="refuse",
+        help="whether a ModelBudget may name a cluster-scoped pool (Karpenter NodePool, KwokNodePool) inline; "
+        "'allow' only on a single-tenant cluster, else declare GpuPools (default refuse)",
+    )
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true")
     verbosity.add_argument("--debug", action="store_true")
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             retry_period=duration / 7.5,
         )
     runtime = handlers.Runtime(
-        Reconciler(adapters, timedelta(seconds=args.status_heartbeat)),
+        Reconciler(adapters, timedelta(seconds=args.status_heartbeat), args.inline_cluster_pools == "allow"),
         elector,
         identity,
         PoolReconciler(adapters.node_pools, adapters.gpu_pools),

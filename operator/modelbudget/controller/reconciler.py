@@ -139,9 +139,12 @@ def previous_status(raw: Mapping[str, Any]) -> tuple[ModelBudgetStatus, dict[str
 
 
 class Reconciler:
-    def __init__(self, adapters: Adapters, heartbeat: timedelta = DEFAULT_HEARTBEAT) -> None:
+    def __init__(
+        self, adapters: Adapters, heartbeat: timedelta = DEFAULT_HEARTBEAT, inline_cluster_pools: bool = False
+    ) -> None:
         self.adapters = adapters
         self.heartbeat = heartbeat
+        self.inline_cluster_pools = inline_cluster_pools  # core/tenancy.py: single-tenant clusters only
         self._metrics_threads = ThreadPoolExecutor(METRICS_THREADS, thread_name_prefix="metrics")
 
     @staticmethod
@@ -163,7 +166,8 @@ class Reconciler:
         own_spec = parsed.spec
         # Before anything is read or written on this ModelBudget's behalf: may it use its pools?
         declared, labels = await self._gpu_pools(own_spec, ref.namespace)
-        not_allowed = pools_not_allowed(own_spec, ref.namespace, labels, {n: d.spec for n, d in declared.items()})
+        gpu_pools = {n: d.spec for n, d in declared.items()}
+        not_allowed = pools_not_allowed(own_spec, ref.namespace, labels, gpu_pools, self.inline_cluster_pools)
         if not_allowed:
             return self._refused(before, old_doc, Reason.POOL_NOT_ALLOWED, "; ".join(not_allowed), ref, now)
         state = carried if carried is not None else before.controller_state

@@ -11,7 +11,9 @@ changes anything, and refuses the whole ModelBudget (``PoolNotAllowed``).
 Shared capacity is declared by the cluster admin as a GpuPool (cluster-scoped), which says
 which namespaces may draw from it; the operator alone writes its provider object. So a
 ModelBudget may not name a GpuPool its namespace is not allowed on, nor name inline a provider
-object that a GpuPool declares (that would be a second writer of a shared pool).
+object that a GpuPool declares (that would be a second writer of a shared pool). Cluster-scoped
+provider objects (Karpenter NodePools, KwokNodePools) belong to no namespace, so no tenant may
+name them inline unless the operator is told the cluster has a single tenant.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from modelbudget.api.pool import GpuPoolSpec
-from modelbudget.api.spec import ModelBudgetSpec, ProviderRef
+from modelbudget.api.spec import ModelBudgetSpec, ProviderKind, ProviderRef
 
 
 def _same_object(a: ProviderRef, b: ProviderRef, namespace: str) -> bool:
     return (a.kind, a.name, a.namespace or namespace) == (b.kind, b.name, b.namespace or namespace)
+
+
+CLUSTER_SCOPED = frozenset({ProviderKind.KARPENTER_NODE_POOL, ProviderKind.KWOK_NODE_POOL})
 
 
 def pools_not_allowed(
@@ -31,11 +36,16 @@ def pools_not_allowed(
     namespace: str,
     namespace_labels: Mapping[str, str] | None = None,
     gpu_pools: Mapping[str, GpuPoolSpec | None] | None = None,
+    inline_cluster_pools: bool = False,
 ) -> list[str]:
     """Why each pool of a ModelBudget in ``namespace`` is not its to use (empty: none).
 
     ``gpu_pools``: every GpuPool the cluster declares, plus each one the spec names
     (``None``: it does not exist); ``namespace_labels``: the namespace's labels.
+    ``inline_cluster_pools``: whether a ModelBudget may name a cluster-scoped provider object
+    (a Karpenter NodePool, a KwokNodePool) inline; off by default, since any tenant could then
+    resize capacity it was never granted (the operator's ``--inline-cluster-pools=allow``, for a
+    single-tenant cluster).
     """
     pools = gpu_pools or {}
     refused = []
@@ -57,6 +67,12 @@ def pools_not_allowed(
                 f"node pool {pool.name}: {ref.kind.value} {ref.name} is shared capacity declared by GpuPool "
                 f"{declared_by[0]}; draw from it with sharedPools[].pool: {declared_by[0]} "
                 "(the operator alone resizes it)"
+            )
+        elif ref.kind in CLUSTER_SCOPED and not inline_cluster_pools:
+            refused.append(
+                f"node pool {pool.name}: {ref.kind.value} {ref.name} is cluster-scoped capacity; a cluster admin "
+                f"declares it as a GpuPool (allowing this namespace) and this ModelBudget draws from it with "
+                f"sharedPools[].pool (docs/pools.md), or the operator runs with --inline-cluster-pools=allow"
             )
     for shared in spec.shared_pools:
         gp = pools.get(shared.pool)
