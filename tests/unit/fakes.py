@@ -16,7 +16,7 @@ from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
 from modelbudget.api.spec import Metrics, NodePool, OpenCostQueries, ProviderRef, TokenLimitPublish
-from modelbudget.controller.reconciler import Adapters
+from modelbudget.controller.reconciler import Adapters, Reconciler
 from modelbudget.core.observation import DemandSample, GateReport
 from modelbudget.core.prices import NodePrice
 
@@ -280,3 +280,9 @@ def as_the_apiserver_stores_it(value: Any) -> Any:
     if isinstance(value, list):
         return [as_the_apiserver_stores_it(v) for v in value]
     return value
+
+
+def example_reconciler(adapters: Adapters) -> Reconciler:
+    """A reconciler for examples/local-demo.yaml: the testbed has one tenant, so its inline
+    KwokNodePool is allowed (core/tenancy.py; the operator's --inline-cluster-pools=allow)."""
+    return Reconciler(adapters, inline_cluster_pools=True)

@@ -33,7 +33,7 @@ from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.reconciler import METRICS_THREADS, ObjectRef, Reconciler, previous_status
 from modelbudget.core.observation import DemandSample
 from tests.builders import merge
-from tests.unit.fakes import FakeCluster, FakeLeaseStore, demand
+from tests.unit.fakes import FakeCluster, FakeLeaseStore, demand, example_reconciler
 from tests.unit.test_controller_reconcile import T0, Harness, demo_spec
 
 POOL = demo_spec()["nodePools"][0]
@@ -112,7 +112,7 @@ def test_a_malformed_spec_is_reported_and_the_neighbour_keeps_working(
     case: str, patch: dict[str, Any], fragment: str
 ) -> None:
     cluster, _ = two_tenants(demand(T0, rps=20))
-    good, bad = asyncio.run(reconcile_both(Reconciler(cluster.adapters), spec_with(patch)))
+    good, bad = asyncio.run(reconcile_both(example_reconciler(cluster.adapters), spec_with(patch)))
     assert not isinstance(bad, BaseException), bad
     ready = next(c for c in bad.status_patch["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
@@ -148,7 +148,7 @@ def test_bad_metrics_are_reported_never_scaled_on_and_isolated(
     case: str, answer: DemandSample | Exception, reason: str, fragment: str
 ) -> None:
     cluster, _ = two_tenants(answer)
-    r = Reconciler(cluster.adapters)
+    r = example_reconciler(cluster.adapters)
     bad = asyncio.run(r.reconcile(ObjectRef("bad", "llm", 1), demo_spec(), {}, None, T0))
     assert cluster.scaler.sets == [] and cluster.pools.resizes == []  # blind: no scale-up
     conditions = {c["type"]: c for c in bad.status_patch["conditions"]}
@@ -164,7 +164,7 @@ def test_bad_metrics_are_reported_never_scaled_on_and_isolated(
 def test_a_missing_secret_names_the_secret_to_create() -> None:
     cluster, _ = two_tenants(demand(T0, rps=20))
     spec = merge(demo_spec(), {"metrics": {"auth": {"basicAuthSecretRef": "prom-auth"}}})
-    out = asyncio.run(Reconciler(cluster.adapters).reconcile(ObjectRef("bad", "llm", 1), spec, {}, None, T0))
+    out = asyncio.run(example_reconciler(cluster.adapters).reconcile(ObjectRef("bad", "llm", 1), spec, {}, None, T0))
     metrics = next(c for c in out.status_patch["conditions"] if c["type"] == "MetricsAvailable")
     assert metrics["reason"] == "MetricsUnreachable"
     assert "Secret bad/prom-auth has no key 'username'" in metrics["message"]
@@ -182,7 +182,7 @@ def test_a_missing_secret_names_the_secret_to_create() -> None:
 def test_a_corrupt_stored_status_is_started_afresh(stored: dict[str, Any]) -> None:
     cluster, _ = two_tenants(demand(T0, rps=20))
     out = asyncio.run(
-        Reconciler(cluster.adapters).reconcile(ObjectRef("good", "llm", 1), demo_spec(), stored, None, T0)
+        example_reconciler(cluster.adapters).reconcile(ObjectRef("good", "llm", 1), demo_spec(), stored, None, T0)
     )
     assert (
         out.status_patch is not None
@@ -325,7 +325,7 @@ def test_hung_prometheus_calls_do_not_stall_a_neighbour() -> None:
     # cores): were their queries on it, the neighbour's apiserver calls would wait 30 s.
     hung = HungFor({f"hung-{i}" for i in range(METRICS_THREADS - 1)})
     cluster.metrics = hung  # type: ignore[assignment]
-    r = Reconciler(cluster.adapters)
+    r = example_reconciler(cluster.adapters)
 
     async def scenario() -> float:
         stuck = [

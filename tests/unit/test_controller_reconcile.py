@@ -14,9 +14,9 @@ import yaml
 
 from modelbudget.api.status import ControllerState
 from modelbudget.controller import status as st
-from modelbudget.controller.reconciler import ObjectRef, Outcome, Reconciler
+from modelbudget.controller.reconciler import ObjectRef, Outcome
 from modelbudget.core.observation import DemandSample, GateReport
-from tests.unit.fakes import FakeCluster, as_the_apiserver_stores_it, demand
+from tests.unit.fakes import FakeCluster, as_the_apiserver_stores_it, demand, example_reconciler
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "local-demo.yaml"
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -50,7 +50,7 @@ class Harness:
         self.ref = ref
         self.status: dict[str, Any] = {}
         self.carried: ControllerState | None = None
-        self.reconciler = Reconciler(cluster.adapters)
+        self.reconciler = example_reconciler(cluster.adapters)
         self.writes = 0
 
     def tick(self, now: datetime) -> Outcome:

@@ -18,9 +18,9 @@ import pytest
 
 from modelbudget.adapters.metrics import PrometheusMetrics
 from modelbudget.controller import telemetry
-from modelbudget.controller.reconciler import Adapters, ObjectRef, Reconciler
+from modelbudget.controller.reconciler import Adapters, ObjectRef
 from tests.builders import merge
-from tests.unit.fakes import FakeCluster
+from tests.unit.fakes import FakeCluster, example_reconciler
 from tests.unit.test_controller_reconcile import T0, demo_spec
 
 TOKEN = "tok-7f3a9c2e1b"
@@ -91,7 +91,7 @@ def test_credentials_are_sent_and_never_reported(
     userinfo = f"{USER}:{URL_PASSWORD}@" if "basicAuthSecretRef" in auth else ""
     spec = merge(demo_spec(), {"metrics": {"prometheusUrl": f"http://{userinfo}{addr}", "auth": auth}})
     caplog.set_level(logging.DEBUG)  # urllib3 and requests log request lines at DEBUG
-    out = asyncio.run(Reconciler(adapters).reconcile(ObjectRef("demo", "llm", 1), spec, {}, None, T0))
+    out = asyncio.run(example_reconciler(adapters).reconcile(ObjectRef("demo", "llm", 1), spec, {}, None, T0))
 
     assert seen and all(a in (f"Bearer {TOKEN}", f"Basic {BASIC}") for a in seen)  # sent, and right
     metrics = next(c for c in out.status_patch["conditions"] if c["type"] == "MetricsAvailable")
@@ -115,7 +115,7 @@ def test_the_operator_metrics_carry_no_secrets_or_urls(prometheus: tuple[str, li
             }
         },
     )
-    out = asyncio.run(Reconciler(cluster.adapters).reconcile(ObjectRef("demo", "llm", 1), spec, {}, None, T0))
+    out = asyncio.run(example_reconciler(cluster.adapters).reconcile(ObjectRef("demo", "llm", 1), spec, {}, None, T0))
     done = out.reconciled
     assert done is not None
     telemetry.record("demo", "llm", done.resolved.spec, done.observation, done.decision, out.status.conditions, None)
