@@ -210,6 +210,14 @@ class TestModelServerMetrics:
         assert sample(registry, "vllm:num_requests_waiting", pod="") is None
         assert sample(registry, "vllm:num_requests_running", pod="p0") == 9
 
+    def test_finished_request_counters_exist_at_zero_before_the_first_answer(self) -> None:
+        # As vLLM does: a server whose first answers are still decoding has a rate of 0, not no series.
+        server, registry = make_server(["p0"], rps=1)
+        server.step()
+        assert server.state()["finished"] == 0
+        for reason in ("stop", "length"):
+            assert sample(registry, "vllm:request_success_total", pod="p0", finished_reason=reason) == 0
+
     def test_a_gone_pod_stops_being_a_series(self) -> None:
         server, registry = make_server(["p0", "p1"], rps=8)
         for _ in range(20):

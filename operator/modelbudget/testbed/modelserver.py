@@ -99,6 +99,7 @@ TPOT_BUCKETS = [
     40.0,
     80.0,
 ]
+FINISH_REASONS = ("stop", "length")  # vLLM's finished_reason label values the server produces
 OBSERVED_RATE_WINDOW = 10.0  # seconds of arrivals behind the observed req/s in /state
 
 
@@ -213,6 +214,11 @@ class VllmMetrics:
     def set_queue(self, running: dict[str, int], waiting: int) -> None:
         pods = sorted(running)
         self._forget(self._pods - set(pods))
+        # vLLM exports its finished-request counters at zero from the start, one per finish
+        # reason: a server whose first answers are still decoding has a rate of 0, not no series.
+        for pod in set(pods) - self._pods:
+            for reason in FINISH_REASONS:
+                self.success.labels(*self.base, pod, reason)
         self._pods = set(pods)
         for pod, n in running.items():
             self.running.labels(*self.base, pod).set(n)
@@ -227,7 +233,7 @@ class VllmMetrics:
             for metric in self._per_pod:
                 with contextlib.suppress(KeyError):
                     metric.remove(*self.base, pod)
-            for reason in ("stop", "length"):
+            for reason in FINISH_REASONS:
                 with contextlib.suppress(KeyError):
                     self.success.remove(*self.base, pod, reason)
 
