@@ -24,6 +24,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from support import (
     GPUS_PER_NODE,
+    MAX_NUM_SEQS,
     POOLS,
     REPO,
     Env,
@@ -196,7 +197,10 @@ def env(
     demand = ["--rate-curve", f"0:{spec.rps}", "--arrivals", "even", "--tokens-sigma", "0"]
     demand += ["--generated-tokens-mean", "400", "--prompt-tokens-mean", "100"]
     gate = [] if spec.builtin_gate else ["--no-builtin-gate"]
-    url = model_server(namespace, "llm", *demand, *gate, "--tokens-per-second-per-replica", "1000")
+    # Batches of 32 (as support.budget's pools say): a 400-token answer decodes in ~13 s, so answers
+    # complete within a test's minute; at vLLM's default 256 a full batch decodes at ~4 tokens/s.
+    serving = ["--tokens-per-second-per-replica", "1000", "--max-num-seqs", str(MAX_NUM_SEQS)]
+    url = model_server(namespace, "llm", *demand, *gate, *serving)
     e = Env(api_client, namespace, pool, url, testbed)
     wait_for(lambda: e.running_pods() == spec.replicas, 60, f"{spec.replicas} running pods")
     yield e

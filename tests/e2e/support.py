@@ -55,6 +55,7 @@ MB = ("modelbudget.dev", "v1alpha1")
 POOLS = ("testbed.modelbudget.dev", "v1alpha1", "kwoknodepools")
 GPUS_PER_NODE = 2
 NODE_PRICE = GPUS_PER_NODE * 2.0  # $/h at $2 per GPU-hour
+MAX_NUM_SEQS = 32  # the model server's batch, and the pools' serving.maxNumSeqs: answers complete in seconds
 T = TypeVar("T")
 
 
@@ -197,6 +198,7 @@ def budget(
                 "minNodes": 1,
                 "maxNodes": 6,
                 "tokensPerSecondPerReplica": 1000,
+                "serving": {"maxNumSeqs": MAX_NUM_SEQS},
                 "providerRef": {"kind": "KwokNodePool", "name": pool},
             }
         ],

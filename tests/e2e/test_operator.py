@@ -125,7 +125,11 @@ def test_two_operators_one_leader_and_a_restart_keeps_the_ledger(env: Env) -> No
 
 @world(replicas=1, rps=20.0)
 def test_recommend_mode_changes_nothing(env: Env) -> None:
-    env.apply_budget(budget("llm", env.pool, env.prometheus, mode="Recommend"))
+    recommend = budget("llm", env.pool, env.prometheus, mode="Recommend")
+    # A window longer than one answer (~13 s): at one replica the batch runs in waves of 32 equal
+    # answers, and a shorter window can hold no completion (generated tokens unknown: metrics held).
+    recommend["spec"]["metrics"]["window"] = "30s"
+    env.apply_budget(recommend)
     env.start_operator()
     env.wait_for(lambda: env.status().get("plan", {}).get("replicas", 1) > 1, 60, "a recommendation")
     time.sleep(6)
