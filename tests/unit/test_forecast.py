@@ -145,15 +145,17 @@ def test_a_window_hold_goes_once_the_forecast_says_it_will_not_be_needed(high_se
 
 def test_a_rising_forecast_buys_replicas_before_demand_arrives() -> None:
     # Demand ramps by 0.1 req/s per bucket to 3.9 req/s: three minutes ahead it will be 4.5, which
-    # needs a third 4-GPU node; a point is worth enough that the economics want it.
+    # needs a third 4-GPU node; a point is worth enough that the economics want it.  The SLO is
+    # loose: at a point's worth, replicas for smaller batches would otherwise fill replicas.max now.
     fast = {"scaleUp": {"maxReplicasPerPeriod": 100}}
     budget = {"ceiling": {"amount": 100, "period": "Hour"}, "valuePerPoint": 1.0}
+    slo = {"latencySeconds": 3600}
     peaks = list(0.1 * np.arange(40))
     state = ControllerState(token_limit=8192, demand_history=history(peaks))
     obs = observe(rps=peaks[-1], replicas=8, nodes={"pool-a": 2})
-    plan = decide_for(obs, make_spec(behavior=fast, budget=budget), state, NOW).plan
+    plan = decide_for(obs, make_spec(behavior=fast, budget=budget, slo=slo), state, NOW).plan
     off = {**fast, "forecast": {"enabled": False}}
-    blind = decide_for(obs, make_spec(behavior=off, budget=budget), state, NOW).plan
+    blind = decide_for(obs, make_spec(behavior=off, budget=budget, slo=slo), state, NOW).plan
     assert plan.forecast is not None and plan.forecast.upper_requests_per_second == pytest.approx(peaks[-1] + 0.1 * H)
     assert plan.has_reason(Reason.FORECAST_SCALE_UP)
     assert plan.replicas > blind.replicas

@@ -87,8 +87,9 @@ def test_bounds(case, spec_patch, obs_kwargs, expect_reason, check):
 
 def test_token_limit_drops_before_requests_are_capped():
     # $16/h buys 2 nodes = 8 replicas = 8,000 tok/s. At 10 req/s the limit must come down so the
-    # mean generated tokens fit (<= 800/request), and no admission cap is needed yet.
-    spec = make_spec(budget={"ceiling": {"amount": 16}})
+    # mean generated tokens fit (<= 800/request), and no admission cap is needed yet.  The SLO is
+    # loose so that the budget, not the batch latency allows, is what binds.
+    spec = make_spec(budget={"ceiling": {"amount": 16}}, slo={"latencySeconds": 3600})
     plan = decide_for(observe(rps=10, replicas=8, mean_wanted=3000), spec, STEADY, NOW)
     assert plan.plan.admitted_requests_per_second is None
     assert plan.plan.token_limit < 2000

@@ -9,8 +9,10 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
    grid (plus the marginal-rule optimum ``L* = v*b/c`` of each pool), the replicas that serve the
    demand (``lambda * G(L)`` tokens/s, queue drained in ``queueDrainSeconds``) on the
    cheapest-per-token ladder, and the net value ``v * lambda * score(L) - spend``.  The best
-   feasible ``L`` wins, and free slots on nodes paid anyway are filled; if none is feasible even
-   at the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
+   feasible ``L`` wins, and free slots on nodes paid anyway are filled.  Only requests that finish
+   in time score (as the oracles count them): each limit is valued at the batch a busy moment
+   brings (``BURST_MARGIN``), with replicas added while the requests they bring in time pay.  If
+   none is feasible even at the smallest limit, demand is capped (admitted rate) -- tokens are trimmed before requests.
    Untrusted metrics: hold replicas (never scale up); after ``fallback.afterSeconds`` apply the
    fallback, which can only scale down.
    ``size_for_limit_in_force``: when no gate applies the published limit (TokenLimitEnforced),
@@ -87,6 +89,13 @@ GRID_MAX_POINTS = 161
 # demand the best limit wobbles by a step from tick to tick, and each move is a ConfigMap write,
 # an Event and a reload in every gate for b*ln(1.09) of performance.
 HOLD_RATIO = 2.0 ** (1.0 / GRID_STEPS_PER_DOUBLING) * (1.0 + 1e-9)
+# The economic search values a limit at the requests that finish in time at the batch of a busy
+# moment: ``b + BURST_MARGIN * z * sqrt(b)``.  The demand it sizes for is one window's mean, and the
+# replicas it picks serve until the next decision plus a replica start: bursts in between run far
+# larger batches than a Poisson batch around that mean.  Measured on bench/simulate.py (share of
+# the delay-aware oracle's score on the four weakest rows): 1 (no margin) 0.83-0.92, 1.41
+# 0.83-0.96, 2 0.84-0.97, 3 0.86-0.97 -- 3 also changed plans 2 leaves alone (spot, catching up).
+BURST_MARGIN = 2.0
 FORECAST_BUCKET_SECONDS = 30  # two decisions of the operator's timer per bucket of demand history
 _EPS = 1e-6
 
@@ -329,11 +338,40 @@ def _search(ctx: Context) -> _Search:
             why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
             blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
             continue
-        n = max(need, ctx.min_replicas)
-        net = value_per_hour[i] - ladder.spend(n)
+        n, net = _best_replicas_in_time(ctx, float(grid[i]), float(tokens[i]), max(need, ctx.min_replicas))
         if best is None or net >= best[2] - _EPS:
             best = (i, n, net)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+
+
+def _best_replicas_in_time(ctx: Context, limit: float, tokens: float, fewest: int) -> tuple[int, float]:
+    """The replicas, from ``fewest`` up to what the allowance and the pools allow, with the best net
+    value at ``limit``, valuing only the requests that finish in time: a request generating
+    ``min(W, limit)`` scores only if its prefill and decode at the busy batch (the SLO's percentile
+    of a Poisson batch) its replica runs meet the SLO -- as the oracles count it.  More replicas
+    mean smaller batches and so more requests in time; the search pays for them only as far as
+    they are worth it."""
+    profile, speed, spec = ctx.verdict.profile, ctx.resolved.speed, ctx.spec
+    assert profile is not None and ctx.obs.demand.request_rate is not None
+    used = np.maximum(np.minimum(profile.wanted, limit), 1.0)
+    curve = ctx.resolved.curve
+    scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
+    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
+    value_of_all = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0
+    z = BURST_MARGIN * _slo_z(spec)
+    best: tuple[int, float] | None = None
+    for n in range(fewest, max(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), fewest) + 1):
+        mean = speed.batch_for(ctx.demand * tokens / n) if n else math.inf
+        within = 0.0  # more than a full batch per replica: the queue grows and nobody is in time
+        if mean <= speed.max_num_seqs:
+            within = largest_limit_within(speed, spec.slo, prompt, min(busy_batch(mean, z), speed.max_num_seqs))
+        net = value_of_all * float(np.mean(np.where(used <= within + _EPS, scores, 0.0))) - ctx.ladder.spend(n)
+        if best is None or net > best[1] + _EPS:
+            best = (n, net)
+        if within + _EPS >= used[-1]:  # every request is in time: more replicas only cost more
+            break
+    assert best is not None
+    return best
 
 
 def _slo_tokens(ctx: Context, limit: float) -> float:
