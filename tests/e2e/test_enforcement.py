@@ -47,7 +47,8 @@ def test_token_limit_enforced_follows_the_real_gates(env: Env, testbed: Testbed)
         wait_for(lambda: enforced(env) == ("True", "Enforced"), 90, "TokenLimitEnforced=True")
         published = env.token_limit()
         assert all(gate.metric("modelbudget_gate_token_limit") == published for gate, _ in gates)
-        assert env.status()["demand"]["source"] == "Gate"
+        # Demand is the gates' arrivals once the first answers give token figures (metrics held before).
+        wait_for(lambda: env.status().get("demand", {}).get("source") == "Gate", 60, "demand read from the gates")
         warnings_before = len(env.events("NoGate"))
 
         stop_gates(gates)

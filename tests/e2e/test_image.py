@@ -372,6 +372,7 @@ def test_the_image_runs_confined_as_the_chart_says_and_reconciles(
         "replicaCount=0",
         "crds.install=false",  # modelbudget_crd applied it; other releases may own it
         "rbac.nodePoolProviders.kwok=true",
+        "tenancy.inlineClusterPools=true",  # the world's ModelBudget names its KwokNodePool inline
         f"watchNamespaces={{{namespace}}}",
         "operator.intervalSeconds=3",
         "operator.statusHeartbeatSeconds=5",
