@@ -27,7 +27,6 @@ from modelbudget.api.status import (
     Knob,
     ModelBudgetStatus,
     Plan,
-    PoolPrice,
     SpendStatus,
 )
 from modelbudget.core.observation import Observation
@@ -233,7 +232,7 @@ def build_status(previous: ModelBudgetStatus, facts: Facts, generation: int | No
             utilization=running / plan.allowed_spend_per_hour if plan.allowed_spend_per_hour > 0 else 0.0,
             source=decision.prices.source,
             period_to_date_at_spec_prices=ledger.spent_at_spec_prices,
-            pools=[PoolPrice(**vars(p)) for p in decision.prices.pools] or None,
+            pools=list(decision.prices.pools) or None,
         )
     demand = DemandStatus(
         source=obs.demand.demand_source if obs.demand.at is not None else None,

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import ModelBudgetSpec, PriceSource
+from modelbudget.api.status import PoolPrice
 from modelbudget.core.capacity import node_price, spend_of
 
 # Beyond this a node price is a broken exporter or query, not a price.
@@ -43,21 +44,11 @@ class ObservedPrices:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class PoolPrice:
-    """One pool's node price: the spec's, and the mean OpenCost reports for its running nodes."""
-
-    pool: str
-    nodes: int
-    spec_per_node_hour: float
-    observed_per_node_hour: float | None
-    observed_per_gpu_hour: float | None
-
-    def deviation(self) -> float | None:
-        """(observed - spec) / spec; None when no node of the pool is priced."""
-        if self.observed_per_node_hour is None:
-            return None
-        return (self.observed_per_node_hour - self.spec_per_node_hour) / self.spec_per_node_hour
+def deviation(price: PoolPrice) -> float | None:
+    """(observed - spec) / spec; None when no node of the pool is priced."""
+    if price.observed_per_node_hour is None:
+        return None
+    return (price.observed_per_node_hour - price.spec_per_node_hour) / price.spec_per_node_hour
 
 
 @dataclass(frozen=True)
@@ -147,9 +138,9 @@ def assess_prices(
     tolerance = spec.spend.price_tolerance
     off = [
         f"pool {p.pool}: OpenCost ${p.observed_per_node_hour:.2f}/node-hour vs spec ${p.spec_per_node_hour:.2f} "
-        f"({deviation:+.0%})"
+        f"({off_by:+.0%})"
         for p in pools
-        if (deviation := p.deviation()) is not None and abs(deviation) > tolerance + 1e-9
+        if (off_by := deviation(p)) is not None and abs(off_by) > tolerance + 1e-9
     ]
     if off:
         message = f"spec prices off by more than {tolerance:.0%}: {'; '.join(off)}"
