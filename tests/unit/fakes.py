@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -12,6 +12,7 @@ from modelbudget.adapters.gpupools import DeclaredPool
 from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
+from modelbudget.adapters.routing import BackendNotInRoute, RouteNotFound
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
@@ -174,6 +175,34 @@ class FakeConflicts:
 
     def find(self, namespace: str, deployment: str) -> list[str]:
         return list(self.found)
+
+
+@dataclass
+class FakeTrafficRouter:
+    """HTTPRoutes as (namespace, route) -> {backend Service: weight}; records every write."""
+
+    routes: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    writes: list[tuple[str, str, dict[str, int]]] = field(default_factory=list)
+
+    def _route(self, namespace: str, route: str, services: Collection[str]) -> dict[str, int]:
+        if (namespace, route) not in self.routes:
+            raise RouteNotFound(f"HTTPRoute {namespace}/{route} not found")
+        backends = self.routes[namespace, route]
+        if missing := set(services) - set(backends):
+            raise BackendNotInRoute(f"HTTPRoute {namespace}/{route}", missing)
+        return backends
+
+    def weights(self, namespace: str, route: str, services: Collection[str]) -> dict[str, int | None]:
+        backends = self._route(namespace, route, services)
+        return {s: backends[s] for s in services}
+
+    def publish(self, namespace: str, route: str, weights: Mapping[str, int]) -> bool:
+        backends = self._route(namespace, route, weights)
+        if all(backends[s] == w for s, w in weights.items()):
+            return False
+        backends.update(weights)
+        self.writes.append((namespace, route, dict(weights)))
+        return True
 
 
 @dataclass
