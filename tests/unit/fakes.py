@@ -157,13 +157,15 @@ class FakeTokenLimits:
     limit: int | None = None
     admitted_rps_per_pod: float | None = None
     published: list[int | None] = field(default_factory=list)
+    variant_weights: Mapping[str, int] | None = None
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
-        return Published(self.limit, self.admitted_rps_per_pod)
+        return Published(self.limit, self.admitted_rps_per_pod, self.variant_weights)
 
     def publish(self, namespace: str, target: str, publish: TokenLimitPublish, values: Published) -> None:
         self.published.append(values.token_limit)
         self.limit, self.admitted_rps_per_pod = values.token_limit, values.admitted_rps_per_pod
+        self.variant_weights = values.variant_weights
 
 
 GATE_DEFAULT_LIMIT = 8192  # what a gate applies before anything is published (its --default-max-tokens)
