@@ -174,22 +174,39 @@ async def test_forbidden_is_a_rejection_not_a_client_exception(kmock: kmock.RawH
         await asyncio.to_thread(router.publish, "demo", "chat", {"llama-70b": 30})
 
 
+# What a real apiserver answers to a failed JSON patch ``test`` (and to an invalid patch alike).
+UNPROCESSABLE = {"kind": "Status", "code": 422, "reason": "Invalid", "message": "the server rejected our request"}
+
+
 @against_kmock
 async def test_a_route_that_keeps_moving_is_read_again_then_a_conflict(kmock: kmock.RawHandler) -> None:
-    kmock[f"get {ROUTE_PATH}"] << route()
-    failed_test = {"kind": "Status", "code": 422, "message": "Testing value /spec/rules/0/backendRefs/0/name failed"}
-    kmock[f"patch {ROUTE_PATH}"] << 422 << failed_test
+    reads = 0
+
+    def moving_route() -> dict[str, Any]:
+        """Someone rotates the first rule's backends before every patch lands."""
+        nonlocal reads
+        reads += 1
+        moved = route()
+        refs = moved["spec"]["rules"][0]["backendRefs"]
+        moved["spec"]["rules"][0]["backendRefs"] = refs[reads % 3 :] + refs[: reads % 3]
+        return moved
+
+    kmock[f"get {ROUTE_PATH}"] << moving_route
+    kmock[f"patch {ROUTE_PATH}"] << 422 << UNPROCESSABLE
     router = HTTPRouteRouter(kube(kmock.url))
     with pytest.raises(Conflict, match="kept changing"):
         await asyncio.to_thread(router.publish, "demo", "chat", {"llama-70b": 30})
-    assert len(kmock[f"get {ROUTE_PATH}"]) == len(kmock[f"patch {ROUTE_PATH}"]) == PATCH_ATTEMPTS
+    assert len(kmock[f"patch {ROUTE_PATH}"]) == PATCH_ATTEMPTS
+    assert reads == PATCH_ATTEMPTS + 1
+    # Each attempt was built on the latest read: its tests name what that read had at each position.
+    first_tests = [json.loads(p.body)[0] for p in kmock[f"patch {ROUTE_PATH}"]]
+    assert [t["path"] for t in first_tests] == [f"/spec/rules/0/backendRefs/{i}/name" for i in (2, 1, 0)]
 
 
 @against_kmock
-async def test_an_invalid_patch_is_not_retried(kmock: kmock.RawHandler) -> None:
+async def test_an_invalid_patch_on_a_route_that_did_not_move_is_not_retried(kmock: kmock.RawHandler) -> None:
     kmock[f"get {ROUTE_PATH}"] << route()
-    invalid = {"kind": "Status", "code": 422, "message": "HTTPRoute.gateway.networking.k8s.io is invalid"}
-    kmock[f"patch {ROUTE_PATH}"] << 422 << invalid
+    kmock[f"patch {ROUTE_PATH}"] << 422 << UNPROCESSABLE
     router = HTTPRouteRouter(kube(kmock.url))
     with pytest.raises(Rejected, match="HTTP 422"):
         await asyncio.to_thread(router.publish, "demo", "chat", {"llama-70b": 30})

@@ -115,10 +115,29 @@ def weights_patch(where: str, route: Mapping[str, Any], weights: Mapping[str, in
     return ops
 
 
-def _route_moved(err: Rejected) -> bool:
-    """Did the patch fail on a ``test`` (the backendRefs changed since they were read)?"""
+def _unprocessable(err: Rejected) -> bool:
+    """A 422: what the apiserver answers to a failed ``test`` -- and to a patch that is invalid."""
     cause = err.__cause__
-    return isinstance(cause, ApiException) and cause.status == 422 and "testing value" in str(cause.body).lower()
+    return isinstance(cause, ApiException) and cause.status == 422
+
+
+def _tests_hold(route: Mapping[str, Any], ops: list[dict[str, Any]]) -> bool:
+    """Do the patch's ``test`` operations hold on ``route``? (Tells a route that moved under the
+    patch from a patch the apiserver found invalid: it gives both the same answer.)"""
+    for op in ops:
+        if op["op"] != "test":
+            continue
+        node: Any = route
+        for part in op["path"].strip("/").split("/"):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                return False
+        if node != op["value"]:
+            return False
+    return True
 
 
 class HTTPRouteRouter:
@@ -141,8 +160,9 @@ class HTTPRouteRouter:
 
     def publish(self, namespace: str, route: str, weights: Mapping[str, int]) -> bool:
         where = f"HTTPRoute {namespace}/{route}"
+        current = self._read(namespace, route)
         for _ in range(PATCH_ATTEMPTS):
-            ops = weights_patch(where, self._read(namespace, route), weights)
+            ops = weights_patch(where, current, weights)
             if not ops:
                 return False
             try:
@@ -154,6 +174,9 @@ class HTTPRouteRouter:
             except NotFound as exc:
                 raise RouteNotFound(f"{where} was deleted while its weights were set") from exc
             except Rejected as exc:
-                if not _route_moved(exc):
+                if not _unprocessable(exc):
+                    raise
+                current = self._read(namespace, route)
+                if _tests_hold(current, ops):  # the route is where it was: the patch itself was refused
                     raise
         raise Conflict(f"{where}: its backendRefs kept changing while the weights were set; the next reconcile retries")
