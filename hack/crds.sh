@@ -2,6 +2,8 @@
 # The real CRDs of the node pool engines the operator resizes, for the testbed:
 #   karpenter.sh NodePool             sigs.k8s.io/karpenter     pkg/apis/crds/karpenter.sh_nodepools.yaml
 #   cluster.x-k8s.io MachineDeployment sigs.k8s.io/cluster-api  config/crd/bases/cluster.x-k8s.io_machinedeployments.yaml
+# and the Gateway API's standard channel, whose HTTPRoute backend weights the operator sets:
+#   gateway.networking.k8s.io GatewayClass, Gateway, HTTPRoute  sigs.k8s.io/gateway-api  config/crd/standard/
 # Each is read from its module's zip on the Go module proxy (checksummed by `go mod download`
 # against the Go checksum database), at the version pinned in hack/versions.sh, and cached in
 # $MB_CACHE/crds/; a second run only checks the cache.
@@ -19,6 +21,9 @@ log() { echo "[crds $(date +%H:%M:%S)] $*" >&2; }
 CRDS=(
   "karpenter sigs.k8s.io/karpenter $KARPENTER_VERSION pkg/apis/crds/karpenter.sh_nodepools.yaml"
   "cluster-api sigs.k8s.io/cluster-api $CLUSTER_API_VERSION config/crd/bases/cluster.x-k8s.io_machinedeployments.yaml"
+  "gateway-api sigs.k8s.io/gateway-api $GATEWAY_API_VERSION config/crd/standard/gateway.networking.k8s.io_gatewayclasses.yaml"
+  "gateway-api sigs.k8s.io/gateway-api $GATEWAY_API_VERSION config/crd/standard/gateway.networking.k8s.io_gateways.yaml"
+  "gateway-api sigs.k8s.io/gateway-api $GATEWAY_API_VERSION config/crd/standard/gateway.networking.k8s.io_httproutes.yaml"
 )
 
 # fetch_one NAME MODULE VERSION PATH: the cached file's path on stdout.
@@ -71,7 +76,12 @@ cmd_install() {
   "$kubectl" wait --for condition=Established --timeout 60s \
     crd/nodepools.karpenter.sh crd/machinedeployments.cluster.x-k8s.io >/dev/null \
     || die "the engines' CRDs did not become Established"
+  "$kubectl" wait --for condition=Established --timeout 60s \
+    crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io \
+    crd/httproutes.gateway.networking.k8s.io >/dev/null \
+    || die "the Gateway API CRDs did not become Established"
   log "installed karpenter v$KARPENTER_VERSION NodePool, cluster-api v$CLUSTER_API_VERSION MachineDeployment"
+  log "installed gateway-api v$GATEWAY_API_VERSION GatewayClass, Gateway, HTTPRoute (standard channel)"
 }
 
 case ${1:-} in

@@ -15,4 +15,7 @@ helm_bin() { echo "$MB_CACHE/helm-v$HELM_VERSION/bin"; }
 # next to the binaries, never committed.
 KARPENTER_VERSION=${KARPENTER_VERSION:-1.15.0}
 CLUSTER_API_VERSION=${CLUSTER_API_VERSION:-1.13.6}
+# Gateway API standard channel (GatewayClass, Gateway, HTTPRoute): the routes whose backend
+# weights the operator publishes.
+GATEWAY_API_VERSION=${GATEWAY_API_VERSION:-1.7.0}
 crd_dir()  { echo "$MB_CACHE/crds/$1-v$2"; }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -12,6 +12,7 @@ from modelbudget.adapters.gpupools import DeclaredPool
 from modelbudget.adapters.lease import LeaseRecord
 from modelbudget.adapters.metrics import PrometheusCredentials
 from modelbudget.adapters.nodepools import node_selector
+from modelbudget.adapters.routing import BackendNotInRoute, RouteNotFound
 from modelbudget.adapters.scaler import ScaleState
 from modelbudget.adapters.secrets import SecretMissing
 from modelbudget.adapters.tokenlimit import Published
@@ -156,13 +157,15 @@ class FakeTokenLimits:
     limit: int | None = None
     admitted_rps_per_pod: float | None = None
     published: list[int | None] = field(default_factory=list)
+    variant_weights: Mapping[str, int] | None = None
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
-        return Published(self.limit, self.admitted_rps_per_pod)
+        return Published(self.limit, self.admitted_rps_per_pod, self.variant_weights)
 
     def publish(self, namespace: str, target: str, publish: TokenLimitPublish, values: Published) -> None:
         self.published.append(values.token_limit)
         self.limit, self.admitted_rps_per_pod = values.token_limit, values.admitted_rps_per_pod
+        self.variant_weights = values.variant_weights
 
 
 GATE_DEFAULT_LIMIT = 8192  # what a gate applies before anything is published (its --default-max-tokens)
@@ -174,6 +177,34 @@ class FakeConflicts:
 
     def find(self, namespace: str, deployment: str) -> list[str]:
         return list(self.found)
+
+
+@dataclass
+class FakeTrafficRouter:
+    """HTTPRoutes as (namespace, route) -> {backend Service: weight}; records every write."""
+
+    routes: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    writes: list[tuple[str, str, dict[str, int]]] = field(default_factory=list)
+
+    def _route(self, namespace: str, route: str, services: Collection[str]) -> dict[str, int]:
+        if (namespace, route) not in self.routes:
+            raise RouteNotFound(f"HTTPRoute {namespace}/{route} not found")
+        backends = self.routes[namespace, route]
+        if missing := set(services) - set(backends):
+            raise BackendNotInRoute(f"HTTPRoute {namespace}/{route}", missing)
+        return backends
+
+    def weights(self, namespace: str, route: str, services: Collection[str]) -> dict[str, int | None]:
+        backends = self._route(namespace, route, services)
+        return {s: backends[s] for s in services}
+
+    def publish(self, namespace: str, route: str, weights: Mapping[str, int]) -> bool:
+        backends = self._route(namespace, route, weights)
+        if all(backends[s] == w for s, w in weights.items()):
+            return False
+        backends.update(weights)
+        self.writes.append((namespace, route, dict(weights)))
+        return True
 
 
 @dataclass

@@ -17,7 +17,7 @@ from modelbudget.adapters.errors import Conflict, NotFound, Rejected, Unavailabl
 from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
-from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published
+from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published, parse_weights, weights_json
 from modelbudget.adapters.watchcache import WatchCache
 from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
 
@@ -104,12 +104,51 @@ async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock:
     # resourceVersion read makes the patch conditional on nobody having changed it since.
     assert kmock[f"patch {cm}"][0].data == {
         "metadata": {"resourceVersion": "41"},
-        "data": {"tokens": "256", "admitted_rps_per_pod": None},
+        "data": {"tokens": "256", "admitted_rps_per_pod": None, "weights": None},
     }
     annotations = kmock[f"patch {DEPLOY}"][0].data["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"modelbudget.dev/max-tokens": "256"}
     # The only Deployment touched is the target, in the ModelBudget's namespace.
     assert [r.url.path for r in kmock["patch"]] == [cm, DEPLOY]
+
+
+@against_kmock
+async def test_token_limit_publishes_variant_weights_under_the_weights_key(kmock: kmock.RawHandler) -> None:
+    cm = "/api/v1/namespaces/demo/configmaps/limits"
+    kmock[f"get {cm}"] << {
+        "kind": "ConfigMap",
+        "metadata": {"name": "limits", "resourceVersion": "9", "labels": MANAGED},
+        "data": {"max_tokens": "512", "split": '{"big":40,"small":60}'},
+    }
+    kmock[f"patch {cm}"] << {"kind": "ConfigMap"}
+    publish = TokenLimitPublish.model_validate({"configMap": {"name": "limits", "weightsKey": "split"}})
+    sink = KubeTokenLimitSink(kube(kmock.url))
+    assert await asyncio.to_thread(sink.read, "demo", "demo-llm", publish) == Published(
+        512, None, {"big": 40, "small": 60}
+    )
+    await asyncio.to_thread(sink.publish, "demo", "demo-llm", publish, Published(512, None, {"small": 75, "big": 25}))
+    assert kmock[f"patch {cm}"][0].data["data"]["split"] == '{"big":25,"small":75}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "weights"),
+    [
+        ('{"big":40,"small":60}', {"big": 40, "small": 60}),
+        (None, None),
+        ("", None),
+        ("not json", None),
+        ("[40, 60]", None),
+        ('{"big":"40"}', None),
+        ('{"big":40.5}', None),
+        ('{"big":true}', None),
+    ],
+)
+def test_published_weights_that_are_not_variant_percentages_read_as_none(
+    raw: str | None, weights: dict[str, int] | None
+) -> None:
+    assert parse_weights(raw) == weights
+    if weights is not None:
+        assert parse_weights(weights_json(weights)) == weights
 
 
 @pytest.mark.parametrize("labels", [None, {"app.kubernetes.io/managed-by": "helm"}], ids=["unlabelled", "helm's"])

@@ -112,6 +112,16 @@ BAD = [
         {"curve": {"samples": [{"tokens": 1, "performance": 0}] * 3}},
         "curve needs either intercept and slope, or samples to fit (not both)",
     ),
+    (
+        "weights key is the token limit's key",
+        {"tokenLimits": {"publish": {"configMap": {"weightsKey": "max_tokens"}}}},
+        "tokenLimits.publish.configMap.weightsKey must differ from key and from admitted_rps_per_pod",
+    ),
+    (
+        "weights key is the admission key",
+        {"tokenLimits": {"publish": {"configMap": {"key": "limit", "weightsKey": "admitted_rps_per_pod"}}}},
+        "tokenLimits.publish.configMap.weightsKey must differ from key and from admitted_rps_per_pod",
+    ),
 ]
 
 
@@ -125,6 +135,7 @@ def test_cross_field_rule_rejects_in_model_and_in_cel(case, patch, message):
 
 
 FIELD_ERRORS = [
+    ("route without a name", {"routing": {"httpRouteRef": {}}}, "Field required"),
     (
         "negative price",
         {"nodePools": [{**spec_dict()["nodePools"][0], "pricePerGpuHour": -1}]},
@@ -220,3 +231,14 @@ def test_gpu_pool_allows_namespaces_by_name_or_label() -> None:
     assert allowed.allows("team-a", {})
     assert allowed.allows("team-b", {"gpu": "l4", "other": "x"})
     assert not allowed.allows("team-c", {"gpu": "a100"})
+
+
+def test_routing_names_an_httproute_and_the_weights_key_defaults() -> None:
+    spec = ModelBudgetSpec.model_validate(spec_dict(routing={"httpRouteRef": {"name": "chat"}}))
+    assert spec.routing is not None and spec.routing.http_route_ref.name == "chat"
+    assert spec.token_limits.publish.config_map.weights_key == "weights"
+    wire = spec.model_dump(by_alias=True, exclude_none=True)
+    assert wire["routing"] == {"httpRouteRef": {"name": "chat"}}
+    assert ModelBudgetSpec.model_validate(wire) == spec
+    assert openapi_errors(crd_schema()["properties"]["spec"], wire) == []
+    assert cel_violations(crd_schema()["properties"]["spec"], wire) == []

@@ -91,6 +91,10 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["list", "watch"]
+# adapters/routing.py: the variants' weights on the HTTPRoute named in spec.routing (get by name).
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "patch"]
 {{- if .Values.rbac.nodePoolProviders.clusterAPI }}
 # adapters/nodepools.py: Cluster API pools are sized by spec.replicas.
 - apiGroups: ["cluster.x-k8s.io"]

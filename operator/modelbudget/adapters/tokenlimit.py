@@ -12,6 +12,8 @@ Deployment the ModelBudget targets.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +38,8 @@ class Published:
 
     token_limit: int | None  # None: never published, or not a number
     admitted_rps_per_pod: float | None = None  # None: no admission cap
+    # With variants: each variant's traffic share in percent, for the gate or any other router.
+    variant_weights: Mapping[str, int] | None = None  # None: no variants (or never published)
 
 
 class TokenLimitSink(Protocol):
@@ -49,6 +53,22 @@ def _number(raw: str | None, kind: type[int] | type[float]) -> float | None:
         return kind(raw) if raw not in (None, "") else None
     except ValueError:
         return None
+
+
+def weights_json(weights: Mapping[str, int]) -> str:
+    """The weights key's value: a JSON object, variant -> percent, in a stable order (no spurious writes)."""
+    return json.dumps(dict(sorted(weights.items())), separators=(",", ":"))
+
+
+def parse_weights(raw: str | None) -> dict[str, int] | None:
+    """The weights as published, or None when absent or not a JSON object of variant -> integer percent."""
+    try:
+        weights = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(weights, dict) or not all(type(w) is int for w in weights.values()):
+        return None
+    return weights
 
 
 class KubeTokenLimitSink:
@@ -65,7 +85,11 @@ class KubeTokenLimitSink:
             return Published(None)
         data = cm.data or {}
         limit = _number(data.get(publish.config_map.key), int)
-        return Published(None if limit is None else int(limit), _number(data.get(ADMISSION_KEY), float))
+        return Published(
+            None if limit is None else int(limit),
+            _number(data.get(ADMISSION_KEY), float),
+            parse_weights(data.get(publish.config_map.weights_key)),
+        )
 
     def publish(self, namespace: str, target: str, publish: TokenLimitPublish, values: Published) -> None:
         """Write the fast knobs; raises ``Rejected``, changing nothing, when the ConfigMap exists
@@ -73,7 +97,12 @@ class KubeTokenLimitSink:
         name = config_map_name(publish, target)
         where = f"ConfigMap {namespace}/{name}"
         admitted = None if values.admitted_rps_per_pod is None else f"{values.admitted_rps_per_pod:g}"
-        data = {publish.config_map.key: str(values.token_limit), ADMISSION_KEY: admitted}  # None deletes the key
+        weights = None if not values.variant_weights else weights_json(values.variant_weights)
+        data = {  # None deletes the key
+            publish.config_map.key: str(values.token_limit),
+            ADMISSION_KEY: admitted,
+            publish.config_map.weights_key: weights,
+        }
         try:
             with kube_errors(where):
                 existing = self._core.read_namespaced_config_map(name, namespace)

@@ -287,9 +287,26 @@ class Replicas(ApiModel):
     gpus_per_replica: int = Field(default=1, ge=1, le=64)
 
 
+@cross_field_rules(
+    CrossFieldRule(
+        # Written with the defaults spelled out, so the rule holds on a manifest before defaulting too.
+        cel="(has(self.weightsKey) ? self.weightsKey : 'weights') != (has(self.key) ? self.key : 'max_tokens') "
+        "&& (has(self.weightsKey) ? self.weightsKey : 'weights') != 'admitted_rps_per_pod'",
+        message="tokenLimits.publish.configMap.weightsKey must differ from key and from admitted_rps_per_pod",
+        check=lambda c: c.weights_key not in (c.key, "admitted_rps_per_pod"),
+    ),
+)
 class ConfigMapTarget(ApiModel):
     name: Name | None = Field(default=None, description="Default: <targetRef.name>-token-limit.")
     key: str = Field(default="max_tokens", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    weights_key: str = Field(
+        default="weights",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="With variants: the key holding each variant's traffic share as JSON "
+        '{"<variant>": <percent>}, for the gate or any other router to read.',
+    )
 
 
 class TokenLimitPublish(ApiModel):
@@ -515,6 +532,22 @@ class Behavior(ApiModel):
     )
 
 
+class HTTPRouteRef(ApiModel):
+    """A Gateway API HTTPRoute in the ModelBudget's own namespace."""
+
+    name: Name
+
+
+class Routing(ApiModel):
+    """Where the variants' traffic shares are published for the users' traffic to follow."""
+
+    http_route_ref: HTTPRouteRef = Field(
+        description="The HTTPRoute whose backendRefs to the variants' Services get the variants' weights "
+        "(percent; 0 keeps the backendRef and sends it no traffic). Its other backendRefs and fields are "
+        "left as they are."
+    )
+
+
 @cross_field_rules(
     CrossFieldRule(
         cel="!has(self.nodePools) || self.nodePools.all(p, p.gpusPerNode >= self.replicas.gpusPerReplica)",
@@ -563,6 +596,9 @@ class ModelBudgetSpec(ApiModel):
     spend: Spend = Field(default_factory=Spend)
     slo: Slo = Field(default_factory=Slo)
     behavior: Behavior = Field(default_factory=Behavior)
+    routing: Routing | None = Field(
+        default=None, description="Publish the variants' traffic shares on a Gateway API HTTPRoute."
+    )
 
     def pool(self, name: str) -> NodePool:
         return next(p for p in self.node_pools if p.name == name)

@@ -210,6 +210,18 @@ class CurveStatus(StatusModel):
     source: Literal["Spec", "Fitted"]
 
 
+class VariantStatus(StatusModel):
+    """One variant's traffic: the share it was given next to the share it actually served."""
+
+    name: str
+    weight: int | None = Field(default=None, description="Percent of the traffic published for it.")
+    served_share: float | None = Field(
+        default=None,
+        description="Percent of the requests it actually served, from its observed request rate "
+        "(unknown while any variant's rate is missing or nothing is served).",
+    )
+
+
 class ModelBudgetStatus(StatusModel):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
@@ -222,4 +234,7 @@ class ModelBudgetStatus(StatusModel):
         default_factory=list,
         max_length=16,
         description="What this ModelBudget asks of each shared pool (GpuPool); the pool reconciler reads it.",
+    )
+    variants: list[VariantStatus] = Field(
+        default_factory=list, max_length=16, description="With variants: each one's weight and served share."
     )
