@@ -109,11 +109,16 @@ def within(a: float, b: float, share: float) -> bool:
     return abs(a - b) <= share * abs(b)
 
 
-# Under the request-level serving model (issue 13) the fixed-limit policies no longer replay within
-# 5%: measured static $673.85 replayed vs $451.99 simulated, hpa total score 36.1 vs 40.2 (their
-# answers at the top limit run late, so they are sensitive to the request sizes replay rebuilds
-# from the histograms). Not yet explained; kept visible as strict expected failures.
-DIVERGES = pytest.mark.xfail(strict=True, reason="fixed-limit policies diverge under the serving model (issue 16)")
+# The fixed-limit policies do not replay within 5%, and cannot from these metrics: at the top
+# limit (16,384) they serve only the shortest answers within the SLO (static: 770 of 19,366
+# requests, total score 452), so their score is the share of answers under ~800 tokens. vLLM's
+# generation-length histogram has 1-2-5 buckets (500, 1000, 2000, ...), and any reading inside a
+# bucket guesses that share: linear (what replay does) gives 6.1% under 800 where the trace has
+# 4.5%; log-linear 6.6%, monotone-cubic 5.6%. Measured: static total score 673.8 replayed vs 452.0
+# simulated; hpa dollars 36.1 vs 40.2 (its scaling follows the same overloaded queue). The planner
+# and the oracles, which set limits the SLO can meet, replay within 5%. Kept visible as strict
+# expected failures.
+DIVERGES = pytest.mark.xfail(strict=True, reason="fixed-limit scores live inside one histogram bucket")
 
 
 @pytest.mark.parametrize(
