@@ -18,7 +18,7 @@ from modelbudget.adapters.kube import KubeClients
 from modelbudget.adapters.nodepools import KubeNodePools, sized_nodes
 from modelbudget.adapters.scaler import DeploymentScaler
 from modelbudget.adapters.tokenlimit import KubeTokenLimitSink, Published, parse_weights, weights_json
-from modelbudget.adapters.watchcache import WatchCache
+from modelbudget.adapters.watchcache import WatchCache, keep
 from modelbudget.api.spec import NodePool, ProviderKind, TokenLimitPublish
 
 
@@ -52,7 +52,11 @@ def pool(kind: str, **extra: Any) -> NodePool:
 
 @against_kmock
 async def test_scaler_reads_scale_and_ready_and_patches_scale(kmock: kmock.RawHandler) -> None:
-    deployment = {"metadata": {"name": "demo-llm"}, "spec": {"replicas": 3}, "status": {"readyReplicas": 2}}
+    deployment = {
+        "metadata": {"name": "demo-llm", "namespace": "demo", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "vllm"}]}}},
+        "status": {"readyReplicas": 2},
+    }
     kmock["get /apis/apps/v1/namespaces/demo/deployments"] << {
         "metadata": {"resourceVersion": "7"},
         "items": [deployment],
@@ -71,6 +75,7 @@ async def test_scaler_reads_scale_and_ready_and_patches_scale(kmock: kmock.RawHa
 @against_kmock
 async def test_token_limit_creates_the_configmap_when_missing(kmock: kmock.RawHandler) -> None:
     cm = "/api/v1/namespaces/demo/configmaps"
+    kmock[f"get {cm}"] << {"metadata": {"resourceVersion": "1"}, "items": []}  # the mirror: none yet
     kmock[f"get {cm}/demo-llm-token-limit"] << 404 << {"kind": "Status", "code": 404}
     kmock[f"post {cm}"] << {"kind": "ConfigMap"}
     sink = KubeTokenLimitSink(kube(kmock.url))
@@ -87,11 +92,14 @@ async def test_token_limit_creates_the_configmap_when_missing(kmock: kmock.RawHa
 @against_kmock
 async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock: kmock.RawHandler) -> None:
     cm = "/api/v1/namespaces/demo/configmaps/limits"
-    kmock[f"get {cm}"] << {
+    config_map = {
         "kind": "ConfigMap",
-        "metadata": {"name": "limits", "resourceVersion": "41", "labels": MANAGED},
+        "metadata": {"name": "limits", "namespace": "demo", "resourceVersion": "41", "labels": MANAGED},
         "data": {"tokens": "512", "admitted_rps_per_pod": "2.5"},
     }
+    # Read from the mirror of the operator's ConfigMaps (one LIST, by label), written after a GET.
+    kmock["get /api/v1/namespaces/demo/configmaps"] << {"metadata": {"resourceVersion": "41"}, "items": [config_map]}
+    kmock[f"get {cm}"] << config_map
     kmock[f"patch {cm}"] << {"kind": "ConfigMap"}
     kmock[f"patch {DEPLOY}"] << DEPLOYMENT
     publish = TokenLimitPublish.model_validate(
@@ -106,6 +114,8 @@ async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock:
         "metadata": {"resourceVersion": "41"},
         "data": {"tokens": "256", "admitted_rps_per_pod": None, "weights": None},
     }
+    listed = kmock["get /api/v1/namespaces/demo/configmaps"][0].url.query
+    assert listed["labelSelector"] == "app.kubernetes.io/managed-by=modelbudget"  # only the operator's
     annotations = kmock[f"patch {DEPLOY}"][0].data["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"modelbudget.dev/max-tokens": "256"}
     # The only Deployment touched is the target, in the ModelBudget's namespace.
@@ -115,11 +125,13 @@ async def test_token_limit_reads_and_patches_with_the_optional_annotation(kmock:
 @against_kmock
 async def test_token_limit_publishes_variant_weights_under_the_weights_key(kmock: kmock.RawHandler) -> None:
     cm = "/api/v1/namespaces/demo/configmaps/limits"
-    kmock[f"get {cm}"] << {
+    config_map = {
         "kind": "ConfigMap",
-        "metadata": {"name": "limits", "resourceVersion": "9", "labels": MANAGED},
+        "metadata": {"name": "limits", "namespace": "demo", "resourceVersion": "9", "labels": MANAGED},
         "data": {"max_tokens": "512", "split": '{"big":40,"small":60}'},
     }
+    kmock["get /api/v1/namespaces/demo/configmaps"] << {"metadata": {"resourceVersion": "9"}, "items": [config_map]}
+    kmock[f"get {cm}"] << config_map
     kmock[f"patch {cm}"] << {"kind": "ConfigMap"}
     publish = TokenLimitPublish.model_validate({"configMap": {"name": "limits", "weightsKey": "split"}})
     sink = KubeTokenLimitSink(kube(kmock.url))
@@ -329,3 +341,17 @@ def test_an_unreachable_apiserver_is_unavailable_not_a_client_exception() -> Non
     with pytest.raises(Unavailable, match="Deployments in demo: not listed yet"):
         mirror.items()
     mirror.stop()
+
+
+def test_a_mirror_keeps_only_the_fields_its_readers_use() -> None:
+    deployment = {
+        "metadata": {"name": "llm", "namespace": "demo", "labels": {"a": "b"}, "managedFields": [{"m": 1}]},
+        "spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "vllm"}]}}},
+        "status": {"readyReplicas": 2, "conditions": [{"type": "Available"}]},
+    }
+    assert keep(deployment, "spec.replicas", "status.readyReplicas", "metadata.labels", "spec.paused") == {
+        "metadata": {"name": "llm", "namespace": "demo", "labels": {"a": "b"}},
+        "spec": {"replicas": 3},
+        "status": {"readyReplicas": 2},
+    }
+    assert keep({"metadata": {"name": "n"}}, "spec.replicas") == {"metadata": {"name": "n"}}

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from modelbudget.adapters.kube import KubeClients
-from modelbudget.adapters.watchcache import WatchCache
+from modelbudget.adapters.watchcache import WatchCache, keep
 
 KEDA = ("keda.sh", "v1alpha1", "scaledobjects")
 
@@ -26,6 +26,10 @@ def _targets(ref: dict[str, Any] | None, deployment: str) -> bool:
         return False
     # A ScaledObject's kind defaults to Deployment.
     return ref.get("name") == deployment and ref.get("kind", "Deployment") == "Deployment"
+
+
+def _target_field(autoscaler: dict[str, Any]) -> dict[str, Any]:
+    return keep(autoscaler, "spec.scaleTargetRef")
 
 
 class KubeConflictFinder:
@@ -45,8 +49,9 @@ class KubeConflictFinder:
                 hpas = partial(self._autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace)
                 scaled = partial(self._custom.list_namespaced_custom_object, *KEDA[:2], namespace, KEDA[2])
                 caches = self._caches[namespace] = (
-                    WatchCache(f"HorizontalPodAutoscalers in {namespace}", hpas),
-                    WatchCache(f"ScaledObjects in {namespace}", scaled),  # empty while KEDA is not installed
+                    WatchCache(f"HorizontalPodAutoscalers in {namespace}", hpas, trim=_target_field),
+                    # empty while KEDA is not installed
+                    WatchCache(f"ScaledObjects in {namespace}", scaled, trim=_target_field),
                 )
             return caches
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from modelbudget.adapters.errors import NotFound
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.watchcache import WatchCache, labels_match
+from modelbudget.adapters.watchcache import WatchCache, keep, labels_match
 from modelbudget.api.spec import NodePool, ProviderKind, ProviderRef
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -72,6 +72,10 @@ def sized_nodes(kind: ProviderKind, obj: dict[str, Any], gpus_per_node: int) -> 
     return replicas if isinstance(replicas, int) else None
 
 
+def _labels(node: dict[str, Any]) -> dict[str, Any]:
+    return keep(node, "metadata.labels")
+
+
 class NodePools(Protocol):
     def count_nodes(self, selector: dict[str, str]) -> int: ...
 
@@ -108,7 +112,7 @@ class KubeNodePools:
         """From a watched mirror of all Nodes: no request per reconcile."""
         with self._nodes_lock:
             if self._nodes is None:
-                self._nodes = WatchCache("Nodes", self._core.list_node)
+                self._nodes = WatchCache("Nodes", self._core.list_node, trim=_labels)
         names = (
             (node.get("metadata") or {}).get("name") for node in self._nodes.items() if labels_match(node, selector)
         )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from modelbudget.adapters.errors import NotFound
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.watchcache import WatchCache
+from modelbudget.adapters.watchcache import WatchCache, keep
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class Scaler(Protocol):
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None: ...
 
 
+def _scale_fields(deployment: dict[str, Any]) -> dict[str, Any]:
+    return keep(deployment, "spec.replicas", "status.readyReplicas")
+
+
 class DeploymentScaler:
     """Reads each namespace's Deployments from a watched mirror, started on the namespace's first
     read (no request per reconcile); writes through ``/scale``."""
@@ -40,16 +44,18 @@ class DeploymentScaler:
             mirror = self._mirrors.get(namespace)
             if mirror is None:
                 listing = partial(self._apps.list_namespaced_deployment, namespace)
-                mirror = self._mirrors[namespace] = WatchCache(f"Deployments in {namespace}", listing)
+                mirror = self._mirrors[namespace] = WatchCache(
+                    f"Deployments in {namespace}", listing, trim=_scale_fields
+                )
             return mirror
 
     def get(self, namespace: str, name: str) -> ScaleState:
         # /scale's spec.replicas is the Deployment's; its status has the ready count /scale lacks.
-        for obj in self._mirror(namespace).items():
-            if obj["metadata"]["name"] == name:
-                spec, status = obj.get("spec") or {}, obj.get("status") or {}
-                return ScaleState(replicas=spec.get("replicas") or 0, ready_replicas=status.get("readyReplicas") or 0)
-        raise NotFound(f"Deployment {namespace}/{name}: HTTP 404 Not Found")
+        obj = self._mirror(namespace).get(namespace, name)
+        if obj is None:
+            raise NotFound(f"Deployment {namespace}/{name}: HTTP 404 Not Found")
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        return ScaleState(replicas=spec.get("replicas") or 0, ready_replicas=status.get("readyReplicas") or 0)
 
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
         with kube_errors(f"scaling Deployment {namespace}/{name}"):

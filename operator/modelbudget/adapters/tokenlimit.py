@@ -13,14 +13,17 @@ Deployment the ModelBudget targets.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 from kubernetes import client
 
 from modelbudget.adapters.errors import NotFound, Rejected
 from modelbudget.adapters.kube import KubeClients, kube_errors
+from modelbudget.adapters.watchcache import WatchCache, keep
 from modelbudget.api.spec import TokenLimitPublish
 
 ANNOTATION = "modelbudget.dev/max-tokens"
@@ -71,19 +74,39 @@ def parse_weights(raw: str | None) -> dict[str, int] | None:
     return weights
 
 
+def _data(config_map: dict[str, Any]) -> dict[str, Any]:
+    return keep(config_map, "data")
+
+
 class KubeTokenLimitSink:
+    """Reads the published knobs from a watched mirror of each namespace's ConfigMaps that the
+    operator manages (started on the namespace's first read: no request per reconcile); writes
+    with a read just before, so a ConfigMap that is not the operator's is never written."""
+
     def __init__(self, kube: KubeClients) -> None:
         self._core = kube.core
         self._apps = kube.apps
+        self._lock = threading.Lock()
+        self._mirrors: dict[str, WatchCache] = {}
+
+    def _mirror(self, namespace: str) -> WatchCache:
+        with self._lock:
+            mirror = self._mirrors.get(namespace)
+            if mirror is None:
+                selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+                listing = partial(self._core.list_namespaced_config_map, namespace, label_selector=selector)
+                mirror = self._mirrors[namespace] = WatchCache(
+                    f"modelbudget's ConfigMaps in {namespace}", listing, trim=_data
+                )
+            return mirror
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
-        name = config_map_name(publish, target)
-        try:
-            with kube_errors(f"ConfigMap {namespace}/{name}"):
-                cm = self._core.read_namespaced_config_map(name, namespace)
-        except NotFound:
+        """What is published; ``Published(None)`` when the ConfigMap is missing or not the operator's
+        (then the next publish says why it cannot write it)."""
+        cm = self._mirror(namespace).get(namespace, config_map_name(publish, target))
+        if cm is None:
             return Published(None)
-        data = cm.data or {}
+        data = cm.get("data") or {}
         limit = _number(data.get(publish.config_map.key), int)
         return Published(
             None if limit is None else int(limit),

@@ -29,14 +29,20 @@ REQUEST_SECONDS = 30.0  # connect/read bound of a LIST, and of a WATCH beyond it
 SYNC_WAIT_SECONDS = 10.0  # a read before the first LIST waits this long for it
 
 ListCall = Callable[..., Any]  # a kubernetes client list_* method, its arguments bound
+Trim = Callable[[dict[str, Any]], dict[str, Any]]  # the part of an object its readers use
 
 
 class WatchCache:
     """The objects ``list_call`` lists, kept current by watching them."""
 
-    def __init__(self, what: str, list_call: ListCall, sync_wait: float = SYNC_WAIT_SECONDS) -> None:
+    def __init__(
+        self, what: str, list_call: ListCall, sync_wait: float = SYNC_WAIT_SECONDS, trim: Trim | None = None
+    ) -> None:
         self.what = what  # names the resource in errors, e.g. "Nodes", "HPAs in team-a"
         self._list = list_call
+        # Kept per object instead of the whole object: a thousand Deployments' pod templates and
+        # managedFields are most of a mirror's memory, and no reader looks at them.
+        self._trim = trim or _whole
         self._sync_wait = sync_wait
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -51,6 +57,14 @@ class WatchCache:
             raise Unavailable(f"{self.what}: not listed yet (apiserver unreachable?)")
         with self._lock:
             return list(self._objects.values())
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object by name (``namespace`` "" for cluster-scoped ones); ``None`` when it does not
+        exist; raises ``Unavailable`` as ``items`` does."""
+        if not self._synced.wait(self._sync_wait):
+            raise Unavailable(f"{self.what}: not listed yet (apiserver unreachable?)")
+        with self._lock:
+            return self._objects.get((namespace, name))
 
     def stop(self) -> None:
         self._stop.set()
@@ -76,7 +90,7 @@ class WatchCache:
 
     def _replace(self, items: list[dict[str, Any]]) -> None:
         with self._lock:
-            self._objects = {_key(obj): obj for obj in items}
+            self._objects = {_key(obj): self._trim(obj) for obj in items}
         self._synced.set()
 
     def _watch(self, version: str) -> str | None:
@@ -102,7 +116,7 @@ class WatchCache:
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     if kind in ("ADDED", "MODIFIED"):
                         with self._lock:
-                            self._objects[_key(obj)] = obj
+                            self._objects[_key(obj)] = self._trim(obj)
                     elif kind == "DELETED":
                         with self._lock:
                             self._objects.pop(_key(obj), None)
@@ -121,6 +135,29 @@ def _lines(response: Any) -> Iterator[bytes]:
         yield from (line for line in lines if line.strip())
     if pending.strip():
         yield pending
+
+
+def _whole(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj
+
+
+def keep(obj: dict[str, Any], *paths: str) -> dict[str, Any]:
+    """``obj`` reduced to its name, namespace and the dotted ``paths`` (those it has), e.g.
+    ``keep(deployment, "spec.replicas", "status.readyReplicas")``."""
+    meta = obj.get("metadata") or {}
+    out: dict[str, Any] = {"metadata": {k: meta[k] for k in ("name", "namespace") if k in meta}}
+    for path in paths:
+        *parents, leaf = path.split(".")
+        source: Any = obj
+        for part in parents:
+            source = source.get(part) if isinstance(source, dict) else None
+        if not isinstance(source, dict) or leaf not in source:
+            continue
+        into = out
+        for part in parents:
+            into = into.setdefault(part, {})
+        into[leaf] = source[leaf]
+    return out
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:

@@ -28,6 +28,7 @@ from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
 from modelbudget.controller.spread import phase
+from modelbudget.controller.status import Written, status_document, status_seen
 from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
@@ -173,12 +174,14 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             return
         term = rt.term
         carried = memo.get("carried") if memo.get("carried_term") == term else None
+        version = meta.get("resourceVersion")
+        seen = status_seen(body.get("status") or {}, version, memo.get("written"))
         started = time.monotonic()
         try:
             outcome = await rt.reconciler.reconcile(
                 ObjectRef(namespace, name, meta.get("generation")),
                 copy.deepcopy(body.get("spec") or {}),
-                copy.deepcopy(body.get("status") or {}),
+                copy.deepcopy(seen),
                 carried,
                 datetime.now(UTC),
             )
@@ -190,6 +193,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
             telemetry.RECONCILE_SECONDS.observe(time.monotonic() - started)
         if outcome.status_patch:
             patch.status.update(outcome.status_patch)
+            memo.written = Written(version, status_document(outcome.status))
         for note in outcome.events:
             kopf.event(body, type=note.type, reason=note.reason.value, message=note.message)
         for problem in outcome.problems:

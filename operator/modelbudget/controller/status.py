@@ -330,6 +330,24 @@ def needs_write(old: Mapping[str, Any], new: Mapping[str, Any], now: datetime, h
     return now - datetime.fromisoformat(last) >= heartbeat
 
 
+@dataclass(frozen=True)
+class Written:
+    """The status document last written, and the object's resourceVersion it was written over."""
+
+    over_version: str | None
+    doc: Mapping[str, Any]
+
+
+def status_seen(body_status: Mapping[str, Any], version: str | None, written: Written | None) -> Mapping[str, Any]:
+    """The status to compare a new one with.  Under load the watch event of our own last write can
+    arrive after the next tick: the object then still has the resourceVersion it had when we wrote,
+    and its status is older than what we wrote.  Compared with that stale status, every slow tick
+    would write the same status again."""
+    if written is not None and version is not None and written.over_version == version:
+        return written.doc
+    return body_status
+
+
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """RFC 7386 merge patch turning ``old`` into ``new`` (removed keys become ``None``)."""
     patch: dict[str, Any] = {}
