@@ -184,6 +184,34 @@ def test_members_share_one_query_per_template_per_tick(prometheus: FakePrometheu
     assert len(last) == templates and all('namespace=~"a|b|c"' in q for q in last)
 
 
+def test_an_answer_about_to_expire_is_refreshed_while_members_are_answered_from_it(
+    prometheus: FakePrometheus,
+) -> None:
+    clock = Clock()
+    source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+    m = member_metrics(prometheus.url)
+    templates = len(queries_for(m, "a", "llm"))
+
+    def rate(ns: str) -> float | None:
+        return source.sample(m, ns, "llm", PrometheusCredentials()).request_rate
+
+    assert rate("a") == 1.0
+    prometheus.rates["a"] = 10.0
+    # 12 s on, the answer expires within the refresh lead (a quarter of the 15 s reuse): the member
+    # is answered at once from it (no wait for Prometheus), and the next query starts behind it.
+    clock.now += 12
+    assert rate("a") == 1.0
+    deadline = time.monotonic() + 5
+    while rate("a") != 10.0 and time.monotonic() < deadline:  # the old answer until the new one lands
+        time.sleep(0.01)
+    assert rate("a") == 10.0
+    assert len(prometheus.queries) == 2 * templates  # one refresh, however often it was read meanwhile
+    # Past the first answer's expiry, the refreshed one serves: nothing is asked, nothing waits.
+    clock.now += 5
+    assert rate("a") == 10.0
+    assert len(prometheus.queries) == 2 * templates
+
+
 def test_a_failing_group_query_fails_every_member_once_per_tick() -> None:
     fake = FakePrometheus({"a": 1.0}, status=500)
     try:

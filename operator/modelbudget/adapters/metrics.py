@@ -361,12 +361,14 @@ class _Flight:
     members: set[tuple[str, ...]]
     asked_at: float
     asked: bool = False
+    took: float = 0.0  # seconds from asked to answered, once answered
 
 
 @dataclass
 class _Group:
     members: dict[tuple[str, ...], float] = field(default_factory=dict)  # member -> last asked for
-    flight: _Flight | None = None
+    flight: _Flight | None = None  # the query started last (maybe still in flight)
+    answered: _Flight | None = None  # the last query answered without error
 
 
 class PrometheusMetrics:
@@ -379,6 +381,11 @@ class PrometheusMetrics:
     ``gather_seconds`` in which other newcomers join it (after a start, one query per template
     for many members, not one each). All queries run on a bounded pool; each is answered or
     failed within ``timeoutSeconds``.
+
+    A group's answer is refreshed ahead of its expiry: a member served an answer that expires
+    within about twice the time the last query took starts the next query and is answered from
+    the current one. No answer is older than ``reuse_seconds``, and members do not wait for a
+    slow group query (at N = 1000 one takes seconds) once per reuse period.
     """
 
     def __init__(
@@ -410,6 +417,20 @@ class PrometheusMetrics:
             gone = [m for m, seen in group.members.items() if now - seen > FORGET_AFTER_TICKS * self._reuse]
             for m in gone:
                 del group.members[m]
+            fresh = group.answered
+            if fresh is not None and member in fresh.members and now - fresh.asked_at <= self._reuse:
+                flight = group.flight
+                idle = flight is None or flight is fresh or flight.answer.done()
+                ahead = None
+                if idle and now - fresh.asked_at > self._reuse - self._lead(fresh):
+                    ahead = group.flight = _Flight(Future(), set(group.members), now)
+            else:
+                fresh = None
+        if fresh is not None:
+            if ahead is not None:
+                self._fly(endpoint, shape, group, ahead)
+            return fresh.answer
+        with self._lock:
             flight = group.flight
             if flight is not None and member in flight.members:
                 if not flight.asked or not flight.answer.done() or now - flight.asked_at <= self._reuse:
@@ -421,20 +442,34 @@ class PrometheusMetrics:
             newcomer = flight is None or member not in flight.members
             group.flight = flight = _Flight(Future(), set(group.members), now)
         if newcomer and self._gather > 0:
-            timer = threading.Timer(self._gather, self._fly, (endpoint, shape, flight))
+            timer = threading.Timer(self._gather, self._fly, (endpoint, shape, group, flight))
             timer.daemon = True
             timer.start()
         else:
-            self._fly(endpoint, shape, flight)
+            self._fly(endpoint, shape, group, flight)
         return flight.answer
 
-    def _fly(self, endpoint: Endpoint, shape: GroupShape, flight: _Flight) -> None:
+    def _lead(self, fresh: _Flight) -> float:
+        """How long before its expiry a group's answer is refreshed: twice what the last query
+        took, at least a quarter and at most half of the reuse period."""
+        return min(max(2 * fresh.took, self._reuse / 4), self._reuse / 2)
+
+    def _fly(self, endpoint: Endpoint, shape: GroupShape, group: _Group, flight: _Flight) -> None:
         """Ask a gathered flight's query; its future gets the group's answer."""
         with self._lock:
             flight.asked = True
             members = sorted(flight.members)
         asked = self._submit(endpoint, shape.query(members))
-        asked.add_done_callback(lambda done: _pass_on(done, flight.answer))
+
+        def landed(done: Future[Any]) -> None:
+            if done.exception() is None:
+                with self._lock:
+                    flight.took = self._clock() - flight.asked_at
+                    if group.answered is None or flight.asked_at >= group.answered.asked_at:
+                        group.answered = flight
+            _pass_on(done, flight.answer)
+
+        asked.add_done_callback(landed)
 
     def _ask(self, endpoint: Endpoint, query: str) -> Callable[[float], Answer]:
         """Start one query now; the returned function waits for its answer until the deadline."""
