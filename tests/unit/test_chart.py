@@ -216,12 +216,46 @@ def test_service_monitor_selects_the_metrics_service(helm: str) -> None:
         "rbac.nodePoolProviders.gke=true",
         "operator.logLevel=loud",  # not one of the enum
         "replicaCount=-1",
+        "sharding.shards=0",
     ],
 )
 def test_schema_rejects_bad_values(helm: str, bad: str) -> None:
     out = run_helm(helm, "template", RELEASE, str(CHART), "--set", bad)
     assert out.returncode != 0
     assert "values don't meet the specifications of the schema" in out.stderr, out.stderr
+
+
+def test_shards_render_one_deployment_and_one_lease_each(helm: str) -> None:
+    docs = render(helm, "sharding.shards=3", "replicaCount=2")
+    deployments = sorted(by_kind(docs, "Deployment"), key=lambda d: d["metadata"]["name"])
+    assert [d["metadata"]["name"] for d in deployments] == [
+        f"{RELEASE}-modelbudget-operator-shard-{i}" for i in range(3)
+    ]
+    lease_args = set()
+    for i, dep in enumerate(deployments):
+        assert dep["spec"]["replicas"] == 2  # each shard has its standby
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert dep["spec"]["selector"]["matchLabels"]["modelbudget.dev/shard"] == str(i)  # no two share Pods
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--shards=3" in args and f"--shard={i}" in args
+        lease_args |= {a for a in args if a.startswith("--lease-name=")}
+    (lease_arg,) = lease_args  # the base name: each process appends -shard-<I> (cli/run.py)
+    base = lease_arg.split("=", 1)[1]
+    role = one(docs, "Role", f"{RELEASE}-modelbudget-operator-leader-election")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named[0]["resourceNames"] == [f"{base}-shard-{i}" for i in range(3)]
+    # The metrics Service scrapes every shard's Pods.
+    selector = one(docs, "Service")["spec"]["selector"]
+    assert all(selector.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments)
+
+
+def test_shards_need_leader_election(helm: str) -> None:
+    out = run_helm(
+        helm, "template", RELEASE, str(CHART), "--set", "sharding.shards=2", "--set", "leaderElection.enabled=false"
+    )
+    assert out.returncode != 0
+    assert "sharding.shards > 1 needs leaderElection.enabled" in out.stderr
 
 
 def test_several_replicas_need_leader_election(helm: str) -> None:

@@ -68,6 +68,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--identity", default=None, help="this process's name in the Lease (default host-pid-random)")
     p.add_argument(
+        "--shards",
+        type=int,
+        default=os.environ.get("MODELBUDGET_SHARDS", "1"),  # argparse applies type= to it
+        help="operator Deployments splitting the ModelBudgets by a hash of namespace/name "
+        "(default $MODELBUDGET_SHARDS, else 1)",
+    )
+    p.add_argument(
+        "--shard",
+        type=int,
+        default=os.environ.get("MODELBUDGET_SHARD", "0"),
+        help="which of --shards this process is, from 0; it holds the Lease <lease-name>-shard-<I> "
+        "(default $MODELBUDGET_SHARD, else 0)",
+    )
+    p.add_argument(
         "--inline-cluster-pools",
         choices=("refuse", "allow"),
         default="refuse",
@@ -103,9 +117,18 @@ def run(args: argparse.Namespace) -> int:
     from modelbudget.controller.leader import LeaderElector, default_identity
     from modelbudget.controller.pools import PoolReconciler
     from modelbudget.controller.reconciler import Adapters, Reconciler
+    from modelbudget.controller.spread import Shard
 
     if args.interval <= 0 or args.status_heartbeat <= 0:
         raise CliError("--interval and --status-heartbeat must be positive")
+    try:
+        shard = Shard(args.shard, args.shards)
+    except ValueError as exc:
+        raise CliError(
+            f"--shard {args.shard} --shards {args.shards}: needs --shards >= 1 and 0 <= --shard < --shards"
+        ) from exc
+    if shard.count > 1 and not args.leader_election:
+        raise CliError("--shards > 1 needs leader election: each shard's Lease decides who acts on its part")
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
 
     kube = KubeClients.connect(args.kubeconfig)
@@ -132,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if args.leader_election:
         duration = args.lease_duration
         elector = LeaderElector(
-            KubeLeaseStore(kube, args.lease_namespace, args.lease_name),
+            KubeLeaseStore(kube, args.lease_namespace, shard.lease_name(args.lease_name)),
             identity,
             lease_duration=duration,
             renew_deadline=duration * 2 / 3,
@@ -143,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         elector,
         identity,
         PoolReconciler(adapters.node_pools, adapters.gpu_pools),
+        shard,
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, runtime, args.interval)

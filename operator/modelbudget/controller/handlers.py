@@ -14,7 +14,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ from modelbudget.controller import telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
-from modelbudget.controller.spread import phase
+from modelbudget.controller.spread import Shard, phase
 from modelbudget.controller.status import Written, status_document, status_seen
 from modelbudget.core.pools import Claimant, bounded_claim
 
@@ -43,14 +43,20 @@ class Runtime:
     elector: LeaderElector | None  # None: leader election disabled (one replica, development)
     identity: str  # this process, as the Lease and the Events' reporting instance name it
     pools: PoolReconciler
+    shard: Shard = field(default_factory=Shard)  # the ModelBudgets and GpuPools this process's shard acts on
 
     def leading(self) -> bool:
         return self.elector is None or self.elector.is_leader
 
+    def owns(self, namespace: str, name: str) -> bool:
+        """Whether ModelBudget ``namespace/name`` is this shard's (another shard's are skipped
+        before anything is read)."""
+        return self.shard.owns_model_budget(namespace, name)
+
     def owns_pool(self, name: str) -> bool:
-        """Whether this process is the one writer of GpuPool ``name``: the leader writes every pool.
-        (The hook where sharding would pick one shard per pool.)"""
-        return self.leading()
+        """Whether this process is the one writer of GpuPool ``name``: the leader of the shard
+        the pool hashes to."""
+        return self.shard.owns_pool(name) and self.leading()
 
     @property
     def term(self) -> int:
@@ -165,10 +171,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         **_: Any,
     ) -> None:
         assert namespace is not None  # ModelBudget is a namespaced kind
+        rt: Runtime = memo.runtime
+        if not rt.owns(namespace, name):
+            return  # another shard's: nothing read, written or counted here
         if not memo.get("phased"):
             memo.phased = True
             await asyncio.sleep(phase(namespace, name, interval))  # spreads the ticks; blocks nothing
-        rt: Runtime = memo.runtime
         if not rt.leading():
             memo.pop("carried", None)
             return
