@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from modelbudget.adapters.grouping import split
-from modelbudget.adapters.metrics import Endpoint, PrometheusCredentials, PrometheusHttp, PrometheusMetrics, queries_for
+from modelbudget.adapters.metrics import (
+    FORGET_AFTER_TICKS,
+    Endpoint,
+    PrometheusCredentials,
+    PrometheusHttp,
+    PrometheusMetrics,
+    queries_for,
+)
 from modelbudget.api.spec import Metrics
 
 TS = 1_767_614_400.0
@@ -210,6 +217,22 @@ def test_an_answer_about_to_expire_is_refreshed_while_members_are_answered_from_
     clock.now += 5
     assert rate("a") == 10.0
     assert len(prometheus.queries) == 2 * templates
+
+
+def test_a_member_not_heard_of_for_long_leaves_the_group_query(prometheus: FakePrometheus) -> None:
+    clock = Clock()
+    source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+    m = member_metrics(prometheus.url)
+    for ns in "abc":
+        source.sample(m, ns, "llm", PrometheusCredentials())
+    assert 'namespace=~"a|b|c"' in prometheus.queries[-1]
+    # c is deleted: a and b go on ticking; once c has been silent for FORGET_AFTER_TICKS reuse
+    # periods, the group query asks for a and b only.
+    for _ in range(FORGET_AFTER_TICKS + 2):
+        clock.now += 15
+        for ns in "ab":
+            source.sample(m, ns, "llm", PrometheusCredentials())
+    assert 'namespace=~"a|b"' in prometheus.queries[-1]
 
 
 def test_a_failing_group_query_fails_every_member_once_per_tick() -> None:
