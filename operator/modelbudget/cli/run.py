@@ -132,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
 
     kube = KubeClients.connect(args.kubeconfig)
-    # A group query answers every ModelBudget for half an interval: two queries per template per
-    # tick, whatever the number of ModelBudgets, and no answer older than half a tick (a lone
-    # ModelBudget, ticking every interval, is asked afresh each time); newcomers (after a start)
+    # A group query answers every ModelBudget for half an interval, and is refreshed ahead of
+    # that: about two queries per template per tick, whatever the number of ModelBudgets, no
+    # answer older than half a tick, and no reconcile waiting for one; newcomers (after a start)
     # gather for a moment into one query.
     prometheus = PrometheusMetrics(reuse_seconds=args.interval / 2, gather_seconds=GATHER_SECONDS)
     adapters = Adapters(
