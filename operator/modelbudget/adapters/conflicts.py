@@ -5,12 +5,11 @@ Two controllers writing one replica count fight; the operator refuses to act ins
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 from typing import Any, Protocol
 
 from modelbudget.adapters.kube import KubeClients
-from modelbudget.adapters.watchcache import WatchCache, keep
+from modelbudget.adapters.watchcache import PerNamespace, WatchCache, keep
 
 KEDA = ("keda.sh", "v1alpha1", "scaledobjects")
 
@@ -39,24 +38,23 @@ class KubeConflictFinder:
     def __init__(self, kube: KubeClients) -> None:
         self._autoscaling = kube.autoscaling
         self._custom = kube.custom
-        self._lock = threading.Lock()
-        self._caches: dict[str, tuple[WatchCache, WatchCache]] = {}
-
-    def _watched(self, namespace: str) -> tuple[WatchCache, WatchCache]:
-        with self._lock:
-            caches = self._caches.get(namespace)
-            if caches is None:
-                hpas = partial(self._autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace)
-                scaled = partial(self._custom.list_namespaced_custom_object, *KEDA[:2], namespace, KEDA[2])
-                caches = self._caches[namespace] = (
-                    WatchCache(f"HorizontalPodAutoscalers in {namespace}", hpas, trim=_target_field),
-                    # empty while KEDA is not installed
-                    WatchCache(f"ScaledObjects in {namespace}", scaled, trim=_target_field),
-                )
-            return caches
+        self._hpas = PerNamespace(
+            lambda namespace: WatchCache(
+                f"HorizontalPodAutoscalers in {namespace}",
+                partial(self._autoscaling.list_namespaced_horizontal_pod_autoscaler, namespace),
+                trim=_target_field,
+            )
+        )
+        self._scaled_objects = PerNamespace(  # empty while KEDA is not installed
+            lambda namespace: WatchCache(
+                f"ScaledObjects in {namespace}",
+                partial(self._custom.list_namespaced_custom_object, *KEDA[:2], namespace, KEDA[2]),
+                trim=_target_field,
+            )
+        )
 
     def find(self, namespace: str, deployment: str) -> list[str]:
-        hpas, scaled = self._watched(namespace)
+        hpas, scaled = self._hpas(namespace), self._scaled_objects(namespace)
         found = [
             f"HorizontalPodAutoscaler/{hpa['metadata']['name']}"
             for hpa in hpas.items()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 from modelbudget.adapters.errors import NotFound
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.watchcache import WatchCache, keep
+from modelbudget.adapters.watchcache import PerNamespace, WatchCache, keep
 
 
 @dataclass(frozen=True)
@@ -36,18 +35,13 @@ class DeploymentScaler:
 
     def __init__(self, kube: KubeClients) -> None:
         self._apps = kube.apps
-        self._lock = threading.Lock()
-        self._mirrors: dict[str, WatchCache] = {}
-
-    def _mirror(self, namespace: str) -> WatchCache:
-        with self._lock:
-            mirror = self._mirrors.get(namespace)
-            if mirror is None:
-                listing = partial(self._apps.list_namespaced_deployment, namespace)
-                mirror = self._mirrors[namespace] = WatchCache(
-                    f"Deployments in {namespace}", listing, trim=_scale_fields
-                )
-            return mirror
+        self._mirror = PerNamespace(
+            lambda namespace: WatchCache(
+                f"Deployments in {namespace}",
+                partial(self._apps.list_namespaced_deployment, namespace),
+                trim=_scale_fields,
+            )
+        )
 
     def get(self, namespace: str, name: str) -> ScaleState:
         # /scale's spec.replicas is the Deployment's; its status has the ready count /scale lacks.

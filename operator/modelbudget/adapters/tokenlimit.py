@@ -13,7 +13,6 @@ Deployment the ModelBudget targets.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +22,7 @@ from kubernetes import client
 
 from modelbudget.adapters.errors import NotFound, Rejected
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.watchcache import WatchCache, keep
+from modelbudget.adapters.watchcache import PerNamespace, WatchCache, keep
 from modelbudget.api.spec import TokenLimitPublish
 
 ANNOTATION = "modelbudget.dev/max-tokens"
@@ -86,19 +85,14 @@ class KubeTokenLimitSink:
     def __init__(self, kube: KubeClients) -> None:
         self._core = kube.core
         self._apps = kube.apps
-        self._lock = threading.Lock()
-        self._mirrors: dict[str, WatchCache] = {}
-
-    def _mirror(self, namespace: str) -> WatchCache:
-        with self._lock:
-            mirror = self._mirrors.get(namespace)
-            if mirror is None:
-                selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-                listing = partial(self._core.list_namespaced_config_map, namespace, label_selector=selector)
-                mirror = self._mirrors[namespace] = WatchCache(
-                    f"modelbudget's ConfigMaps in {namespace}", listing, trim=_data
-                )
-            return mirror
+        selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        self._mirror = PerNamespace(
+            lambda namespace: WatchCache(
+                f"modelbudget's ConfigMaps in {namespace}",
+                partial(self._core.list_namespaced_config_map, namespace, label_selector=selector),
+                trim=_data,
+            )
+        )
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
         """What is published; ``Published(None)`` when the ConfigMap is missing or not the operator's

@@ -127,6 +127,23 @@ class WatchCache:
         return version
 
 
+class PerNamespace:
+    """A ``WatchCache`` per namespace, started by ``start(namespace)`` on the namespace's first
+    read (an operator serving some namespaces watches only those)."""
+
+    def __init__(self, start: Callable[[str], WatchCache]) -> None:
+        self._start = start
+        self._lock = threading.Lock()
+        self._caches: dict[str, WatchCache] = {}
+
+    def __call__(self, namespace: str) -> WatchCache:
+        with self._lock:
+            cache = self._caches.get(namespace)
+            if cache is None:
+                cache = self._caches[namespace] = self._start(namespace)
+            return cache
+
+
 def _lines(response: Any) -> Iterator[bytes]:
     """The lines of a watch's body as they arrive (each read returns what is there)."""
     pending = b""
