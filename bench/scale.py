@@ -133,7 +133,9 @@ def objects(n: int, prometheus: str, selector_per_model: bool = False) -> str:
                 "spec": {
                     "targetRef": {"name": name},
                     "curve": {"intercept": 0.1, "slope": 0.08, "minTokens": 64, "maxTokens": 4096},
-                    "budget": {"ceiling": {"amount": 100, "period": "Hour"}, "valuePerPoint": 0.01},
+                    # Per Month (about $100/h), not per Hour: a period that rolls over starts a new
+                    # ledger, one status write per ModelBudget, which a window across the hour counted.
+                    "budget": {"ceiling": {"amount": 72_000, "period": "Month"}, "valuePerPoint": 0.01},
                     "replicas": {"min": 0, "max": 1},
                     # No providerRef: pools are observed, never resized (they would all share one).
                     "nodePools": [
