@@ -45,11 +45,11 @@ class DeploymentScaler:
 
     def get(self, namespace: str, name: str) -> ScaleState:
         # /scale's spec.replicas is the Deployment's; its status has the ready count /scale lacks.
-        obj = self._mirror(namespace).get(namespace, name)
-        if obj is None:
-            raise NotFound(f"Deployment {namespace}/{name}: HTTP 404 Not Found")
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
-        return ScaleState(replicas=spec.get("replicas") or 0, ready_replicas=status.get("readyReplicas") or 0)
+        for obj in self._mirror(namespace).items():
+            if obj["metadata"]["name"] == name:
+                spec, status = obj.get("spec") or {}, obj.get("status") or {}
+                return ScaleState(replicas=spec.get("replicas") or 0, ready_replicas=status.get("readyReplicas") or 0)
+        raise NotFound(f"Deployment {namespace}/{name}: HTTP 404 Not Found")
 
     def set_replicas(self, namespace: str, name: str, replicas: int) -> None:
         with kube_errors(f"scaling Deployment {namespace}/{name}"):

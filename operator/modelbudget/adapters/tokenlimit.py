@@ -8,26 +8,17 @@ What a tenant can make the operator write is bounded (docs/security.md, Tenancy)
 ConfigMap the operator created or one labelled ``app.kubernetes.io/managed-by: modelbudget``
 -- a ModelBudget that names someone else's ConfigMap cannot overwrite it -- and only the
 Deployment the ModelBudget targets.
-
-The operator's own ConfigMaps (those labelled managed-by) are read from a watched mirror of each
-served namespace (adapters/watchcache.py), so a reconcile in the steady state sends no request
-for them; a ConfigMap not in the mirror (not created yet, or someone else's) is read with a GET,
-as before.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 from kubernetes import client
 
 from modelbudget.adapters.errors import NotFound, Rejected
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.watchcache import WatchCache
 from modelbudget.api.spec import TokenLimitPublish
 
 ANNOTATION = "modelbudget.dev/max-tokens"
@@ -60,47 +51,19 @@ def _number(raw: str | None, kind: type[int] | type[float]) -> float | None:
         return None
 
 
-def _raw(answer: Any) -> dict[str, Any]:
-    """An apiserver answer asked for unparsed (``_preload_content=False``), as the mirror keeps it."""
-    parsed: dict[str, Any] = json.loads(answer.data)
-    return parsed
-
-
 class KubeTokenLimitSink:
     def __init__(self, kube: KubeClients) -> None:
         self._core = kube.core
         self._apps = kube.apps
-        self._lock = threading.Lock()
-        self._mirrors: dict[str, WatchCache] = {}
-
-    def _mirror(self, namespace: str) -> WatchCache:
-        """The namespace's ConfigMaps labelled managed-by, started on the namespace's first read."""
-        with self._lock:
-            mirror = self._mirrors.get(namespace)
-            if mirror is None:
-                selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-                listing = partial(self._core.list_namespaced_config_map, namespace, label_selector=selector)
-                mirror = self._mirrors[namespace] = WatchCache(f"managed ConfigMaps in {namespace}", listing)
-            return mirror
-
-    def _current(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The ConfigMap as raw JSON: from the mirror when it is the operator's, else a GET; None
-        when it does not exist."""
-        cached = self._mirror(namespace).get(namespace, name)
-        if cached is not None:
-            return cached
-        try:
-            with kube_errors(f"ConfigMap {namespace}/{name}"):
-                answer = self._core.read_namespaced_config_map(name, namespace, _preload_content=False)
-        except NotFound:
-            return None
-        return _raw(answer)
 
     def read(self, namespace: str, target: str, publish: TokenLimitPublish) -> Published:
-        cm = self._current(namespace, config_map_name(publish, target))
-        if cm is None:
+        name = config_map_name(publish, target)
+        try:
+            with kube_errors(f"ConfigMap {namespace}/{name}"):
+                cm = self._core.read_namespaced_config_map(name, namespace)
+        except NotFound:
             return Published(None)
-        data = cm.get("data") or {}
+        data = cm.data or {}
         limit = _number(data.get(publish.config_map.key), int)
         return Published(None if limit is None else int(limit), _number(data.get(ADMISSION_KEY), float))
 
@@ -111,17 +74,21 @@ class KubeTokenLimitSink:
         where = f"ConfigMap {namespace}/{name}"
         admitted = None if values.admitted_rps_per_pod is None else f"{values.admitted_rps_per_pod:g}"
         data = {publish.config_map.key: str(values.token_limit), ADMISSION_KEY: admitted}  # None deletes the key
-        existing = self._current(namespace, name)
+        try:
+            with kube_errors(where):
+                existing = self._core.read_namespaced_config_map(name, namespace)
+        except NotFound:
+            existing = None
         if existing is None:
             body = client.V1ConfigMap(
                 metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY),
                 data={k: v for k, v in data.items() if v is not None},
             )
             with kube_errors(f"creating {where}"):  # a Conflict if someone created it meanwhile
-                answer = self._core.create_namespaced_config_map(namespace, body, _preload_content=False)
+                self._core.create_namespaced_config_map(namespace, body)
         else:
-            meta = existing.get("metadata") or {}
-            labels = meta.get("labels") or {}
+            meta = existing.metadata or client.V1ObjectMeta()
+            labels = meta.labels or {}
             if any(labels.get(k) != v for k, v in MANAGED_BY.items()):
                 label = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
                 raise Rejected(
@@ -131,10 +98,9 @@ class KubeTokenLimitSink:
                 )
             # The resourceVersion makes the patch conditional: if the ConfigMap changed since it was
             # read (its label removed, say), the apiserver answers Conflict and nothing is written.
-            patch = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "data": data}
+            patch = {"metadata": {"resourceVersion": meta.resource_version}, "data": data}
             with kube_errors(where):
-                answer = self._core.patch_namespaced_config_map(name, namespace, patch, _preload_content=False)
-        self._mirror(namespace).remember(_raw(answer))
+                self._core.patch_namespaced_config_map(name, namespace, patch)
         if publish.pod_template_annotation:
             # Only the Deployment this ModelBudget targets, in its own namespace, is ever rolled.
             annotation = {ANNOTATION: str(values.token_limit)}

@@ -52,19 +52,6 @@ class WatchCache:
         with self._lock:
             return list(self._objects.values())
 
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """One object as last seen, None when it is not there; raises like ``items``."""
-        if not self._synced.wait(self._sync_wait):
-            raise Unavailable(f"{self.what}: not listed yet (apiserver unreachable?)")
-        with self._lock:
-            return self._objects.get((namespace, name))
-
-    def remember(self, obj: dict[str, Any]) -> None:
-        """Take an object this process just wrote (the apiserver's answer), so the next read sees
-        the write before its watch event arrives."""
-        with self._lock:
-            self._keep_newer(obj)
-
     def stop(self) -> None:
         self._stop.set()
 
@@ -115,7 +102,7 @@ class WatchCache:
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     if kind in ("ADDED", "MODIFIED"):
                         with self._lock:
-                            self._keep_newer(obj)
+                            self._objects[_key(obj)] = obj
                     elif kind == "DELETED":
                         with self._lock:
                             self._objects.pop(_key(obj), None)
@@ -124,19 +111,6 @@ class WatchCache:
             finally:
                 response.release_conn()
         return version
-
-    def _keep_newer(self, obj: dict[str, Any]) -> None:
-        # A watch event older than a write already remembered must not bring the old content back.
-        # resourceVersions are opaque, but the apiserver's (etcd's revision) are increasing integers;
-        # anything else is taken as it comes.
-        before = self._objects.get(_key(obj))
-        if before is None or not (_revision(before) > _revision(obj) >= 0):
-            self._objects[_key(obj)] = obj
-
-
-def _revision(obj: dict[str, Any]) -> int:
-    version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-    return int(version) if version.isdigit() else -1
 
 
 def _lines(response: Any) -> Iterator[bytes]:
