@@ -73,14 +73,26 @@ class Kube:
 
     def requests_by_verb(self) -> Counter[str]:
         """apiserver_request_total summed by verb (all clients)."""
+        return by_verb(self.requests())
+
+    def requests(self) -> Counter[str]:
+        """apiserver_request_total summed by "VERB resource[/subresource]" (all clients)."""
         totals: Counter[str] = Counter()
         for line in self.kubectl("get", "--raw", "/metrics").splitlines():
             if line.startswith("apiserver_request_total{"):
                 labels, value = line.rsplit(" ", 1)
-                verb = re.search(r'verb="([^"]+)"', labels)
-                if verb:
-                    totals[verb.group(1)] += int(float(value))
+                found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                if "verb" in found:
+                    what = "/".join(x for x in (found.get("resource"), found.get("subresource")) if x)
+                    totals[f"{found['verb']} {what}"] += int(float(value))
         return totals
+
+
+def by_verb(requests: Counter[str]) -> Counter[str]:
+    totals: Counter[str] = Counter()
+    for key, count in requests.items():
+        totals[key.split(" ", 1)[0]] += count
+    return totals
 
 
 def free_port() -> int:
@@ -121,7 +133,9 @@ def objects(n: int, prometheus: str, selector_per_model: bool = False) -> str:
                 "spec": {
                     "targetRef": {"name": name},
                     "curve": {"intercept": 0.1, "slope": 0.08, "minTokens": 64, "maxTokens": 4096},
-                    "budget": {"ceiling": {"amount": 100, "period": "Hour"}, "valuePerPoint": 0.01},
+                    # Per Month (about $100/h), not per Hour: a period that rolls over starts a new
+                    # ledger, one status write per ModelBudget, which a window across the hour counted.
+                    "budget": {"ceiling": {"amount": 72_000, "period": "Month"}, "valuePerPoint": 0.01},
                     "replicas": {"min": 0, "max": 1},
                     # No providerRef: pools are observed, never resized (they would all share one).
                     "nodePools": [
@@ -215,9 +229,10 @@ def run(
     try:
         kube.kubectl("apply", "--server-side", "-f", "-", stdin=objects(n, env["PROMETHEUS_URL"], selector_per_model))
         # The testbed's own request rate, before the operator runs.
-        before = kube.requests_by_verb()
+        before = kube.requests()
         time.sleep(window)
-        baseline = kube.requests_by_verb() - before
+        baseline = kube.requests() - before
+        baseline_by_verb = by_verb(baseline)
         metrics = f"127.0.0.1:{free_port()}"
         log = (REPO / ".local" / "logs" / f"bench-scale-{n}.log").open("wb")
         operator = subprocess.Popen(
@@ -257,16 +272,23 @@ def run(
         text = scrape(metrics)
         h0, c0 = histogram(text, "modelbudget_reconcile_duration_seconds")
         q0 = counter(text, "modelbudget_prometheus_queries_total")
-        r0, (cpu0, _) = kube.requests_by_verb(), proc_usage(operator.pid)
+        r0, (cpu0, _) = kube.requests(), proc_usage(operator.pid)
         time.sleep(window)
         text = scrape(metrics)
         h1, c1 = histogram(text, "modelbudget_reconcile_duration_seconds")
         queries = counter(text, "modelbudget_prometheus_queries_total") - q0
-        requests = kube.requests_by_verb() - r0
+        by_resource = kube.requests() - r0
+        requests = by_verb(by_resource)
         cpu1, rss = proc_usage(operator.pid)
         reconciles = c1 - c0
         delta = {le: h1[le] - h0.get(le, 0.0) for le in h1}
-        own = {verb: requests[verb] - baseline.get(verb, 0) for verb in requests}
+        own = {verb: requests[verb] - baseline_by_verb.get(verb, 0) for verb in requests}
+        # Which objects the operator's writes went to (a status, an annotation, an Event...).
+        own_writes = {
+            key: c
+            for key in by_resource
+            if key.split(" ", 1)[0] in WRITES and (c := by_resource[key] - baseline.get(key, 0)) > 0
+        }
         ticks = window / interval
         return {
             "n": n,
@@ -282,6 +304,7 @@ def run(
             "queries_per_tick": queries / ticks,
             "api_requests_per_tick": sum(max(c, 0) for c in own.values()) / ticks,
             "writes_per_tick": sum(max(own.get(v, 0), 0) for v in WRITES) / ticks,
+            "writes_in_window": dict(sorted(own_writes.items())),
         }
     finally:
         if operator is not None:
@@ -333,6 +356,9 @@ def main() -> int:
             f"{r['queries_per_tick']:11.1f} | {r['api_requests_per_tick']:12.1f} | {r['writes_per_tick']:11.2f} | "
             f"{reads}"
         )
+    for r in rows:
+        writes = ", ".join(f"{k} {c}" for k, c in r["writes_in_window"].items()) or "none"
+        print(f"\nN={r['n']}: the operator's writes in the window: {writes}")
     return 0
 
 

@@ -101,6 +101,35 @@ def test_nothing_changed_means_no_status_write_and_no_events(cluster: FakeCluste
     assert h.tick(T0 + timedelta(seconds=75)).status_patch is not None  # heartbeat
 
 
+def test_a_steady_model_budget_writes_only_when_its_budget_period_rolls_over(cluster: FakeCluster) -> None:
+    """Steady state: an hour of ticks, one write at the start and one when the period rolls over
+    (the ledger starts again, which must survive a restart); everything else waits for the
+    heartbeat. A restart then bills the time since the last write: nothing is under-counted."""
+    h = Harness(cluster, demo_spec())  # ceiling per Hour
+    h.reconciler.heartbeat = timedelta(hours=2)
+    for k in range(240):  # 12:00:00 .. 12:59:45, every 15 s, demand measured with noise
+        at = T0 + timedelta(seconds=15 * k)
+        cluster.metrics.next = demand(at, rps=0.5 + 0.01 * (k % 7))
+        h.tick(at)
+    assert h.writes == 1  # neither the noise nor the forecast made from it (which starts meanwhile)
+    assert "forecast" not in h.status["plan"]
+    at = T0 + timedelta(hours=1)
+    cluster.metrics.next = demand(at, rps=0.5)
+    h.tick(at)
+    assert h.writes == 2 and h.status["spend"]["periodStart"] == "2026-01-05T13:00:00Z"
+    for k in range(1, 40):  # ten more minutes, nothing written
+        at = T0 + timedelta(hours=1, seconds=15 * k)
+        cluster.metrics.next = demand(at, rps=0.5)
+        h.tick(at)
+    assert h.writes == 2
+    restarted = Harness(cluster, h.spec)
+    restarted.status = h.status
+    at = T0 + timedelta(hours=1, minutes=10)
+    cluster.metrics.next = demand(at, rps=0.5)
+    restarted.tick(at)
+    assert restarted.status["spend"]["periodToDate"] == pytest.approx(8.0 / 6)  # one $8/h node, ten minutes
+
+
 def test_recommend_mode_computes_but_changes_nothing(cluster: FakeCluster) -> None:
     cluster.metrics.next = demand(T0, rps=20)
     h = Harness(cluster, demo_spec(mode="Recommend"))

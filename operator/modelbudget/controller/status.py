@@ -278,10 +278,11 @@ def status_document(status: ModelBudgetStatus) -> dict[str, Any]:
 
 
 # Parts of the status that move every tick without anything having changed: time passing,
-# noise in the measured demand, messages that quote durations.  Left out of the fingerprint;
-# the heartbeat write refreshes them.
+# noise in the measured demand (and the forecast made from it), messages that quote durations.
+# Left out of the fingerprint; the heartbeat write refreshes them.  The ledger needs no write to
+# stay safe: it resumes from the last one written and bills the time since (core/pacing.py).
 _VOLATILE = {
-    "plan": ("decidedAt", "demandRequestsPerSecond", "expectedPerformance"),
+    "plan": ("decidedAt", "demandRequestsPerSecond", "expectedPerformance", "forecast"),
     "spend": ("periodToDate", "projectedPeriodEnd", "utilization", "periodToDateAtSpecPrices"),
 }
 
