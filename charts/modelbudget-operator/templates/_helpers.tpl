@@ -75,10 +75,10 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "patch"]
-# adapters/tokenlimit.py: the token-limit ConfigMap.
+# adapters/tokenlimit.py: the token-limit ConfigMap (read from a watched mirror of the operator's own, by label; GET before a write).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # adapters/secrets.py: Prometheus credentials and CA named in spec.metrics (get by name only).
 - apiGroups: [""]
   resources: ["secrets"]
