@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `modelbudget fit/plan/crd` must not pay for (or need) kopf and the clients.
     import kopf
 
+    from modelbudget.adapters.capacitybuffer import KubeCapacityBuffers
     from modelbudget.adapters.conflicts import KubeConflictFinder
     from modelbudget.adapters.gpupools import KubeGpuPools
     from modelbudget.adapters.kube import KubeClients
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
         prices=OpenCostPrices(prometheus),
+        capacity_buffers=KubeCapacityBuffers(kube),
     )
     identity = args.identity or default_identity()
     # kopf names itself after $POD_ID, else after getpass.getuser(), which raises for a uid with no

@@ -187,7 +187,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         started = time.monotonic()
         try:
             outcome = await rt.reconciler.reconcile(
-                ObjectRef(namespace, name, meta.get("generation")),
+                ObjectRef(namespace, name, meta.get("generation"), meta.get("uid") or ""),
                 copy.deepcopy(body.get("spec") or {}),
                 copy.deepcopy(seen),
                 carried,
