@@ -83,7 +83,9 @@ cmd_install() {
     crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io \
     crd/httproutes.gateway.networking.k8s.io >/dev/null \
     || die "the Gateway API CRDs did not become Established"
-  log "installed karpenter v$KARPENTER_VERSION NodePool, cluster-api v$CLUSTER_API_VERSION MachineDeployment"
+  "$kubectl" wait --for condition=Established --timeout 60s crd/capacitybuffers.autoscaling.x-k8s.io >/dev/null \
+    || die "the CapacityBuffer CRD did not become Established"
+  log "installed karpenter v$KARPENTER_VERSION NodePool and CapacityBuffer, cluster-api v$CLUSTER_API_VERSION MachineDeployment"
   log "installed gateway-api v$GATEWAY_API_VERSION GatewayClass, Gateway, HTTPRoute (standard channel)"
 }
 

@@ -217,7 +217,6 @@ class FakeCapacityBuffers:
     buffers: dict[tuple[str, str], tuple[Buffer, Owner]] = field(default_factory=dict)
     foreign: set[tuple[str, str]] = field(default_factory=set)
     writes: list[tuple[str, str, Buffer]] = field(default_factory=list)
-    deletes: list[tuple[str, str]] = field(default_factory=list)
 
     def served(self) -> bool:
         return self.api_served
@@ -238,13 +237,6 @@ class FakeCapacityBuffers:
             return False
         self.buffers[namespace, name] = (wanted, owner)
         self.writes.append((namespace, name, wanted))
-        return True
-
-    def delete(self, namespace: str, name: str) -> bool:
-        self._check(namespace, name)
-        if self.buffers.pop((namespace, name), None) is None:
-            return False
-        self.deletes.append((namespace, name))
         return True
 
 
@@ -286,13 +278,7 @@ class FakeCluster:
         )
 
     def writes(self) -> int:
-        return (
-            len(self.scaler.sets)
-            + len(self.pools.resizes)
-            + len(self.tokens.published)
-            + len(self.buffers.writes)
-            + len(self.buffers.deletes)
-        )
+        return len(self.scaler.sets) + len(self.pools.resizes) + len(self.tokens.published) + len(self.buffers.writes)
 
 
 @dataclass

@@ -120,31 +120,12 @@ async def test_a_change_is_a_patch_conditional_on_the_version_read(kmock: kmock.
 
 
 @against_kmock
-async def test_a_buffer_that_is_not_the_operators_is_never_written_or_deleted(kmock: kmock.RawHandler) -> None:
+async def test_a_buffer_that_is_not_the_operators_is_never_written(kmock: kmock.RawHandler) -> None:
     kmock[f"get {ONE}"] << stored(5, labels={"team": "infra"})
     buffers = KubeCapacityBuffers(kube(kmock.url))
     with pytest.raises(Rejected, match="CapacityBuffer demo/chat exists and is not managed by modelbudget"):
         await asyncio.to_thread(buffers.apply, "demo", "chat", OWNER, Buffer("llm", 3))
-    with pytest.raises(Rejected, match="not deleted"):
-        await asyncio.to_thread(buffers.delete, "demo", "chat")
-    assert not kmock["patch"] and not kmock["post"] and not kmock["delete"]
-
-
-@against_kmock
-async def test_delete_removes_the_operators_buffer_as_read(kmock: kmock.RawHandler) -> None:
-    kmock[f"get {ONE}"] << stored(2)
-    kmock[f"delete {ONE}"] << {"kind": "Status", "status": "Success"}
-    buffers = KubeCapacityBuffers(kube(kmock.url))
-    assert await asyncio.to_thread(buffers.delete, "demo", "chat") is True
-    assert kmock[f"delete {ONE}"][0].data["preconditions"] == {"resourceVersion": "12"}
-
-
-@against_kmock
-async def test_deleting_a_buffer_that_is_not_there_is_nothing(kmock: kmock.RawHandler) -> None:
-    kmock[f"get {ONE}"] << 404 << {"kind": "Status", "code": 404}
-    buffers = KubeCapacityBuffers(kube(kmock.url))
-    assert await asyncio.to_thread(buffers.delete, "demo", "chat") is False
-    assert not kmock["delete"]
+    assert not kmock["patch"] and not kmock["post"]
 
 
 @against_kmock
@@ -214,8 +195,7 @@ def test_the_fake_records_writes_and_skips_unchanged_buffers() -> None:
     assert buffers.apply("demo", "chat", OWNER, Buffer("llm", 2)) is True
     assert buffers.apply("demo", "chat", OWNER, Buffer("llm", 2)) is False
     assert buffers.read("demo", "chat") == Buffer("llm", 2)
-    assert buffers.delete("demo", "chat") is True and buffers.delete("demo", "chat") is False
-    assert fake.writes == [("demo", "chat", Buffer("llm", 2))] and fake.deletes == [("demo", "chat")]
+    assert fake.writes == [("demo", "chat", Buffer("llm", 2))]
     with pytest.raises(Rejected):
         buffers.apply("demo", "theirs", OWNER, Buffer("llm", 1))
     fake.api_served = False

@@ -1,6 +1,6 @@
 """The reconcile flow with a CapacityBuffer API (fakes): the forecast's headroom is written to the
-ModelBudget's buffer, set to 0 on stale metrics, deleted when headroom no longer goes there, and
-never written where the cluster does not serve the API."""
+ModelBudget's buffer, set to 0 on stale metrics and when headroom no longer goes there (never
+deleted), and never written where the cluster does not serve the API."""
 
 from __future__ import annotations
 
@@ -77,7 +77,6 @@ def test_stale_metrics_set_the_buffer_to_zero_and_keep_it(cluster: FakeCluster) 
     assert [(a.knob.value, a.before, a.after) for a in out.actions if a.knob.value == "CapacityBuffer"] == [
         ("CapacityBuffer", 3, 0)
     ]
-    assert cluster.buffers.deletes == []  # set to 0, not churned: it comes back with the metrics
     h.tick(T0 + timedelta(seconds=30))
     assert len(cluster.buffers.writes) == 2
 
@@ -88,13 +87,13 @@ def test_no_buffer_is_created_for_zero(cluster: FakeCluster) -> None:
     assert cluster.buffers.writes == [] and cluster.buffers.buffers == {}
 
 
-def test_headroom_moved_to_replicas_deletes_the_buffer_left_from_before(cluster: FakeCluster) -> None:
+def test_headroom_moved_to_replicas_sets_the_buffer_left_from_before_to_zero(cluster: FakeCluster) -> None:
     h = ramping(cluster)
     h.tick(T0)
     h.spec = with_headroom("Replicas")
     cluster.metrics.next = demand(T0 + timedelta(seconds=15), rps=PEAKS[-1])
     out = h.tick(T0 + timedelta(seconds=15))
-    assert cluster.buffers.deletes == [("demo", "demo-llm")]
+    assert cluster.buffers.read("demo", "demo-llm") == Buffer("demo-llm", 0)
     assert out.reconciled.decision.plan.buffer_replicas == 0
     assert cluster.scaler.sets and cluster.scaler.sets[-1] > 4  # the headroom is replicas again
 
@@ -105,7 +104,7 @@ def test_without_the_api_auto_buys_replicas_and_writes_no_buffer(cluster: FakeCl
     out = h.tick(T0)
     assert out.reconciled.decision.plan.buffer_replicas == 0
     assert cluster.scaler.sets == [7]
-    assert cluster.buffers.writes == [] and cluster.buffers.deletes == []
+    assert cluster.buffers.writes == []
 
 
 def test_an_explicit_buffer_without_the_api_buys_nothing_and_says_why(cluster: FakeCluster) -> None:

@@ -9,7 +9,8 @@ and ``replicas`` is the number of chunks: the autoscaler provisions nodes for th
 and a real pod preempts a placeholder when it needs the room.  ``replicas`` is always written, 0
 included: a buffer without ``replicas`` or ``percentage`` is sized by its ``limits`` alone.
 
-A buffer of that name that is not the operator's is never written or deleted.  Reads come from a
+A buffer of that name that is not the operator's is never written.  The operator never deletes
+a buffer: one no longer wanted is set to 0, and goes with its ModelBudget (garbage collection).  Reads come from a
 watched mirror of the operator's buffers in the namespace (no request per reconcile); a write
 reads the object first and writes nothing when it already has what is asked.  Whether the
 cluster serves the API at all is asked through discovery, again after ``DISCOVERY_SECONDS``.
@@ -23,8 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, cast
-
-from kubernetes import client
 
 from modelbudget.adapters.errors import AdapterError, NotFound, Rejected
 from modelbudget.adapters.kube import KubeClients, kube_errors
@@ -69,11 +68,6 @@ class CapacityBuffers(Protocol):
         """Create or update the buffer; True when it was written, False when it had ``wanted``
         already.  Raises ``Rejected``, changing nothing, when a buffer of that name is not the
         operator's, and ``NotFound`` when the API is not served."""
-        ...
-
-    def delete(self, namespace: str, name: str) -> bool:
-        """Delete the operator's buffer; True when one was deleted.  Raises ``Rejected`` when a
-        buffer of that name is not the operator's."""
         ...
 
 
@@ -190,13 +184,6 @@ class KubeCapacityBuffers:
         except NotFound:
             return None
 
-    def _refuse(self, where: str, action: str) -> Rejected:
-        label = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-        return Rejected(
-            f"{where} exists and is not managed by modelbudget, so it is not {action}: delete or rename it, "
-            f"or label it {label} to let the operator {'write' if action == 'written' else 'delete'} it"
-        )
-
     def apply(self, namespace: str, name: str, owner: Owner, wanted: Buffer) -> bool:
         where = f"{KIND} {namespace}/{name}"
         existing = self._get(namespace, name)
@@ -207,7 +194,11 @@ class KubeCapacityBuffers:
                 )
             return True
         if not is_operators(existing):
-            raise self._refuse(where, "written")
+            label = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+            raise Rejected(
+                f"{where} exists and is not managed by modelbudget, so it is left unchanged: delete or rename "
+                f"it, or label it {label} to let the operator write it"
+            )
         if buffer_of(existing) == wanted and _owned_by(existing, owner):
             return False
         # Conditional on the version read: a buffer changed meanwhile is a Conflict, retried next tick.
@@ -222,21 +213,4 @@ class KubeCapacityBuffers:
         }
         with kube_errors(f"updating {where}"):
             self._custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
-        return True
-
-    def delete(self, namespace: str, name: str) -> bool:
-        where = f"{KIND} {namespace}/{name}"
-        existing = self._get(namespace, name)
-        if existing is None:
-            return False
-        if not is_operators(existing):
-            raise self._refuse(where, "deleted")
-        # Conditional on the version read: the object checked is the one deleted.
-        version = existing["metadata"].get("resourceVersion")
-        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version))
-        try:
-            with kube_errors(f"deleting {where}"):
-                self._custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
-        except NotFound:
-            return False  # gone meanwhile
         return True

@@ -35,7 +35,6 @@ from modelbudget.controller import status as st
 from modelbudget.core import Decision, Observation, ResolvedSpec, decide, resolve
 from modelbudget.core.curve import CurveFitError
 from modelbudget.core.observation import DemandSample
-from modelbudget.core.planner import buffers_headroom
 from modelbudget.core.pools import PoolView, claims_of, pool_view, with_views
 from modelbudget.core.prices import NodePrice, ObservedPrices
 from modelbudget.core.tenancy import pools_not_allowed
@@ -387,20 +386,18 @@ class Reconciler:
             await attempt(
                 [st.KnobChange(Knob.NODES, pool.name, size, nodes)], a.node_pools.resize, pool, namespace, nodes
             )
-        # Where headroom goes to a buffer, the buffer carries the plan's placeholder pods (0 on
-        # stale metrics: an existing buffer is set to 0, none is created for 0).  Where it no
-        # longer does (headroom: Replicas, the forecast off), a buffer left from before goes.
-        current, buffers = cluster.buffer, a.capacity_buffers
-        was = None if current is None else current.replicas
-        if buffers_headroom(spec.behavior.forecast, cluster.buffers_served):
-            buffer = Buffer(target=target, replicas=plan.buffer_replicas)
-            if current != buffer and (current is not None or plan.buffer_replicas):
-                change = st.KnobChange(Knob.CAPACITY_BUFFER, ref.name, was, plan.buffer_replicas)
-                await attempt([change], buffers.apply, namespace, ref.name, Owner(ref.name, ref.uid), buffer)
-        elif current is not None:
-            await attempt(
-                [st.KnobChange(Knob.CAPACITY_BUFFER, ref.name, was, None)], buffers.delete, namespace, ref.name
-            )
+        # The buffer carries the plan's placeholder pods: 0 on stale metrics, and 0 where headroom
+        # no longer goes to it (headroom: Replicas, the forecast off).  A buffer at 0 is kept, not
+        # deleted (it comes back with the forecast; the ModelBudget's deletion takes it, as its
+        # owner); none is created for 0.
+        if cluster.buffers_served:
+            current, buffer = cluster.buffer, Buffer(target=target, replicas=plan.buffer_replicas)
+            if current != buffer and (current is not None or buffer.replicas):
+                change = st.KnobChange(
+                    Knob.CAPACITY_BUFFER, ref.name, None if current is None else current.replicas, buffer.replicas
+                )
+                owner = Owner(ref.name, ref.uid)
+                await attempt([change], a.capacity_buffers.apply, namespace, ref.name, owner, buffer)
         if plan.replicas != cluster.scale.replicas:
             await attempt(
                 [st.KnobChange(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas)],
