@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import support
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from support import GPUS_PER_NODE, MB, NODE_PRICE, Env, FaultyPrometheus, Testbed, budget, record, wait_for, world
+from support import GPUS_PER_NODE, MB, NODE_PRICE, Env, FaultyPrometheus, budget, record, wait_for, world
 
 from modelbudget.adapters.capacitybuffer import GROUP, PLURAL, VERSION, Buffer, KubeCapacityBuffers, Owner
 from modelbudget.adapters.errors import Rejected
@@ -112,7 +113,7 @@ def test_forecast_headroom_is_a_capacity_buffer_within_the_ceiling_and_zero_on_s
 
 
 def test_the_adapter_against_the_real_crd(
-    testbed: Testbed, api_client: client.ApiClient, modelbudget_crd: None, namespace: str
+    testbed: support.Testbed, api_client: client.ApiClient, modelbudget_crd: None, namespace: str
 ) -> None:
     """KubeCapacityBuffers on the real apiserver: the API is discovered, what it creates passes
     the CRD's schema and rules, reads come from its mirror, an unchanged buffer is not written, and
