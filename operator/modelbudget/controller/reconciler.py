@@ -279,7 +279,7 @@ class Reconciler:
     async def _buffer(self, ref: ObjectRef) -> tuple[bool, Buffer | None]:
         """Whether the cluster serves CapacityBuffers, and the ModelBudget's as it is now.  An API
         that cannot be asked counts as not served: headroom then goes where it goes without one,
-        and no buffer is written or deleted."""
+        and no buffer is written."""
         try:
             if not await self._call(self.adapters.capacity_buffers.served):
                 return False, None
