@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         shard,
     )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, runtime, args.interval)
+    # ModelBudgets are watched in each namespace (or once, cluster-wide), GpuPools once.
+    handlers.register(registry, runtime, args.interval, watch_streams=max(len(args.namespace), 1) + 1)
     try:
         telemetry.serve(args.metrics_addr)
     except (OSError, ValueError) as exc:
