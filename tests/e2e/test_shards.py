@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from support import Env, Operator, assert_no_double_actuation, budget, gpu_deployment, record, world
+from support import MB, Env, Operator, assert_no_double_actuation, budget, gpu_deployment, record, world
 
 from modelbudget.controller.spread import shard_of
 
@@ -117,3 +117,10 @@ def test_a_killed_shard_leader_hands_its_modelbudgets_to_its_standby_only(env: E
             assert set(reconciled(operator)) <= set(shards[shard])
     assert not reconciled(next(op for (s, _t), op in operators.items() if s == 1 and op is not leader_of(1)))
     assert_no_double_actuation(env)
+    # Each process runs the reconcile timer for its shard's ModelBudgets only, and an idle one for
+    # the others': kopf in every process wants the one finalizer on every ModelBudget, so no two
+    # take turns adding and removing it (its resourceVersion would then move between ticks).
+    for names in shards.values():
+        for name in names:
+            obj = env.custom.get_namespaced_custom_object(*MB, env.ns, "modelbudgets", name)
+            assert obj["metadata"].get("finalizers") == ["modelbudget.dev/finalizer"], obj["metadata"]
