@@ -76,10 +76,12 @@ from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 from modelbudget.core.prices import PriceVerdict, assess_prices
 from modelbudget.core.serving import (
     ServingSpeed,
-    batch_within,
+    batch_within_many,
     busy_batch,
+    busy_batch_many,
     largest_limit_within,
-    mean_batch_within,
+    largest_limit_within_many,
+    mean_batch_within_many,
     slowest_speed,
 )
 
@@ -312,66 +314,91 @@ def _search(ctx: Context) -> _Search:
     spec, grid, ladder = ctx.spec, ctx.resolved.grid, ctx.ladder
     profile = ctx.verdict.profile
     assert profile is not None and ctx.obs.demand.request_rate is not None
+    demand = ctx.demand
     tokens = profile.mean_generated_many(grid)
     scores = profile.mean_score_many(ctx.resolved.curve, grid)
     value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    need_tokens: list[int] = ladder.replicas_for_many(ctx.demand * tokens).tolist()
+    need_tokens: list[int] = ladder.replicas_for_many(demand * tokens).tolist()
+    for_latency = _replicas_for_latency(ctx, grid, demand * tokens)
     needed: list[int | None] = []
     blocked: list[tuple[int, int, Reason]] = []
-    best: tuple[int, int, float] | None = None
+    feasible: list[tuple[int, int]] = []  # (grid index, fewest replicas to try)
     for i in range(grid.size):
         need = None if need_tokens[i] < 0 else need_tokens[i]
         # The smallest limit is never blocked by latency: there is nothing lower to serve at
         # (respect_latency says so); the others need batches that meet the SLO.
-        for_latency = 0 if i == 0 else _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
-        if for_latency is None:  # not even a lone sequence meets the SLO at this limit
+        latency_need = 0 if i == 0 else for_latency[i]
+        if latency_need is None:  # not even a lone sequence meets the SLO at this limit
             needed.append(need)
             blocked.append((i, 0, Reason.LATENCY_BOUND))
             continue
         fits_tokens = need is not None and need <= min(room, ctx.affordable)
-        need = None if need is None else max(need, for_latency)
+        need = None if need is None else max(need, latency_need)
         needed.append(need)
         if need is None or need > room or need > ctx.affordable:
             # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
             why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
             blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
             continue
-        n, net = _best_replicas_in_time(ctx, float(grid[i]), float(tokens[i]), max(need, ctx.min_replicas))
+        feasible.append((i, max(need, ctx.min_replicas)))
+    best: tuple[int, int, float] | None = None
+    index = [i for i, _ in feasible]
+    found = _best_replicas_in_time(ctx, grid[index], tokens[index], [fewest for _, fewest in feasible])
+    for i, (n, net) in zip(index, found, strict=True):
         if best is None or net >= best[2] - _EPS:
             best = (i, n, net)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
 
 
-def _best_replicas_in_time(ctx: Context, limit: float, tokens: float, fewest: int) -> tuple[int, float]:
-    """The replicas, from ``fewest`` up to what the allowance and the pools allow, with the best net
-    value at ``limit``, valuing only the requests that finish in time: a request generating
-    ``min(W, limit)`` scores only if its prefill and decode at the busy batch (the SLO's percentile
-    of a Poisson batch) its replica runs meet the SLO -- as the oracles count it.  More replicas
-    mean smaller batches and so more requests in time; the search pays for them only as far as
-    they are worth it."""
+def _best_replicas_in_time(
+    ctx: Context, limits: npt.NDArray[np.float64], tokens: npt.NDArray[np.float64], fewest: list[int]
+) -> list[tuple[int, float]]:
+    """For each limit, the replicas, from its ``fewest`` up to what the allowance and the pools
+    allow, with the best net value at that limit (``tokens``: the mean each request generates under
+    it), valuing only the requests that finish in time: a request generating ``min(W, limit)``
+    scores only if its prefill and decode at the busy batch (the SLO's percentile of a Poisson
+    batch) its replica runs meet the SLO -- as the oracles count it.  More replicas mean smaller
+    batches and so more requests in time; the search pays for them only as far as they are worth it.
+
+    The batches of every (limit, replicas) pair come from one numpy pass (a decision asks this of a
+    whole token grid, twice with the forecast on); the requests in time are then counted only for
+    the replicas the one-at-a-time walk reaches: from ``fewest`` up to the first count at which
+    every request is in time (more replicas only cost more), keeping the first count better by
+    more than ``_EPS``."""
     profile, speed, spec = ctx.verdict.profile, ctx.resolved.speed, ctx.spec
     assert profile is not None and ctx.obs.demand.request_rate is not None
-    used = np.maximum(np.minimum(profile.wanted, limit), 1.0)
+    if not fewest:
+        return []
+    first = np.array(fewest)
+    last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
+    counts = np.arange(first.min(), last.max() + 1)
+    # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
+    used = np.maximum(np.minimum(profile.wanted[None, :], limits[:, None]), 1.0)
     curve = ctx.resolved.curve
     scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
     value_of_all = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0
-    z = BURST_MARGIN * _slo_z(spec)
-    best: tuple[int, float] | None = None
-    for n in range(fewest, max(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), fewest) + 1):
-        mean = speed.batch_for(ctx.demand * tokens / n) if n else math.inf
-        within = 0.0  # more than a full batch per replica: the queue grows and nobody is in time
-        if mean <= speed.max_num_seqs:
-            within = largest_limit_within(speed, spec.slo, prompt, min(busy_batch(mean, z), speed.max_num_seqs))
-        net = value_of_all * float(np.mean(np.where(used <= within + _EPS, scores, 0.0))) - ctx.ladder.spend(n)
-        if best is None or net > best[1] + _EPS:
-            best = (n, net)
-        if within + _EPS >= used[-1]:  # every request is in time: more replicas only cost more
-            break
-    assert best is not None
-    return best
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_replica = (ctx.demand * tokens)[:, None] / counts[None, :]
+    mean = np.where(counts[None, :] > 0, speed.batch_for_many(per_replica), math.inf)
+    busy = np.minimum(busy_batch_many(mean, BURST_MARGIN * _slo_z(spec)), speed.max_num_seqs)
+    # More than a full batch per replica: the queue grows and nobody is in time.
+    within = np.where(mean <= speed.max_num_seqs, largest_limit_within_many(speed, spec.slo, prompt, busy), 0.0)
+    walked = (counts[None, :] >= first[:, None]) & (counts[None, :] <= last[:, None])
+    all_in_time = walked & (within + _EPS >= used[:, -1:])
+    stop = np.where(all_in_time, counts[None, :], last[:, None]).min(axis=1)
+    row, column = np.nonzero(walked & (counts[None, :] <= stop[:, None]))
+    in_time = used[row] <= within[row, column][:, None] + _EPS
+    share = np.where(in_time, scores[row], 0.0).mean(axis=1)
+    net = value_of_all * share - ctx.ladder.spend_table[counts[column]]
+    # Row by row, in increasing replicas: the first count better than the best so far by _EPS.
+    best: dict[int, tuple[int, float]] = {}
+    for r, n, value in zip(row.tolist(), counts[column].tolist(), net.tolist(), strict=True):
+        if r not in best or value > best[r][1] + _EPS:
+            best[r] = (n, value)
+    return [best[r] for r in range(len(fewest))]
 
 
 def _slo_tokens(ctx: Context, limit: float) -> float:
@@ -381,19 +408,27 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
 
 
-def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) -> int | None:
-    """Replicas that keep each batch small enough for the SLO's percentile request to meet the SLO
-    at ``limit`` (sequences in flight per replica within the batch that allows); ``None`` when no
-    batch does."""
-    speed = ctx.resolved.speed
+def _replicas_for_latency(
+    ctx: Context, limits: npt.NDArray[np.float64], tokens_per_second: npt.NDArray[np.float64]
+) -> list[int | None]:
+    """For each limit, the replicas that keep each batch small enough for the SLO's percentile
+    request to meet the SLO at that limit (sequences in flight per replica within the batch that
+    allows), given the tokens/s it needs; ``None`` when no batch does."""
+    profile, speed = ctx.verdict.profile, ctx.resolved.speed
+    assert profile is not None
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    batch = batch_within(speed, ctx.spec.slo, prompt, _slo_tokens(ctx, limit))
-    if batch <= 0:
-        return None
+    slo_tokens = np.minimum(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limits)
+    batch = batch_within_many(speed, ctx.spec.slo, prompt, slo_tokens)
     # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
     # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
-    mean = batch if batch >= speed.max_num_seqs else max(mean_batch_within(batch, _slo_z(ctx.spec)), 1.0)
-    return math.ceil(tokens_per_second / speed.throughput(mean) - _EPS) if tokens_per_second > 0 else 0
+    full = batch >= speed.max_num_seqs
+    mean = np.where(full, batch, np.maximum(mean_batch_within_many(batch, _slo_z(ctx.spec)), 1.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        replicas = np.ceil(tokens_per_second / speed.throughput_many(mean) - _EPS)
+    return [
+        None if b <= 0 else (int(r) if x > 0 else 0)
+        for b, r, x in zip(batch.tolist(), replicas.tolist(), tokens_per_second.tolist(), strict=True)
+    ]
 
 
 def _slo_z(spec: ModelBudgetSpec) -> float:
