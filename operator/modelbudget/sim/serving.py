@@ -84,69 +84,76 @@ class _Replica:
         self.next_change = min(self.next_change, job.arrival)  # it may start at once
 
     def advance(self, until: float, timeout: float, events: Events) -> None:
-        speed, t = self.speed, self.clock
+        # The hot loop of every simulation (a few events per request): attributes read into locals,
+        # and the ITL worked out again only when the batch changed.
+        speed, t, name = self.speed, self.clock, self.name
         decoding, prefilling, waiting = self.decoding, self.prefilling, self.waiting
-        generated = 0.0
+        max_num_seqs, done = speed.max_num_seqs, events.done
+        decoded, generated = self.decoded, 0.0
+        batch, itl = -1, 0.0
         while True:
             if waiting:
                 self._start(t, timeout, events)
-            itl = speed.itl(self.running)
+            if self.running != batch:
+                batch = self.running
+                itl = speed.itl(batch)
             nxt = until
             if decoding:
-                nxt = min(nxt, t + (decoding[0][0] - self.decoded) * itl)
+                nxt = min(nxt, t + (decoding[0][0] - decoded) * itl)
             if prefilling:
                 nxt = min(nxt, prefilling[0][0])
-            if waiting and self.running < speed.max_num_seqs:
+            if waiting and batch < max_num_seqs:
                 nxt = min(nxt, waiting[0].arrival)
             nxt = max(nxt, t)
             if decoding:
                 gained = (nxt - t) / itl
-                self.decoded += gained
+                decoded += gained
                 generated += gained * len(decoding)
             t = nxt
-            while decoding and decoding[0][0] <= self.decoded + _EPS:
+            finished = 0
+            while decoding and decoding[0][0] <= decoded + _EPS:
                 _, _, job, first = heapq.heappop(decoding)
-                self._done(Done(job, self.name, first, t), events)
+                done.append(Done(job, name, first, t))
+                finished += 1
             while prefilling and prefilling[0][0] <= t + _EPS:
                 first, _, job = heapq.heappop(prefilling)
                 generated += 1.0  # prefill yields the first token
                 if job.tokens <= 1:
-                    self._done(Done(job, self.name, first, t), events)
+                    done.append(Done(job, name, first, t))
+                    finished += 1
                 else:
-                    heapq.heappush(decoding, (self.decoded + job.tokens - 1, job.id, job, first))
+                    heapq.heappush(decoding, (decoded + job.tokens - 1, job.id, job, first))
+            self.running -= finished
+            self.load -= finished
             if t >= until:
                 break
-        self.clock = until
+        self.clock, self.decoded = until, decoded
         while waiting and until - waiting[0].arrival > timeout:
             events.timed_out.append(waiting.popleft())
             self.load -= 1
         self.next_change = math.inf
         if decoding:
-            self.next_change = until + (decoding[0][0] - self.decoded) * speed.itl(self.running)
+            self.next_change = until + (decoding[0][0] - decoded) * speed.itl(self.running)
         if prefilling:  # a one-token request is done when its prefill is
             self.next_change = min(self.next_change, prefilling[0][0])
         if waiting:
             self.next_change = min(self.next_change, waiting[0].arrival + timeout)
         if generated:
-            events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
-
-    def _done(self, done: Done, events: Events) -> None:
-        events.done.append(done)
-        self.running -= 1
-        self.load -= 1
+            events.generated[name] = events.generated.get(name, 0.0) + generated
 
     def _start(self, t: float, timeout: float, events: Events) -> None:
-        waiting = self.waiting
-        while waiting and self.running < self.speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
+        waiting, speed, running = self.waiting, self.speed, self.running
+        while waiting and running < speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
             job = waiting.popleft()
             if t - job.arrival > timeout:
                 events.timed_out.append(job)
                 self.load -= 1
                 continue
             start = max(t, job.arrival)
-            heapq.heappush(self.prefilling, (start + self.speed.prefill_seconds(job.prompt), job.id, job))
-            self.running += 1
+            heapq.heappush(self.prefilling, (start + speed.prefill_seconds(job.prompt), job.id, job))
+            running += 1
             events.started.append((self.name, job))
+        self.running = running
 
 
 class ServingEngine:
