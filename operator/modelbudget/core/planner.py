@@ -71,6 +71,7 @@ from modelbudget.core.curve import LogCurve, resolve_curve
 from modelbudget.core.dynamics import in_window, scale_up_cap, stabilised_nodes, stabilised_replicas
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.forecast import Forecast, forecast, record
+from modelbudget.core.generation import GenerationProfile
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 from modelbudget.core.prices import PriceVerdict, assess_prices
@@ -150,6 +151,35 @@ def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class GridFacts:
+    """What the grid search reads that does not depend on the demand, worked out once per decision:
+    with the forecast on it searches twice (at the demand seen and at the forecast's peak)."""
+
+    tokens: npt.NDArray[np.float64]  # mean generated tokens per request at each limit
+    scores: npt.NDArray[np.float64]  # mean score per request at each limit
+    # Per limit, the largest batch at which the SLO's percentile request meets the SLO (0: none),
+    # and what one replica generates at the mean batch whose busy moments stay within it.
+    latency_batch: npt.NDArray[np.float64]
+    latency_throughput: npt.NDArray[np.float64]
+
+
+def grid_facts(resolved: ResolvedSpec, profile: GenerationProfile, prompt_tokens: float) -> GridFacts:
+    grid, speed, spec = resolved.grid, resolved.speed, resolved.spec
+    slo_tokens = np.minimum(profile.quantile_wanted(spec.slo.percentile / 100.0), grid)
+    batch = batch_within_many(speed, spec.slo, prompt_tokens, slo_tokens)
+    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
+    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
+    full = batch >= speed.max_num_seqs
+    mean = np.where(full, batch, np.maximum(mean_batch_within_many(batch, _slo_z(spec)), 1.0))
+    return GridFacts(
+        tokens=profile.mean_generated_many(grid),
+        scores=profile.mean_score_many(resolved.curve, grid),
+        latency_batch=batch,
+        latency_throughput=speed.throughput_many(mean),
+    )
+
+
 @dataclass(frozen=True)
 class Context:
     """Every fact one decision needs, worked out once, read by every stage."""
@@ -171,6 +201,7 @@ class Context:
     demand_history: DemandHistory | None  # with this observation, when it is trusted
     forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
     forecast_need: int | None  # replicas the economic target wants at the forecast peak (None: unaffordable)
+    grid_facts: GridFacts | None = None  # trusted metrics only
 
     @property
     def spec(self) -> ModelBudgetSpec:
@@ -284,6 +315,9 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         demand_history=history,
         forecast=ahead,
         forecast_need=None,
+        grid_facts=grid_facts(resolved, verdict.profile, obs.demand.prompt_tokens_per_request or 0.0)
+        if verdict.ok and verdict.profile is not None
+        else None,
     )
     if ahead is not None:  # worked out once: three stages read it
         found = _search(_at_forecast(ctx, ahead.upper))
@@ -312,16 +346,14 @@ class _Search:
 
 def _search(ctx: Context) -> _Search:
     spec, grid, ladder = ctx.spec, ctx.resolved.grid, ctx.ladder
-    profile = ctx.verdict.profile
-    assert profile is not None and ctx.obs.demand.request_rate is not None
-    demand = ctx.demand
-    tokens = profile.mean_generated_many(grid)
-    scores = profile.mean_score_many(ctx.resolved.curve, grid)
+    facts = ctx.grid_facts
+    assert facts is not None and ctx.obs.demand.request_rate is not None
+    demand, tokens, scores = ctx.demand, facts.tokens, facts.scores
     value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
     need_tokens: list[int] = ladder.replicas_for_many(demand * tokens).tolist()
-    for_latency = _replicas_for_latency(ctx, grid, demand * tokens)
+    for_latency = _replicas_for_latency(facts, demand * tokens)
     needed: list[int | None] = []
     blocked: list[tuple[int, int, Reason]] = []
     feasible: list[tuple[int, int]] = []  # (grid index, fewest replicas to try)
@@ -408,26 +440,15 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
 
 
-def _replicas_for_latency(
-    ctx: Context, limits: npt.NDArray[np.float64], tokens_per_second: npt.NDArray[np.float64]
-) -> list[int | None]:
+def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[int | None]:
     """For each limit, the replicas that keep each batch small enough for the SLO's percentile
     request to meet the SLO at that limit (sequences in flight per replica within the batch that
     allows), given the tokens/s it needs; ``None`` when no batch does."""
-    profile, speed = ctx.verdict.profile, ctx.resolved.speed
-    assert profile is not None
-    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    slo_tokens = np.minimum(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limits)
-    batch = batch_within_many(speed, ctx.spec.slo, prompt, slo_tokens)
-    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
-    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
-    full = batch >= speed.max_num_seqs
-    mean = np.where(full, batch, np.maximum(mean_batch_within_many(batch, _slo_z(ctx.spec)), 1.0))
     with np.errstate(divide="ignore", invalid="ignore"):
-        replicas = np.ceil(tokens_per_second / speed.throughput_many(mean) - _EPS)
+        replicas = np.ceil(tokens_per_second / facts.latency_throughput - _EPS)
     return [
         None if b <= 0 else (int(r) if x > 0 else 0)
-        for b, r, x in zip(batch.tolist(), replicas.tolist(), tokens_per_second.tolist(), strict=True)
+        for b, r, x in zip(facts.latency_batch.tolist(), replicas.tolist(), tokens_per_second.tolist(), strict=True)
     ]
 
 
@@ -702,7 +723,8 @@ def _carry_now(draft: Draft, ctx: Context) -> Draft:
     serving = ctx.ladder.throughput(min(ctx.obs.ready_replicas, draft.replicas))
     if ctx.demand * profile.mean_generated(draft.limit) <= serving + _EPS:
         return draft
-    fits = grid[(grid <= draft.limit) & (ctx.demand * profile.mean_generated_many(grid) <= serving + _EPS)]
+    assert ctx.grid_facts is not None
+    fits = grid[(grid <= draft.limit) & (ctx.demand * ctx.grid_facts.tokens <= serving + _EPS)]
     lowered = int(fits[-1]) if fits.size else int(grid[0])
     ready = f"{ctx.obs.ready_replicas} of {draft.replicas} replicas ready"
     message = f"{ready}: limit {lowered} (not {draft.limit}) until they are"

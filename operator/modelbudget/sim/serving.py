@@ -33,6 +33,7 @@ from modelbudget.core.serving import ServingSpeed
 
 _EPS = 1e-9
 _LOAD = attrgetter("load")
+_DONE_ORDER = attrgetter("finished_at", "job.id")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class _Replica:
         self.next_change = min(self.next_change, job.arrival)  # it may start at once
 
     def advance(self, until: float, timeout: float, events: Events) -> None:
+        if not self.load:  # idle: nothing starts, decodes or times out
+            self.clock, self.next_change = until, math.inf
+            return
         # The hot loop of every simulation (a few events per request): attributes read into locals,
         # and the ITL worked out again only when the batch changed.
         speed, t, name = self.speed, self.clock, self.name
@@ -97,14 +101,18 @@ class _Replica:
             if self.running != batch:
                 batch = self.running
                 itl = speed.itl(batch)
+            # The next event: min() and max() spelled out (the same choices, without the calls).
             nxt = until
             if decoding:
-                nxt = min(nxt, t + (decoding[0][0] - decoded) * itl)
-            if prefilling:
-                nxt = min(nxt, prefilling[0][0])
-            if waiting and batch < max_num_seqs:
-                nxt = min(nxt, waiting[0].arrival)
-            nxt = max(nxt, t)
+                event = t + (decoding[0][0] - decoded) * itl
+                if event < nxt:
+                    nxt = event
+            if prefilling and prefilling[0][0] < nxt:
+                nxt = prefilling[0][0]
+            if waiting and batch < max_num_seqs and waiting[0].arrival < nxt:
+                nxt = waiting[0].arrival
+            if nxt < t:
+                nxt = t
             if decoding:
                 gained = (nxt - t) / itl
                 decoded += gained
@@ -133,7 +141,9 @@ class _Replica:
             self.load -= 1
         self.next_change = math.inf
         if decoding:
-            self.next_change = until + (decoding[0][0] - decoded) * speed.itl(self.running)
+            self.next_change = until + (decoding[0][0] - decoded) * (
+                itl if batch == self.running else speed.itl(self.running)
+            )
         if prefilling:  # a one-token request is done when its prefill is
             self.next_change = min(self.next_change, prefilling[0][0])
         if waiting:
@@ -236,5 +246,5 @@ class ServingEngine:
             replica.advance(until, self.timeout, events)
         while self._unrouted and until - self._unrouted[0].arrival > self.timeout:
             events.timed_out.append(self._unrouted.popleft())
-        events.done.sort(key=lambda d: (d.finished_at, d.job.id))
+        events.done.sort(key=_DONE_ORDER)
         return events
