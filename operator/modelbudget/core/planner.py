@@ -158,6 +158,9 @@ class GridFacts:
 
     tokens: npt.NDArray[np.float64]  # mean generated tokens per request at each limit
     scores: npt.NDArray[np.float64]  # mean score per request at each limit
+    # (limit, request): what each of the profile's equally likely requests generates, and its score
+    generated: npt.NDArray[np.float64]
+    request_scores: npt.NDArray[np.float64]
     # Per limit, the largest batch at which the SLO's percentile request meets the SLO (0: none),
     # and what one replica generates at the mean batch whose busy moments stay within it.
     latency_batch: npt.NDArray[np.float64]
@@ -172,9 +175,13 @@ def grid_facts(resolved: ResolvedSpec, profile: GenerationProfile, prompt_tokens
     # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
     full = batch >= speed.max_num_seqs
     mean = np.where(full, batch, np.maximum(mean_batch_within_many(batch, _slo_z(spec)), 1.0))
+    generated = profile.generated_many(grid)
+    request_scores = profile.scores_many(resolved.curve, generated)
     return GridFacts(
         tokens=profile.mean_generated_many(grid),
-        scores=profile.mean_score_many(resolved.curve, grid),
+        scores=request_scores.mean(axis=1),  # mean_score_many, from what is here already
+        generated=generated,
+        request_scores=request_scores,
         latency_batch=batch,
         latency_throughput=speed.throughput_many(mean),
     )
@@ -377,39 +384,35 @@ def _search(ctx: Context) -> _Search:
         feasible.append((i, max(need, ctx.min_replicas)))
     best: tuple[int, int, float] | None = None
     index = [i for i, _ in feasible]
-    found = _best_replicas_in_time(ctx, grid[index], tokens[index], [fewest for _, fewest in feasible])
+    found = _best_replicas_in_time(ctx, index, [fewest for _, fewest in feasible])
     for i, (n, net) in zip(index, found, strict=True):
         if best is None or net >= best[2] - _EPS:
             best = (i, n, net)
     return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
 
 
-def _best_replicas_in_time(
-    ctx: Context, limits: npt.NDArray[np.float64], tokens: npt.NDArray[np.float64], fewest: list[int]
-) -> list[tuple[int, float]]:
-    """For each limit, the replicas, from its ``fewest`` up to what the allowance and the pools
-    allow, with the best net value at that limit (``tokens``: the mean each request generates under
-    it), valuing only the requests that finish in time: a request generating ``min(W, limit)``
-    scores only if its prefill and decode at the busy batch (the SLO's percentile of a Poisson
-    batch) its replica runs meet the SLO -- as the oracles count it.  More replicas mean smaller
-    batches and so more requests in time; the search pays for them only as far as they are worth it.
+def _best_replicas_in_time(ctx: Context, limits: list[int], fewest: list[int]) -> list[tuple[int, float]]:
+    """For each limit (an index into the grid), the replicas, from its ``fewest`` up to what the
+    allowance and the pools allow, with the best net value at that limit, valuing only the requests
+    that finish in time: a request generating ``min(W, limit)`` scores only if its prefill and decode
+    at the busy batch (the SLO's percentile of a Poisson batch) its replica runs meet the SLO -- as
+    the oracles count it.  More replicas mean smaller batches and so more requests in time; the
+    search pays for them only as far as they are worth it.
 
     The batches of every (limit, replicas) pair come from one numpy pass (a decision asks this of a
     whole token grid, twice with the forecast on); the requests in time are then counted only for
     the replicas the one-at-a-time walk reaches: from ``fewest`` up to the first count at which
     every request is in time (more replicas only cost more), keeping the first count better by
     more than ``_EPS``."""
-    profile, speed, spec = ctx.verdict.profile, ctx.resolved.speed, ctx.spec
-    assert profile is not None and ctx.obs.demand.request_rate is not None
+    facts, speed, spec = ctx.grid_facts, ctx.resolved.speed, ctx.spec
+    assert facts is not None and ctx.obs.demand.request_rate is not None
     if not fewest:
         return []
     first = np.array(fewest)
     last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
     counts = np.arange(first.min(), last.max() + 1)
     # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
-    used = np.maximum(np.minimum(profile.wanted[None, :], limits[:, None]), 1.0)
-    curve = ctx.resolved.curve
-    scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
+    used, scores, tokens = facts.generated[limits], facts.request_scores[limits], facts.tokens[limits]
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
     value_of_all = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0
     with np.errstate(divide="ignore", invalid="ignore"):
