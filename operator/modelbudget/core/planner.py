@@ -209,6 +209,7 @@ class Context:
     forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
     forecast_need: int | None  # replicas the economic target wants at the forecast peak (None: unaffordable)
     grid_facts: GridFacts | None = None  # trusted metrics only
+    search: _Search | None = None  # the economic target's grid search at the demand seen (trusted metrics only)
 
     @property
     def spec(self) -> ModelBudgetSpec:
@@ -326,9 +327,14 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         if verdict.ok and verdict.profile is not None
         else None,
     )
-    if ahead is not None:  # worked out once: three stages read it
-        found = _search(_at_forecast(ctx, ahead.upper))
-        ctx = replace(ctx, forecast_need=None if found.best is None else found.best[1])
+    if ctx.grid_facts is not None:
+        # The target's search and, with a forecast, the same search at the forecast's peak (three
+        # stages read what it wants): both in one pass over the grid.
+        assert obs.demand.request_rate is not None
+        seen = obs.demand.request_rate
+        found = _search(ctx, [seen] if ahead is None else [seen, max(ahead.upper, seen)])
+        need = None if ahead is None or found[1].best is None else found[1].best[1]
+        ctx = replace(ctx, search=found[0], forecast_need=need)
     return ctx, draft
 
 
@@ -351,48 +357,72 @@ class _Search:
     best: tuple[int, int] | None  # (grid index, replicas) of the best feasible limit
 
 
-def _search(ctx: Context) -> _Search:
-    spec, grid, ladder = ctx.spec, ctx.resolved.grid, ctx.ladder
-    facts = ctx.grid_facts
-    assert facts is not None and ctx.obs.demand.request_rate is not None
-    demand, tokens, scores = ctx.demand, facts.tokens, facts.scores
-    value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
+def _search(ctx: Context, rates: list[float]) -> list[_Search]:
+    """The grid search at each request rate (arriving now, the queue drained as ``Context.demand``
+    says), all rates in one numpy pass."""
+    spec, grid, ladder, facts = ctx.spec, ctx.resolved.grid, ctx.ladder, ctx.grid_facts
+    assert facts is not None
+    queue = (ctx.obs.demand.requests_waiting or 0.0) / spec.behavior.queue_drain_seconds
+    demands = [rate + queue for rate in rates]
+    tokens = facts.tokens
+    loads = np.array(demands)[:, None] * tokens[None, :]  # tokens/s each limit needs, per rate
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    need_tokens: list[int] = ladder.replicas_for_many(demand * tokens).tolist()
-    for_latency = _replicas_for_latency(facts, demand * tokens)
-    needed: list[int | None] = []
-    blocked: list[tuple[int, int, Reason]] = []
-    feasible: list[tuple[int, int]] = []  # (grid index, fewest replicas to try)
-    for i in range(grid.size):
-        need = None if need_tokens[i] < 0 else need_tokens[i]
-        # The smallest limit is never blocked by latency: there is nothing lower to serve at
-        # (respect_latency says so); the others need batches that meet the SLO.
-        latency_need = 0 if i == 0 else for_latency[i]
-        if latency_need is None:  # not even a lone sequence meets the SLO at this limit
+    need_tokens: list[list[int]] = [ladder.replicas_for_many(row).tolist() for row in loads]
+    for_latency = _replicas_for_latency(facts, loads)
+    asks: list[tuple[int, int, int]] = []  # (rate, grid index, fewest replicas to try)
+    searched = []
+    for k in range(len(rates)):
+        needed: list[int | None] = []
+        blocked: list[tuple[int, int, Reason]] = []
+        for i in range(grid.size):
+            need = None if need_tokens[k][i] < 0 else need_tokens[k][i]
+            # The smallest limit is never blocked by latency: there is nothing lower to serve at
+            # (respect_latency says so); the others need batches that meet the SLO.
+            latency_need = 0 if i == 0 else for_latency[k][i]
+            if latency_need is None:  # not even a lone sequence meets the SLO at this limit
+                needed.append(need)
+                blocked.append((i, 0, Reason.LATENCY_BOUND))
+                continue
+            fits_tokens = need is not None and need <= min(room, ctx.affordable)
+            need = None if need is None else max(need, latency_need)
             needed.append(need)
-            blocked.append((i, 0, Reason.LATENCY_BOUND))
-            continue
-        fits_tokens = need is not None and need <= min(room, ctx.affordable)
-        need = None if need is None else max(need, latency_need)
-        needed.append(need)
-        if need is None or need > room or need > ctx.affordable:
-            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
-            why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
-            continue
-        feasible.append((i, max(need, ctx.min_replicas)))
-    best: tuple[int, int, float] | None = None
-    index = [i for i, _ in feasible]
-    found = _best_replicas_in_time(ctx, index, [fewest for _, fewest in feasible])
-    for i, (n, net) in zip(index, found, strict=True):
-        if best is None or net >= best[2] - _EPS:
-            best = (i, n, net)
-    return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+            if need is None or need > room or need > ctx.affordable:
+                # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+                why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
+                blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
+                continue
+            asks.append((k, i, max(need, ctx.min_replicas)))
+        searched.append((needed, blocked))
+    found = _best_replicas_in_time(
+        ctx,
+        [i for _, i, _ in asks],
+        [demands[k] for k, _, _ in asks],
+        [rates[k] for k, _, _ in asks],
+        [fewest for _, _, fewest in asks],
+    )
+    best: list[tuple[int, int, float] | None] = [None] * len(rates)
+    for (k, i, _), (n, net) in zip(asks, found, strict=True):
+        held = best[k]
+        if held is None or net >= held[2] - _EPS:
+            best[k] = (i, n, net)
+    return [
+        _Search(
+            tokens,
+            needed,
+            spec.budget.value_of_point * rate * 3600.0 * facts.scores,
+            blocked,
+            None if b is None else (b[0], b[1]),
+        )
+        for rate, (needed, blocked), b in zip(rates, searched, best, strict=True)
+    ]
 
 
-def _best_replicas_in_time(ctx: Context, limits: list[int], fewest: list[int]) -> list[tuple[int, float]]:
-    """For each limit (an index into the grid), the replicas, from its ``fewest`` up to what the
+def _best_replicas_in_time(
+    ctx: Context, limits: list[int], demands: list[float], rates: list[float], fewest: list[int]
+) -> list[tuple[int, float]]:
+    """For each limit (an index into the grid) at its demand (requests/s to serve; ``rates``: those
+    arriving, whose score is the value), the replicas, from its ``fewest`` up to what the
     allowance and the pools allow, with the best net value at that limit, valuing only the requests
     that finish in time: a request generating ``min(W, limit)`` scores only if its prefill and decode
     at the busy batch (the SLO's percentile of a Poisson batch) its replica runs meet the SLO -- as
@@ -400,23 +430,23 @@ def _best_replicas_in_time(ctx: Context, limits: list[int], fewest: list[int]) -
     search pays for them only as far as they are worth it.
 
     The batches of every (limit, replicas) pair come from one numpy pass (a decision asks this of a
-    whole token grid, twice with the forecast on); the requests in time are then counted only for
-    the replicas the one-at-a-time walk reaches: from ``fewest`` up to the first count at which
-    every request is in time (more replicas only cost more), keeping the first count better by
-    more than ``_EPS``."""
+    whole token grid, at two demands with the forecast on); the requests in time are then counted
+    only for the replicas the one-at-a-time walk reaches: from ``fewest`` up to the first count at
+    which every request is in time (more replicas only cost more), keeping the first count better
+    by more than ``_EPS``."""
     facts, speed, spec = ctx.grid_facts, ctx.resolved.speed, ctx.spec
-    assert facts is not None and ctx.obs.demand.request_rate is not None
+    assert facts is not None
     if not fewest:
         return []
     first = np.array(fewest)
     last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
     counts = np.arange(first.min(), last.max() + 1)
     # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
-    used, scores, tokens = facts.generated[limits], facts.request_scores[limits], facts.tokens[limits]
+    used, scores = facts.generated[limits], facts.request_scores[limits]
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    value_of_all = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0
+    value_of_all = np.array([spec.budget.value_of_point * rate * 3600.0 for rate in rates])
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_replica = (ctx.demand * tokens)[:, None] / counts[None, :]
+        per_replica = (np.array(demands) * facts.tokens[limits])[:, None] / counts[None, :]
     mean = np.where(counts[None, :] > 0, speed.batch_for_many(per_replica), math.inf)
     busy = np.minimum(busy_batch_many(mean, BURST_MARGIN * _slo_z(spec)), speed.max_num_seqs)
     # More than a full batch per replica: the queue grows and nobody is in time.
@@ -427,7 +457,7 @@ def _best_replicas_in_time(ctx: Context, limits: list[int], fewest: list[int]) -
     row, column = np.nonzero(walked & (counts[None, :] <= stop[:, None]))
     in_time = used[row] <= within[row, column][:, None] + _EPS
     share = np.where(in_time, scores[row], 0.0).mean(axis=1)
-    net = value_of_all * share - ctx.ladder.spend_table[counts[column]]
+    net = value_of_all[row] * share - ctx.ladder.spend_table[counts[column]]
     # Row by row, in increasing replicas: the first count better than the best so far by _EPS.
     best: dict[int, tuple[int, float]] = {}
     for r, n, value in zip(row.tolist(), counts[column].tolist(), net.tolist(), strict=True):
@@ -443,15 +473,16 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
 
 
-def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[int | None]:
-    """For each limit, the replicas that keep each batch small enough for the SLO's percentile
-    request to meet the SLO at that limit (sequences in flight per replica within the batch that
-    allows), given the tokens/s it needs; ``None`` when no batch does."""
+def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[list[int | None]]:
+    """For each limit (columns; rows: demands), the replicas that keep each batch small enough for
+    the SLO's percentile request to meet the SLO at that limit (sequences in flight per replica
+    within the batch that allows), given the tokens/s it needs; ``None`` when no batch does."""
     with np.errstate(divide="ignore", invalid="ignore"):
         replicas = np.ceil(tokens_per_second / facts.latency_throughput - _EPS)
+    bound = facts.latency_batch.tolist()
     return [
-        None if b <= 0 else (int(r) if x > 0 else 0)
-        for b, r, x in zip(facts.latency_batch.tolist(), replicas.tolist(), tokens_per_second.tolist(), strict=True)
+        [None if b <= 0 else (int(r) if x > 0 else 0) for b, r, x in zip(bound, rr, xx, strict=True)]
+        for rr, xx in zip(replicas.tolist(), tokens_per_second.tolist(), strict=True)
     ]
 
 
@@ -472,7 +503,8 @@ def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
 
 
 def economic_target(draft: Draft, ctx: Context) -> Draft:
-    found = _search(ctx)
+    found = ctx.search
+    assert found is not None
     if found.best is None:
         return _admission_capped(draft, ctx, found)
     i, n = found.best
@@ -581,12 +613,6 @@ def size_for_limit_in_force(draft: Draft, ctx: Context) -> Draft:
 
 # ---------------------------------------------------------------------------------------------
 # Looking ahead
-
-
-def _at_forecast(ctx: Context, rate: float) -> Context:
-    """The facts as they would be with ``rate`` requests/s (the forecast's) arriving now."""
-    demand = replace(ctx.obs.demand, request_rate=max(rate, ctx.obs.demand.request_rate or 0.0))
-    return replace(ctx, obs=replace(ctx.obs, demand=demand))
 
 
 def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
