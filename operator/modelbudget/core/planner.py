@@ -368,7 +368,8 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
     loads = np.array(demands)[:, None] * tokens[None, :]  # tokens/s each limit needs, per rate
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    need_tokens: list[list[int]] = [ladder.replicas_for_many(row).tolist() for row in loads]
+    flat: list[int] = ladder.replicas_for_many(loads.ravel()).tolist()
+    need_tokens = [flat[k * grid.size : (k + 1) * grid.size] for k in range(len(rates))]
     for_latency = _replicas_for_latency(facts, loads)
     asks: list[tuple[int, int, int]] = []  # (rate, grid index, fewest replicas to try)
     searched = []
