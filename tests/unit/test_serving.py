@@ -171,3 +171,20 @@ class TestEngine:
     def test_nonsense_is_refused(self) -> None:
         with pytest.raises(ValueError):
             ServingEngine(timeout=0)
+
+    def test_a_last_token_due_below_the_clocks_resolution_finishes(self) -> None:
+        # Three days into a replay (t ~ 2.6e5 s, a float step of 5.8e-11 s) a sequence 1.1e-9 tokens
+        # short of done (more than the engine's 1e-9 tolerance) is due 1.4e-11 s from now: now + that
+        # is now, so the clock never moved and the replay hung (found replaying a week for the HPA
+        # policy).  The state is set by hand: reaching it through arrivals takes days of traffic.
+        now = 263020.6322655855
+        engine = ServingEngine(timeout=60)
+        engine.set_pods({"a": SPEED}, now)
+        replica = engine._pods["a"]
+        job = Job(0, now - 5.0, 0, 400)
+        replica.decoding = [(1.1e-9, job.id, job, now - 4.0)]
+        replica.running = replica.load = 1
+        assert now + 1.1e-9 * SPEED.itl(1) == now
+        [done] = engine.advance(now + 1.0).done
+        assert (done.job, done.finished_at) == (job, now)
+        assert engine.running() == {"a": 0}

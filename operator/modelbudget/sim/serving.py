@@ -113,6 +113,7 @@ class _Replica:
                 nxt = waiting[0].arrival
             if nxt < t:
                 nxt = t
+            moved = nxt > t
             if decoding:
                 gained = (nxt - t) / itl
                 decoded += gained
@@ -125,6 +126,7 @@ class _Replica:
                 finished += 1
             while prefilling and prefilling[0][0] <= t + _EPS:
                 first, _, job = heapq.heappop(prefilling)
+                moved = True
                 generated += 1.0  # prefill yields the first token
                 if job.tokens <= 1:
                     done.append(Done(job, name, first, t))
@@ -135,6 +137,12 @@ class _Replica:
             self.load -= finished
             if t >= until:
                 break
+            if not moved and not finished:
+                # Nothing happened and the clock did not move: the first sequence's last token is
+                # due sooner than the clock can tell apart from now (its remaining time is below
+                # the resolution of a float this far into the run), and nothing else can change
+                # until it is done.  It is done now; waiting on it would loop for ever.
+                decoded = decoding[0][0]
         self.clock, self.decoded = until, decoded
         while waiting and until - waiting[0].arrival > timeout:
             events.timed_out.append(waiting.popleft())
