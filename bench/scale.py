@@ -2,7 +2,8 @@
 
     hack/testbed.sh up
     .venv/bin/python bench/scale.py --quick        # N = 1, 20    (a couple of minutes)
-    .venv/bin/python bench/scale.py                # N = 1, 100, 1000
+    .venv/bin/python bench/scale.py                # N = 1, 100, 1000, 3000 over 3 shards
+    .venv/bin/python bench/scale.py -n 1000 -n 3000/3
 
 For each N: N Deployments with no pods (replicas 0..1, nothing to schedule) and N ModelBudgets
 whose metrics all come from one synthetic model server (so Prometheus' load does not grow with
@@ -19,6 +20,10 @@ window (demand constant, nothing to change) measures:
   ``modelbudget_prometheus_queries_total``: with grouped observation, about one per query
   template, whatever N is;
 * apiserver requests per tick (the operator's own, as above).
+
+``-n N/K`` runs K operator processes, ``--shards K --shard I`` each, every one electing the
+leader of its shard on a Lease of its own (one replica per shard: no standbys); their figures
+are summed (latency histograms merged, CPU added), RSS is the largest process's.
 
 ``--selector-per-model`` gives each ModelBudget a selector of its own model name (the series
 then differ per ModelBudget, as on a real platform); the synthetic server exports one model, so
@@ -196,8 +201,48 @@ def scrape(addr: str) -> str:
         return r.read().decode()
 
 
+def operator_command(kube: Kube, interval: float, metrics: str, shards: int, shard: int) -> list[str]:
+    command = [
+        str(Path(sys.executable).parent / "modelbudget"),
+        "run",
+        "--kubeconfig",
+        kube.kubeconfig,
+        "-n",
+        NS,
+        "--interval",
+        str(interval),
+        "--status-heartbeat",
+        "3600",
+        "-q",
+        "--metrics-addr",
+        metrics,
+        "--liveness",
+        f"http://127.0.0.1:{free_port()}/healthz",
+    ]
+    if shards == 1:
+        return [*command, "--no-leader-election"]
+    return [
+        *command,
+        *("--shards", str(shards), "--shard", str(shard)),
+        *("--lease-namespace", NS, "--lease-name", "scale-bench", "--lease-duration", "15"),
+    ]
+
+
+def merged(texts: list[str]) -> tuple[dict[float, float], float, float]:
+    """Reconcile-latency buckets, reconcile count and Prometheus queries, summed over processes."""
+    buckets: dict[float, float] = {}
+    count = queries = 0.0
+    for text in texts:
+        h, c = histogram(text, "modelbudget_reconcile_duration_seconds")
+        for le, v in h.items():
+            buckets[le] = buckets.get(le, 0.0) + v
+        count += c
+        queries += counter(text, "modelbudget_prometheus_queries_total")
+    return buckets, count, queries
+
+
 def run(
-    n: int, kube: Kube, env: dict[str, str], window: float, interval: float, selector_per_model: bool
+    n: int, shards: int, kube: Kube, env: dict[str, str], window: float, interval: float, selector_per_model: bool
 ) -> dict[str, Any]:
     kube.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=300s")
     kube.kubectl("create", "namespace", NS)
@@ -225,7 +270,7 @@ def run(
     target = Path(env["MB_PROMETHEUS_TARGETS"]) / f"scale-bench-{port}.json"
     target.with_suffix(".tmp").write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
     target.with_suffix(".tmp").rename(target)
-    operator = None
+    operators: list[subprocess.Popen[bytes]] = []
     try:
         kube.kubectl("apply", "--server-side", "-f", "-", stdin=objects(n, env["PROMETHEUS_URL"], selector_per_model))
         # The testbed's own request rate, before the operator runs.
@@ -233,53 +278,34 @@ def run(
         time.sleep(window)
         baseline = kube.requests() - before
         baseline_by_verb = by_verb(baseline)
-        metrics = f"127.0.0.1:{free_port()}"
-        log = (REPO / ".local" / "logs" / f"bench-scale-{n}.log").open("wb")
-        operator = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "modelbudget"),
-                "run",
-                "--kubeconfig",
-                kube.kubeconfig,
-                "-n",
-                NS,
-                "--interval",
-                str(interval),
-                "--status-heartbeat",
-                "3600",
-                "--no-leader-election",
-                "-q",
-                "--metrics-addr",
-                metrics,
-                "--liveness",
-                f"http://127.0.0.1:{free_port()}/healthz",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        addrs = [f"127.0.0.1:{free_port()}" for _ in range(shards)]
+        for shard, metrics in enumerate(addrs):
+            log = (REPO / ".local" / "logs" / f"bench-scale-{n}-{shard}.log").open("wb")
+            command = operator_command(kube, interval, metrics, shards, shard)
+            operators.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
         started = time.monotonic()
+        deadline = 600 + 0.2 * n  # the first round of writes is the apiserver's: slower at larger N
         while True:
-            items = json.loads(kube.kubectl("get", "modelbudgets", "-n", NS, "-o", "json"))["items"]
-            done = sum(1 for i in items if (i.get("status") or {}).get("plan"))
+            # Only the field looked at: decoding N whole objects every poll loads the testbed too.
+            plans = kube.kubectl("get", "modelbudgets", "-n", NS, "-o", "jsonpath={.items[*].status.plan.tokenLimit}")
+            done = len(plans.split())
             if done == n:
                 break
-            if time.monotonic() - started > 600:
-                raise SystemExit(f"N={n}: only {done} ModelBudgets got a status in 600 s")
+            if time.monotonic() - started > deadline:
+                raise SystemExit(f"N={n}: only {done} ModelBudgets got a status in {deadline:.0f} s")
             print(f"N={n}: {done} with a status after {time.monotonic() - started:.0f} s", file=sys.stderr)
-            time.sleep(2)
+            time.sleep(5)
         first_status = time.monotonic() - started
         time.sleep(2 * interval)  # let the first decisions settle (replicas set once, then nothing)
-        text = scrape(metrics)
-        h0, c0 = histogram(text, "modelbudget_reconcile_duration_seconds")
-        q0 = counter(text, "modelbudget_prometheus_queries_total")
-        r0, (cpu0, _) = kube.requests(), proc_usage(operator.pid)
+        h0, c0, q0 = merged([scrape(a) for a in addrs])
+        r0, cpu0 = kube.requests(), sum(proc_usage(o.pid)[0] for o in operators)
         time.sleep(window)
-        text = scrape(metrics)
-        h1, c1 = histogram(text, "modelbudget_reconcile_duration_seconds")
-        queries = counter(text, "modelbudget_prometheus_queries_total") - q0
+        h1, c1, q1 = merged([scrape(a) for a in addrs])
+        queries = q1 - q0
         by_resource = kube.requests() - r0
         requests = by_verb(by_resource)
-        cpu1, rss = proc_usage(operator.pid)
+        usage = [proc_usage(o.pid) for o in operators]
+        cpu1, rss = sum(cpu for cpu, _ in usage), max(mib for _, mib in usage)
         reconciles = c1 - c0
         delta = {le: h1[le] - h0.get(le, 0.0) for le in h1}
         own = {verb: requests[verb] - baseline_by_verb.get(verb, 0) for verb in requests}
@@ -292,6 +318,7 @@ def run(
         ticks = window / interval
         return {
             "n": n,
+            "shards": shards,
             "first_status_s": first_status,
             "reconciles": reconciles,
             "p50": quantile(0.5, delta),
@@ -307,9 +334,14 @@ def run(
             "writes_in_window": dict(sorted(own_writes.items())),
         }
     finally:
-        if operator is not None:
+        for operator in operators:
             operator.terminate()
-            operator.wait(timeout=30)
+        for operator in operators:
+            try:
+                operator.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a loaded testbed can hold a graceful stop up
+                operator.kill()
+                operator.wait()
         server.terminate()
         target.unlink(missing_ok=True)
         # ModelBudgets carry kopf's finalizer: drop it so the namespace can go (one replace of
@@ -322,36 +354,49 @@ def run(
         kube.kubectl("delete", "namespace", NS, "--wait=false")
 
 
+DEFAULT_ROWS = [(1, 1), (100, 1), (1000, 1), (3000, 3)]
+
+
+def row(text: str) -> tuple[int, int]:
+    """ "N" or "N/K": N ModelBudgets over K shards."""
+    n, _, shards = text.partition("/")
+    return int(n), int(shards or 1)
+
+
+def label(r: dict[str, Any]) -> str:
+    return f"{r['n']} ({r['shards']})" if r["shards"] > 1 else str(r["n"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 1 and 20 only")
-    p.add_argument("-n", type=int, action="append", help="ModelBudget counts (repeatable)")
+    p.add_argument("-n", action="append", help="ModelBudget count, or N/K for N over K shards (repeatable)")
     p.add_argument("--interval", type=float, default=15.0, help="the operator's --interval")
     p.add_argument("--window", type=float, default=None, help="steady-state window, seconds (default 2x interval)")
     p.add_argument("--selector-per-model", action="store_true", help="each ModelBudget selects its own model name")
     args = p.parse_args()
-    counts = args.n or ([1, 20] if args.quick else [1, 100, 1000])
+    counts = [row(n) for n in args.n] if args.n else ([(1, 1), (20, 1)] if args.quick else DEFAULT_ROWS)
     window = args.window or 2 * args.interval
     env = testbed_env()
     kube = Kube(env)
     kube.kubectl("apply", "-f", str(REPO / "crds" / "modelbudget.dev_modelbudgets.yaml"))
     rows = []
-    for n in counts:
-        rows.append(run(n, kube, env, window, args.interval, args.selector_per_model))
+    for n, shards in counts:
+        rows.append(run(n, shards, kube, env, window, args.interval, args.selector_per_model))
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"\nsteady state, --interval {args.interval:g}s, window {window:g}s\n")
     print(
-        "|     N | to status s | reconciles | p50 s | p99 s | CPU ms/rec | CPU share | RSS MiB "
+        "|  N (shards) | to status s | reconciles | p50 s | p99 s | CPU ms/rec | CPU share | RSS MiB "
         "| PromQL/tick | API req/tick | writes/tick | reads/rec"
     )
     print(
-        "|------:|------------:|-----------:|------:|------:|-----------:|----------:|--------:"
+        "|------------:|------------:|-----------:|------:|------:|-----------:|----------:|--------:"
         "|------------:|-------------:|------------:|:---------"
     )
     for r in rows:
         reads = ", ".join(f"{v} {c:.1f}" for v, c in r["requests_per_reconcile"].items() if v not in WRITES)
         print(
-            f"| {r['n']:5d} | {r['first_status_s']:11.1f} | {r['reconciles']:10.0f} | {r['p50']:5.3g} | "
+            f"| {label(r):>11} | {r['first_status_s']:11.1f} | {r['reconciles']:10.0f} | {r['p50']:5.3g} | "
             f"{r['p99']:5.3g} | {r['cpu_per_reconcile_ms']:10.1f} | {r['cpu_share']:9.2f} | {r['rss_mib']:7.0f} | "
             f"{r['queries_per_tick']:11.1f} | {r['api_requests_per_tick']:12.1f} | {r['writes_per_tick']:11.2f} | "
             f"{reads}"

@@ -2,6 +2,8 @@
 # The real CRDs of the node pool engines the operator resizes, for the testbed:
 #   karpenter.sh NodePool             sigs.k8s.io/karpenter     pkg/apis/crds/karpenter.sh_nodepools.yaml
 #   cluster.x-k8s.io MachineDeployment sigs.k8s.io/cluster-api  config/crd/bases/cluster.x-k8s.io_machinedeployments.yaml
+# SIG Autoscaling's CapacityBuffer, where the forecast's headroom goes on clusters that serve it:
+#   autoscaling.x-k8s.io CapacityBuffer sigs.k8s.io/karpenter   pkg/apis/crds/autoscaling.x-k8s.io_capacitybuffers.yaml
 # and the Gateway API's standard channel, whose HTTPRoute backend weights the operator sets:
 #   gateway.networking.k8s.io GatewayClass, Gateway, HTTPRoute  sigs.k8s.io/gateway-api  config/crd/standard/
 # Each is read from its module's zip on the Go module proxy (checksummed by `go mod download`
@@ -20,6 +22,7 @@ log() { echo "[crds $(date +%H:%M:%S)] $*" >&2; }
 # name module version path-in-module
 CRDS=(
   "karpenter sigs.k8s.io/karpenter $KARPENTER_VERSION pkg/apis/crds/karpenter.sh_nodepools.yaml"
+  "karpenter sigs.k8s.io/karpenter $KARPENTER_VERSION pkg/apis/crds/autoscaling.x-k8s.io_capacitybuffers.yaml"
   "cluster-api sigs.k8s.io/cluster-api $CLUSTER_API_VERSION config/crd/bases/cluster.x-k8s.io_machinedeployments.yaml"
   "gateway-api sigs.k8s.io/gateway-api $GATEWAY_API_VERSION config/crd/standard/gateway.networking.k8s.io_gatewayclasses.yaml"
   "gateway-api sigs.k8s.io/gateway-api $GATEWAY_API_VERSION config/crd/standard/gateway.networking.k8s.io_gateways.yaml"
@@ -80,7 +83,9 @@ cmd_install() {
     crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io \
     crd/httproutes.gateway.networking.k8s.io >/dev/null \
     || die "the Gateway API CRDs did not become Established"
-  log "installed karpenter v$KARPENTER_VERSION NodePool, cluster-api v$CLUSTER_API_VERSION MachineDeployment"
+  "$kubectl" wait --for condition=Established --timeout 60s crd/capacitybuffers.autoscaling.x-k8s.io >/dev/null \
+    || die "the CapacityBuffer CRD did not become Established"
+  log "installed karpenter v$KARPENTER_VERSION NodePool and CapacityBuffer, cluster-api v$CLUSTER_API_VERSION MachineDeployment"
   log "installed gateway-api v$GATEWAY_API_VERSION GatewayClass, Gateway, HTTPRoute (standard channel)"
 }
 

@@ -414,7 +414,16 @@ class Sampler:
         return max((s[key] for s in self.samples if since <= s["t"] <= until), default=0)
 
 
-MODES = ("forward", "hang", "error500", "bad_data", "garbage", "absurd")
+MODES = ("forward", "hang", "error500", "bad_data", "garbage", "absurd", "stale")
+STALE_SECONDS = 600  # how old "stale" makes every sample: far beyond any test's maxStalenessSeconds
+
+
+def _aged(answer: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A Prometheus query answer with every sample's timestamp ``seconds`` older."""
+    for series in (answer.get("data") or {}).get("result") or []:
+        if isinstance(series, dict) and "value" in series:
+            series["value"] = [series["value"][0] - seconds, series["value"][1]]
+    return answer
 
 
 class FaultyPrometheus:
@@ -476,7 +485,10 @@ class FaultyPrometheus:
                     return self._reply(200, json.dumps(body).encode(), "application/json")
                 try:
                     with urllib.request.urlopen(proxy.upstream + self.path, timeout=10) as r:
-                        return self._reply(200, r.read(), "application/json")
+                        answer = r.read()
+                    if mode == "stale":  # Prometheus' answers, as if its scrapes had stopped long ago
+                        answer = json.dumps(_aged(json.loads(answer), STALE_SECONDS)).encode()
+                    return self._reply(200, answer, "application/json")
                 except urllib.error.HTTPError as e:
                     return self._reply(e.code, e.read(), "application/json")
 

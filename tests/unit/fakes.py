@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from modelbudget.adapters.capacitybuffer import Buffer, Owner
 from modelbudget.adapters.errors import NotFound, Rejected, Unavailable
 from modelbudget.adapters.gpupools import DeclaredPool
 from modelbudget.adapters.lease import LeaseRecord
@@ -208,6 +209,38 @@ class FakeTrafficRouter:
 
 
 @dataclass
+class FakeCapacityBuffers:
+    """CapacityBuffers as (namespace, name) -> the buffer and its owner; ``foreign`` ones exist and
+    are not the operator's.  Records every write."""
+
+    api_served: bool = True
+    buffers: dict[tuple[str, str], tuple[Buffer, Owner]] = field(default_factory=dict)
+    foreign: set[tuple[str, str]] = field(default_factory=set)
+    writes: list[tuple[str, str, Buffer]] = field(default_factory=list)
+
+    def served(self) -> bool:
+        return self.api_served
+
+    def read(self, namespace: str, name: str) -> Buffer | None:
+        found = self.buffers.get((namespace, name))
+        return None if found is None else found[0]
+
+    def _check(self, namespace: str, name: str) -> None:
+        if not self.api_served:
+            raise NotFound(f"creating CapacityBuffer {namespace}/{name}: HTTP 404 Not Found")
+        if (namespace, name) in self.foreign:
+            raise Rejected(f"CapacityBuffer {namespace}/{name} exists and is not managed by modelbudget")
+
+    def apply(self, namespace: str, name: str, owner: Owner, wanted: Buffer) -> bool:
+        self._check(namespace, name)
+        if self.buffers.get((namespace, name)) == (wanted, owner):
+            return False
+        self.buffers[namespace, name] = (wanted, owner)
+        self.writes.append((namespace, name, wanted))
+        return True
+
+
+@dataclass
 class FakeCluster:
     """All fakes together, with the ``Adapters`` bundle the reconciler takes."""
 
@@ -219,6 +252,7 @@ class FakeCluster:
     tokens: FakeTokenLimits = field(default_factory=FakeTokenLimits)
     conflicts: FakeConflicts = field(default_factory=FakeConflicts)
     prices: FakePrices = field(default_factory=FakePrices)
+    buffers: FakeCapacityBuffers = field(default_factory=lambda: FakeCapacityBuffers(api_served=False))
     gates_running: bool = True  # gates in every pod, applying what is published
 
     def __post_init__(self) -> None:
@@ -240,10 +274,11 @@ class FakeCluster:
             token_limits=self.tokens,
             conflicts=self.conflicts,
             prices=self.prices,
+            capacity_buffers=self.buffers,
         )
 
     def writes(self) -> int:
-        return len(self.scaler.sets) + len(self.pools.resizes) + len(self.tokens.published)
+        return len(self.scaler.sets) + len(self.pools.resizes) + len(self.tokens.published) + len(self.buffers.writes)
 
 
 @dataclass

@@ -39,6 +39,8 @@ def test_a_reconcile_is_projected_onto_the_gauges() -> None:
     assert (
         REGISTRY.get_sample_value("modelbudget_period_to_date_dollars", {"namespace": "tel", "name": "projected"}) == 0
     )
+    replicas = {"namespace": "tel", "name": "projected"}
+    assert REGISTRY.get_sample_value("modelbudget_replicas", {**replicas, "state": "buffer"}) == 0  # no forecast yet
 
 
 def test_a_deleted_modelbudget_takes_its_series_with_it() -> None:

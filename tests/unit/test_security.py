@@ -85,6 +85,7 @@ def test_credentials_are_sent_and_never_reported(
         token_limits=cluster.tokens,
         conflicts=cluster.conflicts,
         prices=cluster.prices,
+        capacity_buffers=cluster.buffers,
     )
     # Credentials in the URL too (basic case only: requests lets URL credentials replace a bearer
     # header, so the two are not combined).

@@ -95,6 +95,11 @@ same rules (tests/unit/test_chart.py keeps the two equal); each one names the co
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
   verbs: ["get", "patch"]
+# adapters/capacitybuffer.py: the forecast's headroom in the ModelBudget's own CapacityBuffer
+# (read from a watched mirror of the operator's, by label; GET before a write; never deleted).
+- apiGroups: ["autoscaling.x-k8s.io"]
+  resources: ["capacitybuffers"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- if .Values.rbac.nodePoolProviders.clusterAPI }}
 # adapters/nodepools.py: Cluster API pools are sized by spec.replicas.
 - apiGroups: ["cluster.x-k8s.io"]

@@ -31,6 +31,8 @@ class Reason(StrEnum):
     FALLBACK_SCALE_TO = "FallbackScaleTo"
     FORECAST_SCALE_UP = "ForecastScaleUp"
     FORECAST_HOLD = "ForecastHold"
+    FORECAST_BUFFER = "ForecastBuffer"
+    CAPACITY_BUFFER_NOT_SERVED = "CapacityBufferNotServed"
     LATENCY_BOUND = "LatencyBound"
 
     # --- The metrics verdict (MetricsAvailable; also why replicas are held) ---
@@ -75,6 +77,7 @@ class Reason(StrEnum):
     POOL_SPLIT = "PoolSplit"
     TOKEN_LIMIT_CHANGED = "TokenLimitChanged"
     ADMISSION_CHANGED = "AdmissionChanged"
+    CAPACITY_BUFFER_RESIZED = "CapacityBufferResized"
 
 
 # Plan reasons that make the BudgetLimited condition True, most severe first: the first one the

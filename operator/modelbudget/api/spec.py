@@ -58,6 +58,14 @@ class PriceSource(StrEnum):
     OPEN_COST = "OpenCost"
 
 
+class Headroom(StrEnum):
+    """Where the forecast's headroom goes."""
+
+    AUTO = "Auto"
+    REPLICAS = "Replicas"
+    CAPACITY_BUFFER = "CapacityBuffer"
+
+
 class FallbackAction(StrEnum):
     HOLD = "Hold"
     SCALE_TO = "ScaleTo"
@@ -518,6 +526,15 @@ class Forecast(ApiModel):
         ge=0.5,
         le=0.99,
         description="Quantile of the demand peak within the horizon that is sized for (0.5: the median peak).",
+    )
+    headroom: Headroom = Field(
+        default=Headroom.AUTO,
+        description="Where the capacity the forecast wants beyond today's replicas goes. Replicas: more replicas "
+        "of the target (and the nodes they need). CapacityBuffer: a SIG Autoscaling CapacityBuffer "
+        "(autoscaling.x-k8s.io/v1beta1) named after this ModelBudget, scalableRef the target, whose placeholder "
+        "pods have the cluster autoscaler (Karpenter, Cluster Autoscaler) bring the nodes up ahead; its nodes "
+        "count within the ceiling like any other. Auto: CapacityBuffer where the cluster serves that API, "
+        "else Replicas.",
     )
 
 

@@ -48,6 +48,7 @@ class Knob(StrEnum):
     NODES = "Nodes"
     TOKEN_LIMIT = "TokenLimit"
     ADMITTED_RATE = "AdmittedRate"
+    CAPACITY_BUFFER = "CapacityBuffer"
 
 
 class PlanReason(StatusModel):
@@ -123,6 +124,12 @@ class Plan(StatusModel):
     """What ``decide`` wants: every knob, what it costs, what it buys, and why."""
 
     replicas: int
+    buffer_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Placeholder pods, sized like the target's, that the ModelBudget's CapacityBuffer asks the "
+        "cluster autoscaler for: the forecast's headroom (behavior.forecast.headroom). Their nodes are in pools.",
+    )
     pools: list[PoolAllocation]
     token_limit: int
     admitted_requests_per_second: float | None = Field(

@@ -30,6 +30,7 @@ OBSERVED_KEYS = {
     "meanWantedTokens": "mean tokens a request wants (exponential); default: every request uses the whole limit",
     "spent": "dollars spent so far this period (Day/Month ceilings)",
     "gates": "gates applying the published limit (default 1; 0: nothing enforces it)",
+    "capacityBuffers": "1: the cluster serves SIG Autoscaling's CapacityBuffer API (default 0)",
 }
 
 
@@ -110,6 +111,7 @@ def build_inputs(
             requests_waiting=observed.get("waiting", 0.0),
             gates=GateReport(applied),
         ),
+        capacity_buffers=bool(observed.get("capacityBuffers", 0)),
     )
     state = ControllerState()
     if "spent" in observed:
@@ -126,6 +128,8 @@ def render(plan: Plan, name: str, console: Console) -> None:
     for col in ("knob", "value"):
         knobs.add_column(col)
     knobs.add_row("replicas", str(plan.replicas))
+    if plan.buffer_replicas:
+        knobs.add_row("capacity buffer", f"{plan.buffer_replicas} placeholder pods (forecast headroom)")
     for a in plan.pools:
         knobs.add_row(f"pool {a.pool}", f"{a.nodes} nodes, {a.replicas} replicas, ${a.spend_per_hour:.2f}/h")
     knobs.add_row("token limit", str(plan.token_limit))

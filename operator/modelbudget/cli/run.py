@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `modelbudget fit/plan/crd` must not pay for (or need) kopf and the clients.
     import kopf
 
+    from modelbudget.adapters.capacitybuffer import KubeCapacityBuffers
     from modelbudget.adapters.conflicts import KubeConflictFinder
     from modelbudget.adapters.gpupools import KubeGpuPools
     from modelbudget.adapters.kube import KubeClients
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         token_limits=KubeTokenLimitSink(kube),
         conflicts=KubeConflictFinder(kube),
         prices=OpenCostPrices(prometheus),
+        capacity_buffers=KubeCapacityBuffers(kube),
     )
     identity = args.identity or default_identity()
     # kopf names itself after $POD_ID, else after getpass.getuser(), which raises for a uid with no
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         shard,
     )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, runtime, args.interval)
+    # ModelBudgets are watched in each namespace (or once, cluster-wide), GpuPools once.
+    handlers.register(registry, runtime, args.interval, watch_streams=max(len(args.namespace), 1) + 1)
     try:
         telemetry.serve(args.metrics_addr)
     except (OSError, ValueError) as exc:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import kopf
 
 from modelbudget.api.pool import POOL_PLURAL
 from modelbudget.api.spec import GROUP, PLURAL, VERSION, ModelBudgetSpec
 from modelbudget.api.status import PoolClaim
-from modelbudget.controller import telemetry
+from modelbudget.controller import memory, telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
@@ -32,6 +33,12 @@ from modelbudget.controller.status import Written, status_document, status_seen
 from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
+# kopf's own HTTP session opens a connection for every request in flight, without bound, and each
+# TLS connection holds a 256 KiB buffer (asyncio's sslproto): at 1,000 ModelBudgets the first round
+# of status patches and Events had about 2,000 open at once, 250 MiB that the allocator kept after
+# they closed.  A bounded pool queues the excess instead (and reuses connections, so fewer TLS
+# handshakes).  Each watch stream holds a connection for minutes, so the bound is on top of them.
+API_CONNECTIONS = 64
 EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
 
 
@@ -63,11 +70,33 @@ class Runtime:
         return 0 if self.elector is None else self.elector.term
 
 
-def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float) -> None:
+def bounded_session(info: kopf.ConnectionInfo, connections: int) -> kopf.AiohttpSession:
+    """kopf's session for ``info`` (as kopf builds it), with at most ``connections`` open."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        priority=info.priority,
+        expiration=info.expiration,
+        aiohttp_session=session,  # kopf closes it when the credentials are replaced
+    )
+
+
+def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float, watch_streams: int = 2) -> None:
+    """``watch_streams``: how many watches kopf keeps open (one per watched namespace and kind),
+    each holding one of the session's connections."""
+
     @kopf.on.login(id="login", registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # kopf talks to the apiserver with the same credentials as the kubernetes client.
-        return kopf.login_via_client(**kwargs)
+    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        # kopf talks to the apiserver with the same credentials as the kubernetes client; async, so
+        # the session is made on kopf's loop.
+        info = kopf.login_via_client(**kwargs)
+        return None if info is None else bounded_session(info, API_CONNECTIONS + watch_streams)
 
     @kopf.on.startup(id="configure", registry=registry)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -81,19 +110,20 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         # list rights on namespaces and CRDs that least-privilege RBAC does not grant.
         settings.scanning.disabled = True
         memo.runtime = runtime
+        memo.release_memory = asyncio.create_task(memory.keep_releasing(), name="release-memory")
         if runtime.elector is not None:
             # Runs on kopf's loop for the operator's lifetime; stopped by the cleanup handler.
             memo.election = asyncio.create_task(
                 runtime.elector.run(lambda leading: telemetry.LEADER.set(int(leading))), name="leader-election"
             )
 
-    @kopf.on.cleanup(id="stop-election", registry=registry)
-    async def stop_election(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("election")
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    @kopf.on.cleanup(id="stop-background", registry=registry)
+    async def stop_background(memo: kopf.Memo, **_: Any) -> None:
+        for task in (memo.get("election"), memo.get("release_memory")):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, id="forget", optional=True, registry=registry)
     def forget(name: str, namespace: str | None, **_: Any) -> None:
@@ -187,7 +217,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float)
         started = time.monotonic()
         try:
             outcome = await rt.reconciler.reconcile(
-                ObjectRef(namespace, name, meta.get("generation")),
+                ObjectRef(namespace, name, meta.get("generation"), meta.get("uid") or ""),
                 copy.deepcopy(body.get("spec") or {}),
                 copy.deepcopy(seen),
                 carried,

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from modelbudget.adapters.capacitybuffer import Buffer, CapacityBuffers, Owner
 from modelbudget.adapters.conflicts import ConflictFinder
 from modelbudget.adapters.errors import AdapterError, NotFound
 from modelbudget.adapters.gpupools import DeclaredPool, GpuPools
@@ -57,6 +58,7 @@ class Adapters:
     token_limits: TokenLimitSink
     conflicts: ConflictFinder
     prices: NodePriceSource
+    capacity_buffers: CapacityBuffers
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class ObjectRef:
     namespace: str
     name: str
     generation: int | None = None
+    uid: str = ""  # the ModelBudget's, for the ownerReference of what it creates
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ class Cluster:
     published: Published
     conflicts: list[str]
     node_names: dict[str, tuple[str, ...]] | None = None  # by pool; listed only to look up prices
+    buffers_served: bool = False  # the cluster serves CapacityBuffers
+    buffer: Buffer | None = None  # the ModelBudget's CapacityBuffer as it is now
 
 
 def _failure(action: st.KnobChange, exc: Exception) -> str:
@@ -181,7 +186,7 @@ class Reconciler:
         spec = resolved.spec
 
         cluster, sample, prices = await asyncio.gather(
-            self._observe_cluster(own_spec, ref.namespace),
+            self._observe_cluster(own_spec, ref),
             self._sample(spec, ref.namespace),
             self._node_prices(own_spec, ref.namespace),
         )
@@ -192,7 +197,7 @@ class Reconciler:
         failures: list[str] = []
         acting = spec.mode is Mode.ENFORCE and not cluster.conflicts and cluster.scale is not None
         if acting:
-            actions, failures = await self._act(spec, ref.namespace, decision, cluster)
+            actions, failures = await self._act(spec, ref, decision, cluster)
 
         facts = st.Facts(
             spec=spec,
@@ -245,19 +250,20 @@ class Reconciler:
         labels = await self._call(a.gpu_pools.namespace_labels, namespace) if spec.shared_pools else {}
         return declared, labels
 
-    async def _observe_cluster(self, spec: ModelBudgetSpec, namespace: str) -> Cluster:
-        a, target = self.adapters, spec.target_ref.name
+    async def _observe_cluster(self, spec: ModelBudgetSpec, ref: ObjectRef) -> Cluster:
+        a, target, namespace = self.adapters, spec.target_ref.name, ref.namespace
         pools = spec.node_pools
         try:
             scale: ScaleState | None = await self._call(a.scaler.get, namespace, target)
         except NotFound:
             scale = None
         by_name = spec.spend.source is PriceSource.OPEN_COST
-        found, sizes, published, conflicts = await asyncio.gather(
+        found, sizes, published, conflicts, (served, buffer) = await asyncio.gather(
             asyncio.gather(*(self._pool_nodes(p, by_name) for p in pools)),
             asyncio.gather(*(self._sized_to(p, namespace) for p in pools)),
             self._call(a.token_limits.read, namespace, target, spec.token_limits.publish),
             self._call(a.conflicts.find, namespace, target),
+            self._buffer(ref),
         )
         return Cluster(
             scale=scale,
@@ -266,7 +272,20 @@ class Reconciler:
             published=published,
             conflicts=conflicts,
             node_names={p.name: names for p, (_, names) in zip(pools, found, strict=True)} if by_name else None,
+            buffers_served=served,
+            buffer=buffer,
         )
+
+    async def _buffer(self, ref: ObjectRef) -> tuple[bool, Buffer | None]:
+        """Whether the cluster serves CapacityBuffers, and the ModelBudget's as it is now.  An API
+        that cannot be asked counts as not served: headroom then goes where it goes without one,
+        and no buffer is written."""
+        try:
+            if not await self._call(self.adapters.capacity_buffers.served):
+                return False, None
+            return True, await self._call(self.adapters.capacity_buffers.read, ref.namespace, ref.name)
+        except AdapterError:
+            return False, None
 
     async def _pool_nodes(self, pool: NodePool, by_name: bool) -> tuple[int, tuple[str, ...]]:
         """How many Nodes the pool runs; with OpenCost prices also their names (one list call either
@@ -320,21 +339,23 @@ class Reconciler:
     async def _act(
         self,
         spec: ModelBudgetSpec,
-        namespace: str,
+        ref: ObjectRef,
         decision: Decision,
         cluster: Cluster,
     ) -> tuple[list[st.KnobChange], list[str]]:
         """Apply the plan, fast knob first when it tightens: a lower limit takes effect in seconds,
-        while fewer replicas or nodes take a while; a higher limit waits for the capacity."""
-        a, target, plan = self.adapters, spec.target_ref.name, decision.plan
+        while fewer replicas or nodes take a while; a higher limit waits for the capacity.  The
+        CapacityBuffer moves between the nodes growing and shrinking: its placeholder pods find
+        the room the pool was given, and are gone before the pool shrinks."""
+        a, target, plan, namespace = self.adapters, spec.target_ref.name, decision.plan, ref.namespace
         assert cluster.scale is not None
         actions: list[st.KnobChange] = []
         failures: list[str] = []
 
-        async def attempt(changes: list[st.KnobChange], fn: Callable[..., None], *args: Any) -> None:
+        async def attempt(changes: list[st.KnobChange], fn: Callable[..., bool | None], *args: Any) -> None:
             try:
-                await self._call(fn, *args)
-                actions.extend(changes)
+                if await self._call(fn, *args) is not False:  # False: there was nothing to write
+                    actions.extend(changes)
             except Exception as exc:  # one knob failing must not keep the others from moving
                 failures.append(_failure(changes[0], exc))
 
@@ -365,6 +386,18 @@ class Reconciler:
             await attempt(
                 [st.KnobChange(Knob.NODES, pool.name, size, nodes)], a.node_pools.resize, pool, namespace, nodes
             )
+        # The buffer carries the plan's placeholder pods: 0 on stale metrics, and 0 where headroom
+        # no longer goes to it (headroom: Replicas, the forecast off).  A buffer at 0 is kept, not
+        # deleted (it comes back with the forecast; the ModelBudget's deletion takes it, as its
+        # owner); none is created for 0.
+        if cluster.buffers_served:
+            current, buffer = cluster.buffer, Buffer(target=target, replicas=plan.buffer_replicas)
+            if current != buffer and (current is not None or buffer.replicas):
+                change = st.KnobChange(
+                    Knob.CAPACITY_BUFFER, ref.name, None if current is None else current.replicas, buffer.replicas
+                )
+                owner = Owner(ref.name, ref.uid)
+                await attempt([change], a.capacity_buffers.apply, namespace, ref.name, owner, buffer)
         if plan.replicas != cluster.scale.replicas:
             await attempt(
                 [st.KnobChange(Knob.REPLICAS, target, cluster.scale.replicas, plan.replicas)],
@@ -418,4 +451,5 @@ def _observation(
         current_token_limit=cluster.published.token_limit,
         demand=sample,
         prices=observed,
+        capacity_buffers=cluster.buffers_served,
     )

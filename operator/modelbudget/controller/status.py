@@ -51,7 +51,7 @@ class KnobChange:
     """A change the operator made to one knob."""
 
     knob: Knob
-    target: str  # what was changed: the Deployment, a pool's name, the ConfigMap
+    target: str  # what was changed: the Deployment, a pool's name, the ConfigMap, the CapacityBuffer
     before: float | None  # None: unset
     after: float | None
 
@@ -406,6 +406,7 @@ def events_for(
             Knob.NODES: (Reason.NODE_POOL_RESIZED, f"node pool {a.target} nodes"),
             Knob.TOKEN_LIMIT: (Reason.TOKEN_LIMIT_CHANGED, f"token limit ({a.target})"),
             Knob.ADMITTED_RATE: (Reason.ADMISSION_CHANGED, f"admitted req/s per pod ({a.target})"),
+            Knob.CAPACITY_BUFFER: (Reason.CAPACITY_BUFFER_RESIZED, f"CapacityBuffer {a.target} replicas"),
         }[a.knob]
         was = "unset" if a.before is None else f"{a.before:g}"
         now = "unset" if a.after is None else f"{a.after:g}"

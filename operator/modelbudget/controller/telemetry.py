@@ -23,7 +23,11 @@ ERRORS = Counter("modelbudget_reconcile_errors_total", "Reconciles that hit a pr
 SPEND = Gauge("modelbudget_spend_dollars_per_hour", "Spend rate of the nodes running now.", _MB)
 ALLOWED = Gauge("modelbudget_allowed_dollars_per_hour", "Spend rate the ceiling (and pacing) allows now.", _MB)
 CEILING = Gauge("modelbudget_ceiling_dollars", "The ceiling for one budget period.", [*_MB, "period"])
-REPLICAS = Gauge("modelbudget_replicas", "Replicas of the serving Deployment.", [*_MB, "state"])
+REPLICAS = Gauge(
+    "modelbudget_replicas",
+    "Replicas of the serving Deployment (buffer: the CapacityBuffer's placeholders).",
+    [*_MB, "state"],
+)
 NODES = Gauge("modelbudget_nodes", "Nodes per GPU pool.", [*_MB, "pool", "state"])
 TOKEN_LIMIT = Gauge("modelbudget_token_limit", "Per-request token limit planned.", _MB)
 DEMAND = Gauge("modelbudget_demand_requests_per_second", "Request rate observed (NaN while metrics are missing).", _MB)
@@ -97,6 +101,7 @@ def record(
     REPLICAS.labels(namespace, name, "current").set(obs.current_replicas)
     REPLICAS.labels(namespace, name, "ready").set(obs.ready_replicas)
     REPLICAS.labels(namespace, name, "planned").set(plan.replicas)
+    REPLICAS.labels(namespace, name, "buffer").set(plan.buffer_replicas)  # the CapacityBuffer's placeholders
     for alloc in plan.pools:
         NODES.labels(namespace, name, alloc.pool, "current").set(obs.current_nodes.get(alloc.pool, 0))
         NODES.labels(namespace, name, alloc.pool, "planned").set(alloc.nodes)

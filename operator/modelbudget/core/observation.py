@@ -61,6 +61,7 @@ class Observation:
     current_token_limit: int | None = None
     demand: DemandSample = field(default_factory=DemandSample)
     prices: ObservedPrices | None = None  # spend.source OpenCost only: None when not asked
+    capacity_buffers: bool = False  # whether the cluster serves SIG Autoscaling's CapacityBuffer API
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,11 @@ only ever narrowing what the previous allowed, adding its own typed reasons:
    Looking ahead (``core/forecast.py``; only on trusted metrics and a current history):
    ``forecast_headroom`` (between 1. and 2.): replicas (and so nodes) sized for what the economic
    target wants at the forecast's peak of demand within the time new capacity takes to serve,
-   within what the allowance buys (``ForecastScaleUp``).  ``forecast_release_replicas`` (after 3.)
+   within what the allowance buys (``ForecastScaleUp``).  Where the headroom goes to a CapacityBuffer
+   (``behavior.forecast.headroom``), it is not replicas but placeholder pods: ``forecast_buffer``
+   (after 4.) makes the buffer what the forecast wants beyond the replicas planned, within what the
+   allowance buys, and ``hold_nodes`` places replicas and buffer together, so the buffer's nodes
+   count within the ceiling like any other (``ForecastBuffer``).  ``forecast_release_replicas`` (after 3.)
    and ``forecast_release_nodes`` (after 5.): what a scale-down window holds goes once the forecast
    says it is not needed before new capacity could be back, and nothing in the last horizon
    wanted it (``ForecastHold``).
@@ -53,7 +57,8 @@ import numpy as np
 import numpy.typing as npt
 
 from modelbudget.api.reasons import Reason
-from modelbudget.api.spec import FallbackAction, ModelBudgetSpec, PriceSource
+from modelbudget.api.spec import FallbackAction, Headroom, ModelBudgetSpec, PriceSource
+from modelbudget.api.spec import Forecast as ForecastSpec
 from modelbudget.api.status import (
     ControllerState,
     DemandForecast,
@@ -208,6 +213,7 @@ class Context:
     demand_history: DemandHistory | None  # with this observation, when it is trusted
     forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
     forecast_need: int | None  # replicas the economic target wants at the forecast peak (None: unaffordable)
+    buffered: bool = False  # the forecast's headroom goes to a CapacityBuffer, not to replicas
     grid_facts: GridFacts | None = None  # trusted metrics only
     search: _Search | None = None  # the economic target's grid search at the demand seen (trusted metrics only)
 
@@ -232,6 +238,8 @@ class Draft:
     limit: int
     admitted: float | None = None
     missing_since: datetime | None = None
+    headroom: int = 0  # replicas + buffer the forecast wants ready (buffered headroom only)
+    buffer: int = 0  # placeholder pods in the CapacityBuffer
     nodes: Mapping[str, int] = field(default_factory=dict)
     raw_nodes: Mapping[str, int] = field(default_factory=dict)  # before the node hold
     pool_replicas: Mapping[str, int] = field(default_factory=dict)
@@ -272,6 +280,13 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         allowance=ctx.allowance,
         prices=ctx.prices,
     )
+
+
+def buffers_headroom(look: ForecastSpec, served: bool) -> bool:
+    """Whether the forecast's headroom goes to a CapacityBuffer: the spec asks for one (or says
+    Auto) and the cluster serves the API.  Where it does not, an explicit CapacityBuffer buys no
+    headroom at all (nothing would fill the nodes) and ``Auto`` falls back to replicas."""
+    return look.enabled and served and look.headroom is not Headroom.REPLICAS
 
 
 def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
@@ -323,6 +338,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         demand_history=history,
         forecast=ahead,
         forecast_need=None,
+        buffered=buffers_headroom(look, obs.capacity_buffers),
         grid_facts=grid_facts(resolved, verdict.profile, obs.demand.prompt_tokens_per_request or 0.0)
         if verdict.ok and verdict.profile is not None
         else None,
@@ -631,8 +647,34 @@ def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
     n = min(n, ctx.affordable, ctx.spec.replicas.max)
     if n <= draft.replicas:
         return draft
+    if ctx.buffered:  # forecast_buffer sizes the buffer once the replicas are known
+        return replace(draft, headroom=n)
+    if ctx.spec.behavior.forecast.headroom is Headroom.CAPACITY_BUFFER:
+        message = (
+            f"{ahead.explain()}: headroom goes to a CapacityBuffer, and the cluster does not serve "
+            "autoscaling.x-k8s.io/v1beta1 capacitybuffers: none bought"
+        )
+        return draft.because(Knob.CAPACITY_BUFFER, Reason.CAPACITY_BUFFER_NOT_SERVED, message)
     message = f"{ahead.explain()}: {n} replicas (not {draft.replicas}) ready for it"
     return draft.because(Knob.REPLICAS, Reason.FORECAST_SCALE_UP, message, replicas=n)
+
+
+def forecast_buffer(draft: Draft, ctx: Context) -> Draft:
+    """The CapacityBuffer: placeholder pods for what the forecast wants ready beyond the replicas
+    planned, so the cluster autoscaler brings their nodes up ahead while the replicas follow demand.
+    Within what the allowance buys with the replicas -- whatever came before.  Zero on untrusted or
+    stale metrics: ``forecast_headroom`` then set no headroom."""
+    # The headroom is within what the allowance buys, and so are the replicas: the cut to the room
+    # left is the ceiling's guarantee stated where the buffer is made, not a bound that binds today.
+    room = max(ctx.affordable - draft.replicas, 0)
+    buffer = min(max(draft.headroom - draft.replicas, 0), room)
+    if buffer == 0 or not ctx.verdict.ok or ctx.forecast is None:
+        return replace(draft, buffer=0)
+    ahead = ctx.forecast
+    message = (
+        f"{ahead.explain()}: {buffer} placeholder pods beside {draft.replicas} replicas, ready for {draft.headroom}"
+    )
+    return draft.because(Knob.CAPACITY_BUFFER, Reason.FORECAST_BUFFER, message, buffer=buffer)
 
 
 def _wanted_within(ctx: Context, seconds: float) -> list[Recommendation]:
@@ -665,7 +707,7 @@ def forecast_release_nodes(draft: Draft, ctx: Context) -> Draft:
     need = ctx.forecast_need
     if need is None:
         return draft
-    enough = ctx.ladder.allocation(max(need, draft.replicas)).nodes
+    enough = ctx.ladder.allocation(max(need, draft.replicas + draft.buffer)).nodes
     recent = _wanted_within(ctx, ahead.horizon_seconds)
     nodes = dict(draft.nodes)
     for pool in ctx.spec.node_pools:
@@ -715,12 +757,14 @@ def enforce_ceiling(draft: Draft, ctx: Context) -> Draft:
 
 
 def hold_nodes(draft: Draft, ctx: Context) -> Draft:
-    """Place the replicas; keep recently wanted nodes through the node window, as far as the
-    allowance pays for them."""
-    spec, allocation = ctx.spec, ctx.ladder.allocation(draft.replicas)
+    """Place the replicas, and the buffer's placeholder pods after them (the ladder fills the
+    cheapest slots first, so the replicas keep the slots they would have alone); keep recently
+    wanted nodes through the node window, as far as the allowance pays for them."""
+    spec, allocation = ctx.spec, ctx.ladder.allocation(draft.replicas + draft.buffer)
     nodes = dict(allocation.nodes)
     window = spec.behavior.node_scale_down.stabilization_window_seconds
-    draft = replace(draft, raw_nodes=allocation.nodes, pool_replicas=allocation.replicas)
+    placed = ctx.ladder.allocation(draft.replicas).replicas
+    draft = replace(draft, raw_nodes=allocation.nodes, pool_replicas=placed)
     for pool in spec.node_pools:
         current = ctx.obs.current_nodes.get(pool.name, 0)
         wanted = nodes[pool.name]
@@ -839,6 +883,7 @@ STAGES: tuple[Stage, ...] = (
     stabilise_scale_down,
     forecast_release_replicas,
     enforce_ceiling,
+    forecast_buffer,
     hold_nodes,
     forecast_release_nodes,
     fast_limit,
@@ -854,6 +899,7 @@ def _plan(draft: Draft, ctx: Context) -> Plan:
     spec = ctx.spec
     return Plan(
         replicas=draft.replicas,
+        buffer_replicas=draft.buffer,
         pools=[
             PoolAllocation(
                 pool=p.name,
