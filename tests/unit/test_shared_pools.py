@@ -11,10 +11,9 @@ import pytest
 
 from modelbudget.adapters.gpupools import DeclaredPool, declared_pool
 from modelbudget.api.pool import GpuPoolStatus
-from modelbudget.api.status import ModelBudgetStatus
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef
-from modelbudget.core.pools import Claimant
+from modelbudget.core.pools import Claimant, stated_claims
 from tests.unit.fakes import FakeCluster, demand
 from tests.unit.test_controller_reconcile import T0, Harness, apply_patch, demo_spec
 
@@ -61,11 +60,8 @@ class World:
         self.cluster.gpu_pools.pools = {POOL: pool}
 
     def claimants(self) -> list[Claimant]:
-        out = []
-        for ns, h in self.budgets.items():
-            for claim in ModelBudgetStatus.model_validate(h.status).pool_claims:
-                out.append(Claimant(ns, "llm", claim))
-        return out
+        """What the pool's writer reads from its mirror of the ModelBudgets (adapters/claims.py)."""
+        return [c for ns, h in self.budgets.items() for c in stated_claims(ns, "llm", shared_spec(), h.status).values()]
 
     def tick(self, now: Any, rps: dict[str, float]) -> None:
         for ns, h in self.budgets.items():
@@ -184,3 +180,15 @@ def test_an_unreadable_status_of_a_gpu_pool_reads_as_no_grants() -> None:
     pool = declared_pool({**POOL_BODY, "status": {"grants": "garbage"}})
     assert isinstance(pool, DeclaredPool) and pool.status is None
     assert declared_pool({"spec": {"maxNodes": -1}}) is None
+
+
+def test_stated_claims_are_bounded_by_the_spec_and_refuse_what_does_not_parse() -> None:
+    spec = shared_spec()  # replicas.max x GPUs per replica bounds any claim
+    most = spec["replicas"]["max"] * spec["replicas"].get("gpusPerReplica", 1)
+    claim = {"pool": POOL, "gpus": most + 8, "gpusPerReplica": 1, "payablePerHour": 10.0}
+    other = {**claim, "pool": "not-named-in-the-spec"}
+    stated = stated_claims("team-a", "llm", spec, {"poolClaims": [claim, other, {"pool": POOL, "gpus": "many"}]})
+    assert list(stated) == [POOL]  # the pool the spec does not name, and the malformed claim, are dropped
+    assert stated[POOL].key == ("team-a", "llm") and stated[POOL].claim.gpus == most
+    assert stated_claims("team-a", "llm", {"curve": "broken"}, {"poolClaims": [claim]}) == {}
+    assert stated_claims("team-a", "llm", spec, {}) == {}

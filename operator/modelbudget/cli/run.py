@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from modelbudget.adapters.capacitybuffer import KubeCapacityBuffers
+    from modelbudget.adapters.claims import WatchedPoolClaims
     from modelbudget.adapters.conflicts import KubeConflictFinder
     from modelbudget.adapters.gpupools import KubeGpuPools
     from modelbudget.adapters.kube import KubeClients
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         elector,
         identity,
         PoolReconciler(adapters.node_pools, adapters.gpu_pools),
+        WatchedPoolClaims(kube, args.namespace),
         shard,
     )
     registry = kopf.OperatorRegistry()

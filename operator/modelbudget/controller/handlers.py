@@ -21,16 +21,16 @@ from typing import Any
 import aiohttp
 import kopf
 
+from modelbudget.adapters.claims import PoolClaims
+from modelbudget.adapters.errors import Unavailable
 from modelbudget.api.pool import POOL_PLURAL
-from modelbudget.api.spec import GROUP, PLURAL, VERSION, ModelBudgetSpec
-from modelbudget.api.status import PoolClaim
+from modelbudget.api.spec import GROUP, PLURAL, VERSION
 from modelbudget.controller import memory, telemetry
 from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
 from modelbudget.controller.spread import Shard, phase
 from modelbudget.controller.status import Written, status_document, status_seen
-from modelbudget.core.pools import Claimant, bounded_claim
 
 FINALIZER = "modelbudget.dev/finalizer"
 # kopf's own HTTP session opens a connection for every request in flight, without bound, and each
@@ -50,6 +50,7 @@ class Runtime:
     elector: LeaderElector | None  # None: leader election disabled (one replica, development)
     identity: str  # this process, as the Lease and the Events' reporting instance name it
     pools: PoolReconciler
+    claims: PoolClaims  # the ModelBudgets' claims on shared pools, which a pool's writer sums
     shard: Shard = field(default_factory=Shard)  # the ModelBudgets and GpuPools this process's shard acts on
 
     def leading(self) -> bool:
@@ -130,29 +131,6 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float,
         # optional: never blocks a deletion; a missed one only leaves stale gauges until restart.
         telemetry.forget(namespace or "", name)
 
-    @kopf.index(GROUP, VERSION, PLURAL, id="pool_claims", registry=registry)
-    def pool_claims(
-        name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status, **_: Any
-    ) -> dict[str, Claimant]:
-        """Each ModelBudget's claims on shared pools, by pool, bounded by its spec: what the pool
-        timer sums. A ModelBudget whose spec does not parse claims nothing."""
-        raw_claims = status.get("poolClaims") or []
-        if not raw_claims:
-            return {}
-        try:
-            parsed = ModelBudgetSpec.model_validate(dict(spec))
-        except ValueError:
-            return {}
-        claims = {}
-        for raw in raw_claims:
-            try:
-                claim = PoolClaim.model_validate(raw)
-            except ValueError:
-                continue  # not one this version wrote: no claim rather than a wrong one
-            if any(s.pool == claim.pool for s in parsed.shared_pools):
-                claims[claim.pool] = Claimant(namespace or "", name, bounded_claim(claim, parsed))
-        return claims
-
     @kopf.timer(GROUP, VERSION, POOL_PLURAL, id="settle-pool", interval=interval, registry=registry)
     async def settle_pool(
         name: str,
@@ -160,13 +138,16 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float,
         patch: kopf.Patch,
         memo: Any,
         logger: logging.Logger | logging.LoggerAdapter[Any],
-        **kwargs: Any,
+        **_: Any,
     ) -> None:
         rt: Runtime = memo.runtime
         if not rt.owns_pool(name):
             return
-        index: kopf.Index[str, Claimant] = kwargs["pool_claims"]  # kopf hands every index in by its id
-        claimants = list(index.get(name, []))
+        try:
+            claimants = await asyncio.to_thread(rt.claims.claimants, name)
+        except Unavailable as exc:  # after a start: the ModelBudgets are not all listed yet
+            logger.info("pool not settled this tick: %s", exc)
+            return
         try:
             outcome = await rt.pools.reconcile(
                 name,

@@ -20,9 +20,10 @@ is bounded by what its own allowance pays for.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from modelbudget.api.pool import GpuPoolSpec, GpuPoolStatus, PoolGrant, SizeWanted
 from modelbudget.api.spec import ModelBudgetSpec, NodePool, SharedPool
@@ -127,6 +128,31 @@ def bounded_claim(claim: PoolClaim, spec: ModelBudgetSpec) -> PoolClaim:
     most = spec.replicas.max * per_replica
     gpus = min(claim.gpus - claim.gpus % per_replica, most)
     return claim.model_copy(update={"gpus": max(gpus, 0), "gpus_per_replica": per_replica})
+
+
+def stated_claims(
+    namespace: str, name: str, raw_spec: Mapping[str, Any], raw_status: Mapping[str, Any]
+) -> dict[str, Claimant]:
+    """The claims on shared pools a ModelBudget's status states, by pool, each bounded by its spec
+    (``bounded_claim``): what a pool's settlement sums.  A spec that does not parse claims
+    nothing, nor does a claim this version did not write (no claim rather than a wrong one), nor
+    one on a pool the spec does not name."""
+    raw_claims = raw_status.get("poolClaims") or []
+    if not raw_claims:
+        return {}
+    try:
+        spec = ModelBudgetSpec.model_validate(dict(raw_spec))
+    except ValueError:
+        return {}
+    claims = {}
+    for raw in raw_claims:
+        try:
+            claim = PoolClaim.model_validate(raw)
+        except ValueError:
+            continue
+        if any(s.pool == claim.pool for s in spec.shared_pools):
+            claims[claim.pool] = Claimant(namespace, name, bounded_claim(claim, spec))
+    return claims
 
 
 def split(max_gpus: int, claimants: Sequence[Claimant]) -> dict[tuple[str, str], int]:
