@@ -362,7 +362,7 @@ def target(draft: Draft, ctx: Context) -> Draft:
     return economic_target(draft, ctx) if ctx.verdict.ok else hold_or_fall_back(draft, ctx)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity, as GridFacts
 class _Search:
     """The grid search: per limit, the replicas it needs, its value, and the best feasible one."""
 
