@@ -1,6 +1,6 @@
 """``modelbudget replay`` measured: fidelity to ``simulate`` on an hour, and the time to replay a day and a week.
 
-    .venv/bin/python bench/replay.py [--data-dir DIR] [--skip-week] [--skip-fidelity]
+    .venv/bin/python bench/replay.py [--data-dir DIR] [--skip-week] [--skip-fidelity] [--runs planner:1,all:1,all:2]
 
 Each history is the synthetic server's metrics for an Azure trace (W = generated x 20),
 backfilled into TSDB blocks with promtool (``modelbudget.testbed.backfill``) and served by a
@@ -15,7 +15,8 @@ Prometheus this script starts on a free loopback port; it scrapes nothing.
    memory the largest of them), for the
    planner alone and for every policy, one after another (``--jobs 1``) and as many at once
    as there are CPUs (the default); the reading part (range queries in chunks + rebuilding the
-   requests) is also timed on its own.
+   requests) is also timed on its own.  ``--runs`` picks some of those replays (``planner`` or
+   ``all``, then the jobs): a week of every policy takes many minutes.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def read_only(url: str, hours: float) -> float:
     return time.monotonic() - began
 
 
-def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, float]]) -> None:
+def speed(
+    console: Console, traces: Path, work: Path, spans: list[tuple[str, float]], runs: list[tuple[str, int]]
+) -> None:
     table = Table(title="replay time and peak memory, 15 s history of the conversation trace (2 cores)")
     for col in ("history", "requests", "samples", "backfill s", "promtool s", "read+rebuild s", "policies", "jobs"):
         table.add_column(col, justify="right")
@@ -143,8 +146,7 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
         om.unlink()
         with serve_history(tsdb) as url:
             reading = read_only(url, hours)
-            cpus = os.cpu_count() or 1
-            for policies, jobs in (("planner", 1), (",".join(POLICIES), 1), (",".join(POLICIES), cpus)):
+            for policies, jobs in runs:
                 out = work / f"replay-{label}-{policies.count(',')}-{jobs}"
                 replay = ["replay", "-f", str(EXAMPLE), "--prometheus", url, *_range(hours), "--jobs", str(jobs)]
                 wall, cpu, peak = run_cli([*replay, "--out", str(out), "--policies", policies])
@@ -166,11 +168,30 @@ def speed(console: Console, traces: Path, work: Path, spans: list[tuple[str, flo
     console.print(table)
 
 
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """``planner:1,all:2`` -> [("planner", 1), ("planner,hpa,...", 2)]; ``cpus`` for the jobs: as many as CPUs."""
+    runs = []
+    for item in text.split(","):
+        which, _, jobs = item.partition(":")
+        if which not in ("planner", "all") or not (jobs == "cpus" or jobs.isdigit()):
+            raise SystemExit(f"--runs: {item!r} is not planner:N or all:N (N a number or cpus)")
+        runs.append(
+            (
+                "planner" if which == "planner" else ",".join(POLICIES),
+                (os.cpu_count() or 1) if jobs == "cpus" else int(jobs),
+            )
+        )
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=None, help="default: $MODELBUDGET_DATA_DIR or ../shared/data")
     parser.add_argument("--skip-week", action="store_true", help="only the day (the week takes minutes)")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument(
+        "--runs", type=parse_runs, default="planner:1,all:1,all:cpus", help="which replays to time (default: all three)"
+    )
     args = parser.parse_args()
     traces = (args.data_dir or data_dir()) / "traces"
     console = Console(width=140)
@@ -179,7 +200,7 @@ def main() -> None:
         if not args.skip_fidelity:
             fidelity(console, traces, work)
         spans = [("1 day", 24.0)] + ([] if args.skip_week else [("1 week", 168.0)])
-        speed(console, traces, work, spans)
+        speed(console, traces, work, spans, args.runs)
 
 
 if __name__ == "__main__":

@@ -44,15 +44,20 @@ def context_at(value_per_point: float):
     return ctx
 
 
+def grid_index(ctx, limit: float) -> int:
+    [index] = np.flatnonzero(ctx.resolved.grid == limit)
+    return int(index)
+
+
 def test_replicas_are_bought_until_the_busy_batch_is_in_time() -> None:
     ctx = context_at(0.01)  # every request in time is worth 0.01 * 6 * 3600 * score = $117.4/h
-    n, net = _best_replicas_in_time(ctx, LIMIT, LIMIT, fewest=4)
+    [(n, net)] = _best_replicas_in_time(ctx, [grid_index(ctx, LIMIT)], [ctx.demand], [RPS], fewest=[4])
     assert n == 5
     assert net == pytest.approx(0.01 * RPS * 3600 * SCORE_AT_LIMIT - 16.0)
 
 
 def test_late_requests_are_worth_nothing_so_cheap_value_buys_no_replicas() -> None:
     ctx = context_at(0.0001)  # $1.17/h of value in time cannot pay the second node's $8/h
-    n, net = _best_replicas_in_time(ctx, LIMIT, LIMIT, fewest=4)
+    [(n, net)] = _best_replicas_in_time(ctx, [grid_index(ctx, LIMIT)], [ctx.demand], [RPS], fewest=[4])
     assert n == 4
     assert net == pytest.approx(-8.0)  # 4 replicas run batches too busy: nothing in time, one node paid

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modelbudget.api.spec import NodePool, Serving, Slo
-from modelbudget.core.serving import ServingSpeed, largest_limit_within, serving_speed, speed_of
+from modelbudget.core.serving import (
+    ServingSpeed,
+    batch_within,
+    batch_within_many,
+    busy_batch,
+    busy_batch_many,
+    largest_limit_within,
+    largest_limit_within_many,
+    mean_batch_within,
+    mean_batch_within_many,
+    serving_speed,
+    speed_of,
+)
 from modelbudget.sim.serving import Done, Job, ServingEngine
 
 # ITL = 10 ms + 2.5 ms per sequence in the batch; 4 sequences at most; prefill 1000 prompt tokens/s.
@@ -58,6 +73,36 @@ class TestSpeed:
         assert largest_limit_within(SPEED, Slo(latency_seconds=20, time_per_output_token_seconds=0.015), 0.0, 4) == 0
         assert largest_limit_within(SPEED, Slo(latency_seconds=20, time_to_first_token_seconds=0.4), 500.0, 1) == 0
         assert largest_limit_within(SPEED, Slo(latency_seconds=0.2), 500.0, 1) == 0
+
+
+speeds = st.builds(
+    ServingSpeed,
+    max_num_seqs=st.integers(1, 512),
+    alpha=st.floats(1e-4, 0.1),
+    beta=st.one_of(st.just(0.0), st.floats(1e-6, 1e-2)),
+    prefill_rate=st.floats(100.0, 1e5),
+)
+slos = st.builds(
+    Slo,
+    latency_seconds=st.floats(0.1, 120.0),
+    time_to_first_token_seconds=st.none() | st.floats(0.01, 10.0),
+    time_per_output_token_seconds=st.none() | st.floats(1e-3, 0.2),
+)
+values = st.lists(st.floats(0.0, 1e5) | st.sampled_from([0.0, 1.0, np.inf]), min_size=1, max_size=30)
+
+
+@given(speed=speeds, slo=slos, prompt=st.floats(0.0, 1e4), x=values, z=st.floats(0.0, 5.0))
+def test_the_array_forms_give_exactly_the_scalar_numbers(speed, slo, prompt, x, z) -> None:
+    # The planner's grid search asks them of a whole grid at once; its decisions must be the ones the
+    # scalar arithmetic gives, to the last bit (ties between limits are broken on these numbers).
+    a = np.array(x)
+    same = np.testing.assert_array_equal  # exact; NaN (inf * 0) equals NaN
+    same(speed.batch_for_many(a), [speed.batch_for(v) for v in x])
+    same(speed.throughput_many(a), [speed.throughput(v) for v in x])
+    same(busy_batch_many(a, z), [busy_batch(v, z) for v in x])
+    same(mean_batch_within_many(a, z), [mean_batch_within(v, z) for v in x])
+    same(largest_limit_within_many(speed, slo, prompt, a), [largest_limit_within(speed, slo, prompt, v) for v in x])
+    same(batch_within_many(speed, slo, prompt, a), [batch_within(speed, slo, prompt, v) for v in x])
 
 
 class TestEngine:
@@ -126,3 +171,20 @@ class TestEngine:
     def test_nonsense_is_refused(self) -> None:
         with pytest.raises(ValueError):
             ServingEngine(timeout=0)
+
+    def test_a_last_token_due_below_the_clocks_resolution_finishes(self) -> None:
+        # Three days into a replay (t ~ 2.6e5 s, a float step of 5.8e-11 s) a sequence 1.1e-9 tokens
+        # short of done (more than the engine's 1e-9 tolerance) is due 1.4e-11 s from now: now + that
+        # is now, so the clock never moved and the replay hung (found replaying a week for the HPA
+        # policy).  The state is set by hand: reaching it through arrivals takes days of traffic.
+        now = 263020.6322655855
+        engine = ServingEngine(timeout=60)
+        engine.set_pods({"a": SPEED}, now)
+        replica = engine._pods["a"]
+        job = Job(0, now - 5.0, 0, 400)
+        replica.decoding = [(1.1e-9, job.id, job, now - 4.0)]
+        replica.running = replica.load = 1
+        assert now + 1.1e-9 * SPEED.itl(1) == now
+        [done] = engine.advance(now + 1.0).done
+        assert (done.job, done.finished_at) == (job, now)
+        assert engine.running() == {"a": 0}

@@ -10,6 +10,7 @@ loop): capacity of the first ``j`` replicas, their spend, and the most replicas 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,6 +110,12 @@ class CapacityLadder:
             if left <= 0:
                 break
         return total
+
+    @functools.cached_property
+    def spend_table(self) -> npt.NDArray[np.float64]:
+        """``spend(n)`` for every ``n`` in ``0..total_slots``, worked out once per ladder (exactly
+        ``spend``'s numbers: the searches that read it must decide as ``spend`` would)."""
+        return np.array([self.spend(n) for n in range(self.total_slots + 1)])
 
     def replicas_for(self, tokens_per_second: float) -> int | None:
         """Fewest replicas (in ladder order) whose throughput covers the demand; None if none do."""

@@ -88,18 +88,37 @@ def forecast(history: DemandHistory | None, now: datetime, horizon_seconds: floa
         return None
     expected = _holt_mean(x, h)
     # Growth over every horizon in the history: the highest peak within h buckets after t, less x[t].
-    ahead = np.lib.stride_tricks.sliding_window_view(x[1:], h).max(axis=1)
+    ahead = x[1 : x.size - h + 1].copy()
+    for k in range(2, h + 1):  # a running maximum over the window: h small calls, not a strided view
+        np.maximum(ahead, x[k : x.size - h + k], out=ahead)
     growth = ahead - x[: ahead.size]
-    upper = max(float(x[-1] + np.quantile(growth, quantile)), expected, 0.0)
+    upper = max(float(x[-1] + quantile_of(growth, quantile)), expected, 0.0)
     return Forecast(MODEL, float(horizon_seconds), quantile, expected, upper, int(x.size))
+
+
+def quantile_of(values: np.ndarray, q: float) -> float:
+    """``np.quantile(values, q)`` (its default, linear method), the same arithmetic step by step
+    without its general machinery, which costs more than the sort on the few hundred values here
+    (the planner forecasts at every decision)."""
+    ordered = np.sort(values)
+    last = ordered.size - 1
+    if math.isnan(ordered[-1]):  # NaN sorts last; numpy's answer is then NaN
+        return math.nan
+    virtual = last * q
+    if virtual >= last or virtual < 0:
+        return float(ordered[-1] if virtual >= last else ordered[0])
+    low = math.floor(virtual)
+    t = virtual - low
+    a, b = float(ordered[low]), float(ordered[low + 1])
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def _holt_mean(x: np.ndarray, h: int) -> float:
     """Holt's damped linear trend: the mean of the next ``h`` forecasts, never negative."""
     level, trend = float(x[0]), 0.0
-    for value in x[1:]:
+    for value in x[1:].tolist():  # Python floats: the recursion is scalar
         previous = level
-        level = ALPHA * float(value) + (1 - ALPHA) * (level + PHI * trend)
+        level = ALPHA * value + (1 - ALPHA) * (level + PHI * trend)
         trend = BETA * (level - previous) + (1 - BETA) * PHI * trend
     damped = PHI ** np.arange(1, h + 1)
     return max(float(np.mean(level + trend * np.cumsum(damped))), 0.0)

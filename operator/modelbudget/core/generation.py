@@ -45,10 +45,19 @@ class GenerationProfile:
 
     def mean_score_many(self, curve: LogCurve, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``E[clamp(a + b ln min(W, L), 0, 1)]`` for each limit: the benchmark's per-request score."""
-        used = np.maximum(np.minimum(self.wanted[None, :], limits[:, None]), 1.0)
-        scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
-        means: npt.NDArray[np.float64] = scores.mean(axis=1)
+        means: npt.NDArray[np.float64] = self.scores_many(curve, self.generated_many(limits)).mean(axis=1)
         return means
+
+    def generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Per limit (rows), what each of the equally likely requests generates: ``max(min(W, L), 1)``."""
+        used: npt.NDArray[np.float64] = np.maximum(np.minimum(self.wanted[None, :], limits[:, None]), 1.0)
+        return used
+
+    @staticmethod
+    def scores_many(curve: LogCurve, generated: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The score of each number of generated tokens (``generated_many``'s), clamped to [0, 1]."""
+        scores: npt.NDArray[np.float64] = np.clip(curve.intercept + curve.slope * np.log(generated), 0.0, 1.0)
+        return scores
 
     @staticmethod
     def exponential(mean: float) -> GenerationProfile:

@@ -76,15 +76,18 @@ from modelbudget.core.curve import LogCurve, resolve_curve
 from modelbudget.core.dynamics import in_window, scale_up_cap, stabilised_nodes, stabilised_replicas
 from modelbudget.core.enforcement import Enforcement, assess_enforcement
 from modelbudget.core.forecast import Forecast, forecast, record
+from modelbudget.core.generation import GenerationProfile
 from modelbudget.core.observation import MetricsVerdict, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 from modelbudget.core.prices import PriceVerdict, assess_prices
 from modelbudget.core.serving import (
     ServingSpeed,
-    batch_within,
+    batch_within_many,
     busy_batch,
+    busy_batch_many,
     largest_limit_within,
-    mean_batch_within,
+    largest_limit_within_many,
+    mean_batch_within_many,
     slowest_speed,
 )
 
@@ -153,6 +156,42 @@ def resolve(spec: ModelBudgetSpec) -> ResolvedSpec:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class GridFacts:
+    """What the grid search reads that does not depend on the demand, worked out once per decision:
+    with the forecast on it searches twice (at the demand seen and at the forecast's peak)."""
+
+    tokens: npt.NDArray[np.float64]  # mean generated tokens per request at each limit
+    scores: npt.NDArray[np.float64]  # mean score per request at each limit
+    # (limit, request): what each of the profile's equally likely requests generates, and its score
+    generated: npt.NDArray[np.float64]
+    request_scores: npt.NDArray[np.float64]
+    # Per limit, the largest batch at which the SLO's percentile request meets the SLO (0: none),
+    # and what one replica generates at the mean batch whose busy moments stay within it.
+    latency_batch: npt.NDArray[np.float64]
+    latency_throughput: npt.NDArray[np.float64]
+
+
+def grid_facts(resolved: ResolvedSpec, profile: GenerationProfile, prompt_tokens: float) -> GridFacts:
+    grid, speed, spec = resolved.grid, resolved.speed, resolved.spec
+    slo_tokens = np.minimum(profile.quantile_wanted(spec.slo.percentile / 100.0), grid)
+    batch = batch_within_many(speed, spec.slo, prompt_tokens, slo_tokens)
+    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
+    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
+    full = batch >= speed.max_num_seqs
+    mean = np.where(full, batch, np.maximum(mean_batch_within_many(batch, _slo_z(spec)), 1.0))
+    generated = profile.generated_many(grid)
+    request_scores = profile.scores_many(resolved.curve, generated)
+    return GridFacts(
+        tokens=profile.mean_generated_many(grid),
+        scores=request_scores.mean(axis=1),  # mean_score_many, from what is here already
+        generated=generated,
+        request_scores=request_scores,
+        latency_batch=batch,
+        latency_throughput=speed.throughput_many(mean),
+    )
+
+
 @dataclass(frozen=True)
 class Context:
     """Every fact one decision needs, worked out once, read by every stage."""
@@ -175,6 +214,8 @@ class Context:
     forecast: Forecast | None  # None: off, untrusted metrics, or not enough recent history
     forecast_need: int | None  # replicas the economic target wants at the forecast peak (None: unaffordable)
     buffered: bool = False  # the forecast's headroom goes to a CapacityBuffer, not to replicas
+    grid_facts: GridFacts | None = None  # trusted metrics only
+    search: _Search | None = None  # the economic target's grid search at the demand seen (trusted metrics only)
 
     @property
     def spec(self) -> ModelBudgetSpec:
@@ -298,10 +339,18 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         forecast=ahead,
         forecast_need=None,
         buffered=buffers_headroom(look, obs.capacity_buffers),
+        grid_facts=grid_facts(resolved, verdict.profile, obs.demand.prompt_tokens_per_request or 0.0)
+        if verdict.ok and verdict.profile is not None
+        else None,
     )
-    if ahead is not None:  # worked out once: three stages read it
-        found = _search(_at_forecast(ctx, ahead.upper))
-        ctx = replace(ctx, forecast_need=None if found.best is None else found.best[1])
+    if ctx.grid_facts is not None:
+        # The target's search and, with a forecast, the same search at the forecast's peak (three
+        # stages read what it wants): both in one pass over the grid.
+        assert obs.demand.request_rate is not None
+        seen = obs.demand.request_rate
+        found = _search(ctx, [seen] if ahead is None else [seen, max(ahead.upper, seen)])
+        need = None if ahead is None or found[1].best is None else found[1].best[1]
+        ctx = replace(ctx, search=found[0], forecast_need=need)
     return ctx, draft
 
 
@@ -313,7 +362,7 @@ def target(draft: Draft, ctx: Context) -> Draft:
     return economic_target(draft, ctx) if ctx.verdict.ok else hold_or_fall_back(draft, ctx)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity, as GridFacts
 class _Search:
     """The grid search: per limit, the replicas it needs, its value, and the best feasible one."""
 
@@ -324,70 +373,114 @@ class _Search:
     best: tuple[int, int] | None  # (grid index, replicas) of the best feasible limit
 
 
-def _search(ctx: Context) -> _Search:
-    spec, grid, ladder = ctx.spec, ctx.resolved.grid, ctx.ladder
-    profile = ctx.verdict.profile
-    assert profile is not None and ctx.obs.demand.request_rate is not None
-    tokens = profile.mean_generated_many(grid)
-    scores = profile.mean_score_many(ctx.resolved.curve, grid)
-    value_per_hour = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0 * scores
+def _search(ctx: Context, rates: list[float]) -> list[_Search]:
+    """The grid search at each request rate (arriving now, the queue drained as ``Context.demand``
+    says), all rates in one numpy pass."""
+    spec, grid, ladder, facts = ctx.spec, ctx.resolved.grid, ctx.ladder, ctx.grid_facts
+    assert facts is not None
+    queue = (ctx.obs.demand.requests_waiting or 0.0) / spec.behavior.queue_drain_seconds
+    demands = [rate + queue for rate in rates]
+    tokens = facts.tokens
+    loads = np.array(demands)[:, None] * tokens[None, :]  # tokens/s each limit needs, per rate
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    need_tokens: list[int] = ladder.replicas_for_many(ctx.demand * tokens).tolist()
-    needed: list[int | None] = []
-    blocked: list[tuple[int, int, Reason]] = []
-    best: tuple[int, int, float] | None = None
-    for i in range(grid.size):
-        need = None if need_tokens[i] < 0 else need_tokens[i]
-        # The smallest limit is never blocked by latency: there is nothing lower to serve at
-        # (respect_latency says so); the others need batches that meet the SLO.
-        for_latency = 0 if i == 0 else _replicas_for_latency(ctx, float(grid[i]), ctx.demand * tokens[i])
-        if for_latency is None:  # not even a lone sequence meets the SLO at this limit
+    flat: list[int] = ladder.replicas_for_many(loads.ravel()).tolist()
+    need_tokens = [flat[k * grid.size : (k + 1) * grid.size] for k in range(len(rates))]
+    for_latency = _replicas_for_latency(facts, loads)
+    asks: list[tuple[int, int, int]] = []  # (rate, grid index, fewest replicas to try)
+    searched = []
+    for k in range(len(rates)):
+        needed: list[int | None] = []
+        blocked: list[tuple[int, int, Reason]] = []
+        for i in range(grid.size):
+            need = None if need_tokens[k][i] < 0 else need_tokens[k][i]
+            # The smallest limit is never blocked by latency: there is nothing lower to serve at
+            # (respect_latency says so); the others need batches that meet the SLO.
+            latency_need = 0 if i == 0 else for_latency[k][i]
+            if latency_need is None:  # not even a lone sequence meets the SLO at this limit
+                needed.append(need)
+                blocked.append((i, 0, Reason.LATENCY_BOUND))
+                continue
+            fits_tokens = need is not None and need <= min(room, ctx.affordable)
+            need = None if need is None else max(need, latency_need)
             needed.append(need)
-            blocked.append((i, 0, Reason.LATENCY_BOUND))
-            continue
-        fits_tokens = need is not None and need <= min(room, ctx.affordable)
-        need = None if need is None else max(need, for_latency)
-        needed.append(need)
-        if need is None or need > room or need > ctx.affordable:
-            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
-            why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
-            blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
-            continue
-        n, net = _best_replicas_in_time(ctx, float(grid[i]), float(tokens[i]), max(need, ctx.min_replicas))
-        if best is None or net >= best[2] - _EPS:
-            best = (i, n, net)
-    return _Search(tokens, needed, value_per_hour, blocked, None if best is None else (best[0], best[1]))
+            if need is None or need > room or need > ctx.affordable:
+                # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+                why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
+                blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
+                continue
+            asks.append((k, i, max(need, ctx.min_replicas)))
+        searched.append((needed, blocked))
+    found = _best_replicas_in_time(
+        ctx,
+        [i for _, i, _ in asks],
+        [demands[k] for k, _, _ in asks],
+        [rates[k] for k, _, _ in asks],
+        [fewest for _, _, fewest in asks],
+    )
+    best: list[tuple[int, int, float] | None] = [None] * len(rates)
+    for (k, i, _), (n, net) in zip(asks, found, strict=True):
+        held = best[k]
+        if held is None or net >= held[2] - _EPS:
+            best[k] = (i, n, net)
+    return [
+        _Search(
+            tokens,
+            needed,
+            spec.budget.value_of_point * rate * 3600.0 * facts.scores,
+            blocked,
+            None if b is None else (b[0], b[1]),
+        )
+        for rate, (needed, blocked), b in zip(rates, searched, best, strict=True)
+    ]
 
 
-def _best_replicas_in_time(ctx: Context, limit: float, tokens: float, fewest: int) -> tuple[int, float]:
-    """The replicas, from ``fewest`` up to what the allowance and the pools allow, with the best net
-    value at ``limit``, valuing only the requests that finish in time: a request generating
-    ``min(W, limit)`` scores only if its prefill and decode at the busy batch (the SLO's percentile
-    of a Poisson batch) its replica runs meet the SLO -- as the oracles count it.  More replicas
-    mean smaller batches and so more requests in time; the search pays for them only as far as
-    they are worth it."""
-    profile, speed, spec = ctx.verdict.profile, ctx.resolved.speed, ctx.spec
-    assert profile is not None and ctx.obs.demand.request_rate is not None
-    used = np.maximum(np.minimum(profile.wanted, limit), 1.0)
-    curve = ctx.resolved.curve
-    scores = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
+def _best_replicas_in_time(
+    ctx: Context, limits: list[int], demands: list[float], rates: list[float], fewest: list[int]
+) -> list[tuple[int, float]]:
+    """For each limit (an index into the grid) at its demand (requests/s to serve; ``rates``: those
+    arriving, whose score is the value), the replicas, from its ``fewest`` up to what the
+    allowance and the pools allow, with the best net value at that limit, valuing only the requests
+    that finish in time: a request generating ``min(W, limit)`` scores only if its prefill and decode
+    at the busy batch (the SLO's percentile of a Poisson batch) its replica runs meet the SLO -- as
+    the oracles count it.  More replicas mean smaller batches and so more requests in time; the
+    search pays for them only as far as they are worth it.
+
+    The batches of every (limit, replicas) pair come from one numpy pass (a decision asks this of a
+    whole token grid, at two demands with the forecast on); the requests in time are then counted
+    only for the replicas the one-at-a-time walk reaches: from ``fewest`` up to the first count at
+    which every request is in time (more replicas only cost more), keeping the first count better
+    by more than ``_EPS``."""
+    facts, speed, spec = ctx.grid_facts, ctx.resolved.speed, ctx.spec
+    assert facts is not None
+    if not fewest:
+        return []
+    first = np.array(fewest)
+    last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
+    counts = np.arange(first.min(), last.max() + 1)
+    # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
+    used, scores = facts.generated[limits], facts.request_scores[limits]
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    value_of_all = spec.budget.value_of_point * ctx.obs.demand.request_rate * 3600.0
-    z = BURST_MARGIN * _slo_z(spec)
-    best: tuple[int, float] | None = None
-    for n in range(fewest, max(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), fewest) + 1):
-        mean = speed.batch_for(ctx.demand * tokens / n) if n else math.inf
-        within = 0.0  # more than a full batch per replica: the queue grows and nobody is in time
-        if mean <= speed.max_num_seqs:
-            within = largest_limit_within(speed, spec.slo, prompt, min(busy_batch(mean, z), speed.max_num_seqs))
-        net = value_of_all * float(np.mean(np.where(used <= within + _EPS, scores, 0.0))) - ctx.ladder.spend(n)
-        if best is None or net > best[1] + _EPS:
-            best = (n, net)
-        if within + _EPS >= used[-1]:  # every request is in time: more replicas only cost more
-            break
-    assert best is not None
-    return best
+    value_of_all = np.array([spec.budget.value_of_point * rate * 3600.0 for rate in rates])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_replica = (np.array(demands) * facts.tokens[limits])[:, None] / counts[None, :]
+    mean = np.where(counts[None, :] > 0, speed.batch_for_many(per_replica), math.inf)
+    busy = np.minimum(busy_batch_many(mean, BURST_MARGIN * _slo_z(spec)), speed.max_num_seqs)
+    # More than a full batch per replica: the queue grows and nobody is in time.
+    within = np.where(mean <= speed.max_num_seqs, largest_limit_within_many(speed, spec.slo, prompt, busy), 0.0)
+    walked = (counts[None, :] >= first[:, None]) & (counts[None, :] <= last[:, None])
+    all_in_time = walked & (within + _EPS >= used[:, -1:])
+    stop = np.where(all_in_time, counts[None, :], last[:, None]).min(axis=1)
+    row, column = np.nonzero(walked & (counts[None, :] <= stop[:, None]))
+    in_time = used[row] <= within[row, column][:, None] + _EPS
+    share = np.where(in_time, scores[row], 0.0).mean(axis=1)
+    net = value_of_all[row] * share - ctx.ladder.spend_table[counts[column]]
+    # Row by row, in increasing replicas: the first count better than the best so far by _EPS.
+    best: dict[int, tuple[int, float]] = {}
+    for r, n, value in zip(row.tolist(), counts[column].tolist(), net.tolist(), strict=True):
+        if r not in best or value > best[r][1] + _EPS:
+            best[r] = (n, value)
+    return [best[r] for r in range(len(fewest))]
 
 
 def _slo_tokens(ctx: Context, limit: float) -> float:
@@ -397,19 +490,17 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
 
 
-def _replicas_for_latency(ctx: Context, limit: float, tokens_per_second: float) -> int | None:
-    """Replicas that keep each batch small enough for the SLO's percentile request to meet the SLO
-    at ``limit`` (sequences in flight per replica within the batch that allows); ``None`` when no
-    batch does."""
-    speed = ctx.resolved.speed
-    prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    batch = batch_within(speed, ctx.spec.slo, prompt, _slo_tokens(ctx, limit))
-    if batch <= 0:
-        return None
-    # Size for the busy moments: where latency bounds the batch, the batch at the SLO's percentile
-    # (not the mean) must fit; a full batch is what tokensPerSecondPerReplica already plans for.
-    mean = batch if batch >= speed.max_num_seqs else max(mean_batch_within(batch, _slo_z(ctx.spec)), 1.0)
-    return math.ceil(tokens_per_second / speed.throughput(mean) - _EPS) if tokens_per_second > 0 else 0
+def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[list[int | None]]:
+    """For each limit (columns; rows: demands), the replicas that keep each batch small enough for
+    the SLO's percentile request to meet the SLO at that limit (sequences in flight per replica
+    within the batch that allows), given the tokens/s it needs; ``None`` when no batch does."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        replicas = np.ceil(tokens_per_second / facts.latency_throughput - _EPS)
+    bound = facts.latency_batch.tolist()
+    return [
+        [None if b <= 0 else (int(r) if x > 0 else 0) for b, r, x in zip(bound, rr, xx, strict=True)]
+        for rr, xx in zip(replicas.tolist(), tokens_per_second.tolist(), strict=True)
+    ]
 
 
 def _slo_z(spec: ModelBudgetSpec) -> float:
@@ -429,7 +520,8 @@ def _why_blocked(need: int | None, room: int, spec: ModelBudgetSpec) -> Reason:
 
 
 def economic_target(draft: Draft, ctx: Context) -> Draft:
-    found = _search(ctx)
+    found = ctx.search
+    assert found is not None
     if found.best is None:
         return _admission_capped(draft, ctx, found)
     i, n = found.best
@@ -538,12 +630,6 @@ def size_for_limit_in_force(draft: Draft, ctx: Context) -> Draft:
 
 # ---------------------------------------------------------------------------------------------
 # Looking ahead
-
-
-def _at_forecast(ctx: Context, rate: float) -> Context:
-    """The facts as they would be with ``rate`` requests/s (the forecast's) arriving now."""
-    demand = replace(ctx.obs.demand, request_rate=max(rate, ctx.obs.demand.request_rate or 0.0))
-    return replace(ctx, obs=replace(ctx.obs, demand=demand))
 
 
 def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
@@ -711,7 +797,8 @@ def _carry_now(draft: Draft, ctx: Context) -> Draft:
     serving = ctx.ladder.throughput(min(ctx.obs.ready_replicas, draft.replicas))
     if ctx.demand * profile.mean_generated(draft.limit) <= serving + _EPS:
         return draft
-    fits = grid[(grid <= draft.limit) & (ctx.demand * profile.mean_generated_many(grid) <= serving + _EPS)]
+    assert ctx.grid_facts is not None
+    fits = grid[(grid <= draft.limit) & (ctx.demand * ctx.grid_facts.tokens <= serving + _EPS)]
     lowered = int(fits[-1]) if fits.size else int(grid[0])
     ready = f"{ctx.obs.ready_replicas} of {draft.replicas} replicas ready"
     message = f"{ready}: limit {lowered} (not {draft.limit}) until they are"

@@ -74,7 +74,6 @@ class OraclePolicy:
         self.free_ladder = CapacityLadder(spec, honour_min_nodes=False)
         self.speed = slowest_speed(spec)
         self.z = NormalDist().inv_cdf(spec.slo.percentile / 100.0)
-        self._spends: dict[int, npt.NDArray[np.float64]] = {}
 
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
@@ -165,14 +164,6 @@ class OraclePolicy:
         affordable = min(self.spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance))
         return ladder, affordable, min(self.spec.replicas.min, affordable)
 
-    def _spend(self, ladder: CapacityLadder) -> npt.NDArray[np.float64]:
-        """$/hour of 0..total_slots replicas on ``ladder`` (worked out once per ladder)."""
-        cached = self._spends.get(id(ladder))
-        if cached is None:
-            cached = np.array([ladder.spend(n) for n in range(ladder.total_slots + 1)])
-            self._spends[id(ladder)] = cached
-        return cached
-
     def act(self, seen: Scrape, now: datetime) -> Action:
         return self.decide((now - self.world.books.origin).total_seconds())
 
@@ -180,7 +171,7 @@ class OraclePolicy:
         ladder, affordable, least = self._bounds(t)
         now = self._interval(t)
         counts = np.arange(least, affordable + 1)
-        cost = self._spend(ladder)[counts] * self.interval / 3600.0
+        cost = ladder.spend_table[counts] * self.interval / 3600.0
         # Fewer replicas than are ready: the newest go, and their requests start over.
         ready = now.lost.size - 1
         cost += now.lost[np.clip(ready - counts, 0, ready)]

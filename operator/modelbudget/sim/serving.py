@@ -33,6 +33,7 @@ from modelbudget.core.serving import ServingSpeed
 
 _EPS = 1e-9
 _LOAD = attrgetter("load")
+_DONE_ORDER = attrgetter("finished_at", "job.id")
 
 
 @dataclass(frozen=True)
@@ -84,69 +85,93 @@ class _Replica:
         self.next_change = min(self.next_change, job.arrival)  # it may start at once
 
     def advance(self, until: float, timeout: float, events: Events) -> None:
-        speed, t = self.speed, self.clock
+        if not self.load:  # idle: nothing starts, decodes or times out
+            self.clock, self.next_change = until, math.inf
+            return
+        # The hot loop of every simulation (a few events per request): attributes read into locals,
+        # and the ITL worked out again only when the batch changed.
+        speed, t, name = self.speed, self.clock, self.name
         decoding, prefilling, waiting = self.decoding, self.prefilling, self.waiting
-        generated = 0.0
+        max_num_seqs, done = speed.max_num_seqs, events.done
+        decoded, generated = self.decoded, 0.0
+        batch, itl = -1, 0.0
         while True:
             if waiting:
                 self._start(t, timeout, events)
-            itl = speed.itl(self.running)
+            if self.running != batch:
+                batch = self.running
+                itl = speed.itl(batch)
+            # The next event: min() and max() spelled out (the same choices, without the calls).
             nxt = until
             if decoding:
-                nxt = min(nxt, t + (decoding[0][0] - self.decoded) * itl)
-            if prefilling:
-                nxt = min(nxt, prefilling[0][0])
-            if waiting and self.running < speed.max_num_seqs:
-                nxt = min(nxt, waiting[0].arrival)
-            nxt = max(nxt, t)
+                event = t + (decoding[0][0] - decoded) * itl
+                if event < nxt:
+                    nxt = event
+            if prefilling and prefilling[0][0] < nxt:
+                nxt = prefilling[0][0]
+            if waiting and batch < max_num_seqs and waiting[0].arrival < nxt:
+                nxt = waiting[0].arrival
+            if nxt < t:
+                nxt = t
+            moved = nxt > t
             if decoding:
                 gained = (nxt - t) / itl
-                self.decoded += gained
+                decoded += gained
                 generated += gained * len(decoding)
             t = nxt
-            while decoding and decoding[0][0] <= self.decoded + _EPS:
+            finished = 0
+            while decoding and decoding[0][0] <= decoded + _EPS:
                 _, _, job, first = heapq.heappop(decoding)
-                self._done(Done(job, self.name, first, t), events)
+                done.append(Done(job, name, first, t))
+                finished += 1
             while prefilling and prefilling[0][0] <= t + _EPS:
                 first, _, job = heapq.heappop(prefilling)
+                moved = True
                 generated += 1.0  # prefill yields the first token
                 if job.tokens <= 1:
-                    self._done(Done(job, self.name, first, t), events)
+                    done.append(Done(job, name, first, t))
+                    finished += 1
                 else:
-                    heapq.heappush(decoding, (self.decoded + job.tokens - 1, job.id, job, first))
+                    heapq.heappush(decoding, (decoded + job.tokens - 1, job.id, job, first))
+            self.running -= finished
+            self.load -= finished
             if t >= until:
                 break
-        self.clock = until
+            if not moved and not finished:
+                # Nothing happened and the clock did not move: the first sequence's last token is
+                # due sooner than the clock can tell apart from now (its remaining time is below
+                # the resolution of a float this far into the run), and nothing else can change
+                # until it is done.  It is done now; waiting on it would loop for ever.
+                decoded = decoding[0][0]
+        self.clock, self.decoded = until, decoded
         while waiting and until - waiting[0].arrival > timeout:
             events.timed_out.append(waiting.popleft())
             self.load -= 1
         self.next_change = math.inf
         if decoding:
-            self.next_change = until + (decoding[0][0] - self.decoded) * speed.itl(self.running)
+            self.next_change = until + (decoding[0][0] - decoded) * (
+                itl if batch == self.running else speed.itl(self.running)
+            )
         if prefilling:  # a one-token request is done when its prefill is
             self.next_change = min(self.next_change, prefilling[0][0])
         if waiting:
             self.next_change = min(self.next_change, waiting[0].arrival + timeout)
         if generated:
-            events.generated[self.name] = events.generated.get(self.name, 0.0) + generated
-
-    def _done(self, done: Done, events: Events) -> None:
-        events.done.append(done)
-        self.running -= 1
-        self.load -= 1
+            events.generated[name] = events.generated.get(name, 0.0) + generated
 
     def _start(self, t: float, timeout: float, events: Events) -> None:
-        waiting = self.waiting
-        while waiting and self.running < self.speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
+        waiting, speed, running = self.waiting, self.speed, self.running
+        while waiting and running < speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
             job = waiting.popleft()
             if t - job.arrival > timeout:
                 events.timed_out.append(job)
                 self.load -= 1
                 continue
             start = max(t, job.arrival)
-            heapq.heappush(self.prefilling, (start + self.speed.prefill_seconds(job.prompt), job.id, job))
-            self.running += 1
+            heapq.heappush(self.prefilling, (start + speed.prefill_seconds(job.prompt), job.id, job))
+            running += 1
             events.started.append((self.name, job))
+        self.running = running
 
 
 class ServingEngine:
@@ -229,5 +254,5 @@ class ServingEngine:
             replica.advance(until, self.timeout, events)
         while self._unrouted and until - self._unrouted[0].arrival > self.timeout:
             events.timed_out.append(self._unrouted.popleft())
-        events.done.sort(key=lambda d: (d.finished_at, d.job.id))
+        events.done.sort(key=_DONE_ORDER)
         return events

@@ -148,6 +148,7 @@ class World:
         self._bucket = 0.0
         self._next = 0  # the next request to arrive
         self.engine = ServingEngine(timeout)
+        self._ready: list[tuple[str, float]] = []  # (pool, serial) of the pods the engine serves with
         self._serial = itertools.count()
         self.interruptions = interruptions
         self._rng = np.random.default_rng(interruptions.seed)
@@ -246,10 +247,11 @@ class World:
         if self.interruptions != NO_INTERRUPTIONS:
             self._interrupt(now, dt)
         self._schedule(now)
-        ready = {
-            f"{pool.name}/{int(p[1])}": pool.speed for pool in self.pools.values() for p in pool.pods if p[0] <= now
-        }
-        self.engine.set_pods(ready, now)
+        ready = [(pool.name, p[1]) for pool in self.pools.values() for p in pool.pods if p[0] <= now]
+        if ready != self._ready:  # the same pods serving: nothing for the engine to add or take away
+            self._ready = ready
+            pods = {f"{name}/{int(serial)}": self.pools[name].speed for name, serial in ready}
+            self.engine.set_pods(pods, now)
         end = now + dt
         hi = int(np.searchsorted(self.arrival, end))
         self.engine.submit(self._admit(self._next, hi, dt))
@@ -271,20 +273,22 @@ class World:
                     self.status[i] = REJECTED
             index = kept  # type: ignore[assignment]
         self.limit[lo:hi] = self.token_limit
-        tokens = np.maximum(np.minimum(self.wanted[lo:hi], self.token_limit), 1.0).astype(np.int64)
-        return [Job(i, float(self.arrival[i]), float(self.prompt[i]), int(tokens[i - lo])) for i in index]
+        tokens = np.maximum(np.minimum(self.wanted[lo:hi], self.token_limit), 1.0).astype(np.int64).tolist()
+        arrival, prompt = self.arrival[lo:hi].tolist(), self.prompt[lo:hi].tolist()
+        return [Job(i, arrival[i - lo], prompt[i - lo], tokens[i - lo]) for i in index]
 
     def _serve(self, end: float) -> None:
         events = self.engine.advance(end)
         for job in events.timed_out:
             self.status[job.id] = TIMED_OUT
-        for done in events.done:
-            i = done.job.id
-            self.status[i] = SERVED
-            self.first_token[i] = done.first_token_at
-            self.finish[i] = done.finished_at
-            self.done_at.append(done.finished_at)
-            self.done_index.append(i)
+        if events.done:
+            index = [done.job.id for done in events.done]
+            finished = [done.finished_at for done in events.done]
+            self.status[index] = SERVED
+            self.first_token[index] = [done.first_token_at for done in events.done]
+            self.finish[index] = finished
+            self.done_at.extend(finished)
+            self.done_index.extend(index)
 
     def completed_since(self, since: float) -> list[int]:
         """Indices of the requests completed after ``since``, in completion order."""
