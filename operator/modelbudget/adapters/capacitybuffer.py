@@ -27,8 +27,8 @@ from typing import Any, Protocol, cast
 
 from modelbudget.adapters.errors import AdapterError, NotFound, Rejected
 from modelbudget.adapters.kube import KubeClients, kube_errors
-from modelbudget.adapters.tokenlimit import MANAGED_BY
-from modelbudget.adapters.watchcache import PerNamespace, WatchCache, keep
+from modelbudget.adapters.tokenlimit import MANAGED_BY, MANAGED_BY_SELECTOR
+from modelbudget.adapters.watchcache import PerNamespace, WatchCache, keep, labels_match
 from modelbudget.api.spec import API_VERSION as OWNER_API_VERSION
 from modelbudget.api.spec import KIND as OWNER_KIND
 
@@ -120,11 +120,6 @@ def buffer_of(obj: dict[str, Any]) -> Buffer:
     return Buffer(target=str(ref.get("name", "")) if deployment else "", replicas=replicas if alone else None)
 
 
-def is_operators(obj: dict[str, Any]) -> bool:
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    return all(labels.get(k) == v for k, v in MANAGED_BY.items())
-
-
 def _spec_fields(obj: dict[str, Any]) -> dict[str, Any]:
     return keep(obj, "spec.scalableRef", "spec.replicas", "spec.percentage", "spec.podTemplateRef")
 
@@ -135,7 +130,6 @@ class KubeCapacityBuffers:
         self._clock = clock
         self._lock = threading.Lock()
         self._served: tuple[bool, float] | None = None  # the answer, and when it was asked
-        selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
         self._mirror = PerNamespace(
             lambda namespace: WatchCache(
                 f"modelbudget's CapacityBuffers in {namespace}",
@@ -145,7 +139,7 @@ class KubeCapacityBuffers:
                     VERSION,
                     namespace,
                     PLURAL,
-                    label_selector=selector,
+                    label_selector=MANAGED_BY_SELECTOR,
                 ),
                 trim=_spec_fields,
             )
@@ -193,11 +187,10 @@ class KubeCapacityBuffers:
                     GROUP, VERSION, namespace, PLURAL, manifest(namespace, name, owner, wanted)
                 )
             return True
-        if not is_operators(existing):
-            label = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        if not labels_match(existing, MANAGED_BY):
             raise Rejected(
                 f"{where} exists and is not managed by modelbudget, so it is left unchanged: delete or rename "
-                f"it, or label it {label} to let the operator write it"
+                f"it, or label it {MANAGED_BY_SELECTOR} to let the operator write it"
             )
         if buffer_of(existing) == wanted and _owned_by(existing, owner):
             return False

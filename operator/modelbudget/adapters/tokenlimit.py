@@ -27,7 +27,8 @@ from modelbudget.api.spec import TokenLimitPublish
 
 ANNOTATION = "modelbudget.dev/max-tokens"
 ADMISSION_KEY = "admitted_rps_per_pod"  # absent: every request is admitted
-MANAGED_BY = {"app.kubernetes.io/managed-by": "modelbudget"}  # on ConfigMaps the operator may write
+MANAGED_BY = {"app.kubernetes.io/managed-by": "modelbudget"}  # on objects the operator may write
+MANAGED_BY_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())  # the same, as a label selector
 
 
 def config_map_name(publish: TokenLimitPublish, target: str) -> str:
@@ -85,11 +86,10 @@ class KubeTokenLimitSink:
     def __init__(self, kube: KubeClients) -> None:
         self._core = kube.core
         self._apps = kube.apps
-        selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
         self._mirror = PerNamespace(
             lambda namespace: WatchCache(
                 f"modelbudget's ConfigMaps in {namespace}",
-                partial(self._core.list_namespaced_config_map, namespace, label_selector=selector),
+                partial(self._core.list_namespaced_config_map, namespace, label_selector=MANAGED_BY_SELECTOR),
                 trim=_data,
             )
         )
@@ -136,10 +136,9 @@ class KubeTokenLimitSink:
             meta = existing.metadata or client.V1ObjectMeta()
             labels = meta.labels or {}
             if any(labels.get(k) != v for k, v in MANAGED_BY.items()):
-                label = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
                 raise Rejected(
                     f"{where} exists and is not managed by modelbudget, so it is left unchanged: label it "
-                    f"{label} to let the operator write it, or delete it (or name another ConfigMap in "
+                    f"{MANAGED_BY_SELECTOR} to let the operator write it, or delete it (or name another ConfigMap in "
                     "spec.tokenLimits.publish.configMap.name) and the operator creates its own"
                 )
             # The resourceVersion makes the patch conditional: if the ConfigMap changed since it was
