@@ -279,11 +279,16 @@ class Reconciler:
     async def _buffer(self, ref: ObjectRef) -> tuple[bool, Buffer | None]:
         """Whether the cluster serves CapacityBuffers, and the ModelBudget's as it is now.  An API
         that cannot be asked counts as not served: headroom then goes where it goes without one,
-        and no buffer is written."""
-        try:
-            if not await self._call(self.adapters.capacity_buffers.served):
+        and no buffer is written.  One trip to a thread for both: this runs every reconcile."""
+        buffers = self.adapters.capacity_buffers
+
+        def observe() -> tuple[bool, Buffer | None]:
+            if not buffers.served():
                 return False, None
-            return True, await self._call(self.adapters.capacity_buffers.read, ref.namespace, ref.name)
+            return True, buffers.read(ref.namespace, ref.name)
+
+        try:
+            return await self._call(observe)
         except AdapterError:
             return False, None
 
