@@ -360,7 +360,13 @@ DEFAULT_ROWS = [(1, 1), (100, 1), (1000, 1), (3000, 3)]
 def row(text: str) -> tuple[int, int]:
     """ "N" or "N/K": N ModelBudgets over K shards."""
     n, _, shards = text.partition("/")
-    return int(n), int(shards or 1)
+    try:
+        count, over = int(n), int(shards or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want N or N/K (N ModelBudgets over K shards)") from None
+    if count < 1 or over < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: N and K must be at least 1")
+    return count, over
 
 
 def label(r: dict[str, Any]) -> str:
@@ -370,12 +376,12 @@ def label(r: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 1 and 20 only")
-    p.add_argument("-n", action="append", help="ModelBudget count, or N/K for N over K shards (repeatable)")
+    p.add_argument("-n", type=row, action="append", help="ModelBudget count, or N/K for N over K shards (repeatable)")
     p.add_argument("--interval", type=float, default=15.0, help="the operator's --interval")
     p.add_argument("--window", type=float, default=None, help="steady-state window, seconds (default 2x interval)")
     p.add_argument("--selector-per-model", action="store_true", help="each ModelBudget selects its own model name")
     args = p.parse_args()
-    counts = [row(n) for n in args.n] if args.n else ([(1, 1), (20, 1)] if args.quick else DEFAULT_ROWS)
+    counts = args.n or ([(1, 1), (20, 1)] if args.quick else DEFAULT_ROWS)
     window = args.window or 2 * args.interval
     env = testbed_env()
     kube = Kube(env)
