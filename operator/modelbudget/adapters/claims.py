@@ -10,6 +10,7 @@ reconcile ran for minutes after a start.  A mirror that has not listed yet raise
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
@@ -34,17 +35,15 @@ class WatchedPoolClaims:
     def __init__(self, kube: KubeClients, namespaces: Sequence[str]) -> None:
         self._custom = kube.custom
         self._namespaces = tuple(namespaces)
+        self._lock = threading.Lock()  # pool ticks ask from several threads: one set of mirrors
         self._mirrors: list[WatchCache] | None = None
 
     def claimants(self, pool: str) -> list[Claimant]:
-        if self._mirrors is None:
-            self._mirrors = [self._mirror(ns) for ns in self._namespaces] or [self._mirror(None)]
-        return [
-            claim
-            for mirror in self._mirrors
-            for obj in mirror.items()
-            if (claim := obj["claims"].get(pool)) is not None
-        ]
+        with self._lock:
+            if self._mirrors is None:
+                self._mirrors = [self._mirror(ns) for ns in self._namespaces] or [self._mirror(None)]
+            mirrors = self._mirrors
+        return [claim for mirror in mirrors for obj in mirror.items() if (claim := obj["claims"].get(pool)) is not None]
 
     def _mirror(self, namespace: str | None) -> WatchCache:
         if namespace is None:
