@@ -14,8 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from modelbudget.adapters.grouping import split
+from modelbudget.adapters.grouping import GroupAnswer, split
 from modelbudget.adapters.metrics import (
     FORGET_AFTER_TICKS,
     Endpoint,
@@ -102,6 +104,27 @@ def test_select_keeps_only_the_members_series() -> None:
     garbage = [{"metric": {}, "value": [TS, "1e15"]}, {"value": [TS, "3"]}, {"metric": {"namespace": "b"}}, "x"]
     assert shape.select(garbage, member) == garbage  # for the parser to reject, not "no series"
     assert shape.select("garbage", member) == "garbage"  # for the parser to reject
+
+
+_LABEL_VALUE = st.sampled_from(["a", "b", "m", 1, None])
+_ITEM = st.one_of(
+    st.fixed_dictionaries(
+        {"metric": st.dictionaries(st.sampled_from(["namespace", "model_name", "pod"]), _LABEL_VALUE)},
+        optional={"value": st.just([TS, "1"])},
+    ),
+    st.just("x"),
+    st.just({"value": [TS, "2"]}),
+)
+
+
+@given(answer=st.one_of(st.lists(_ITEM, max_size=8), st.just("garbage")), member=st.sampled_from(["a", "b", "d"]))
+def test_an_answer_split_once_gives_each_member_what_select_gives(answer: Any, member: str) -> None:
+    found = split(f'sum(rate(x{{namespace="{member}",model_name="m"}}[2m]))')
+    assert found is not None
+    shape, values = found
+    split_once = GroupAnswer(shape, answer)
+    for other in (values, ("a", "m"), ("b", "m"), ("zz", "m")):
+        assert split_once.part(other) == shape.select(answer, other)
 
 
 class FakePrometheus:

@@ -81,6 +81,37 @@ class GroupShape:
         return labels is None or "value" not in item or any(label not in labels for label in self.labels)
 
 
+class GroupAnswer:
+    """A group query's answer, split by member once when it lands: each of a thousand members
+    then finds its part in a dict instead of scanning every series (a scan per member per query
+    was O(members^2) per tick: about 2 ms per query at 1,000 members, 20 ms per reconcile).
+    An answer holding anything ``select`` cannot attribute (garbage) is judged member by member,
+    as ``select`` does."""
+
+    def __init__(self, shape: GroupShape, result: Any) -> None:
+        self.shape = shape
+        self.result = result
+        self._parts: dict[tuple[str, ...], list[Any]] | None = None
+        if not isinstance(result, list):
+            return
+        parts: dict[tuple[str, ...], list[Any]] = {}
+        for item in result:
+            labels = _labels_of(item)
+            if labels is None or shape._unattributable(item):
+                return
+            key = tuple(labels[label] for label in shape.labels)
+            if not all(isinstance(value, str) for value in key):
+                return
+            parts.setdefault(key, []).append(item)
+        self._parts = parts
+
+    def part(self, member: tuple[str, ...]) -> Any:
+        """What ``shape.select(result, member)`` gives."""
+        if self._parts is None:
+            return self.shape.select(self.result, member)
+        return self._parts.get(member, [])
+
+
 def _labels_of(item: Any) -> Mapping[str, Any] | None:
     labels = item.get("metric") if isinstance(item, Mapping) else None
     return labels if isinstance(labels, Mapping) else None

@@ -27,7 +27,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from modelbudget.adapters.grouping import GroupShape, split
+from modelbudget.adapters.grouping import GroupAnswer, GroupShape, split
 from modelbudget.api.spec import Metrics, Queries
 from modelbudget.api.status import DemandSource
 from modelbudget.core.generation import GenerationProfile
@@ -467,12 +467,16 @@ class PrometheusMetrics:
         asked = self._submit(endpoint, shape.query(members))
 
         def landed(done: Future[Any]) -> None:
-            if done.exception() is None:
-                with self._lock:
-                    flight.took = self._clock() - flight.asked_at
-                    if group.answered is None or flight.asked_at >= group.answered.asked_at:
-                        group.answered = flight
-            _pass_on(done, flight.answer)
+            failed = done.exception()
+            if failed is not None:
+                flight.answer.set_exception(failed)
+                return
+            answer = GroupAnswer(shape, done.result())  # split by member once, outside the lock
+            with self._lock:
+                flight.took = self._clock() - flight.asked_at
+                if group.answered is None or flight.asked_at >= group.answered.asked_at:
+                    group.answered = flight
+            flight.answer.set_result(answer)
 
         asked.add_done_callback(landed)
 
@@ -485,7 +489,7 @@ class PrometheusMetrics:
         else:
             shape, member = grouped
             answer = self._grouped(endpoint, shape, member)
-            select = lambda result: shape.select(result, member)  # noqa: E731
+            select = lambda answered: answered.part(member)  # noqa: E731
 
         def wait(deadline: float) -> Answer:
             try:
@@ -516,10 +520,3 @@ class PrometheusMetrics:
         waits = {name: self._ask(endpoint, q) for name, q in queries_for(metrics, namespace, target).items()}
         return sample_from({name: wait(deadline) for name, wait in waits.items()})
 
-
-def _pass_on(done: Future[Any], to: Future[Any]) -> None:
-    exc = done.exception()
-    if exc is None:
-        to.set_result(done.result())
-    else:
-        to.set_exception(exc)
