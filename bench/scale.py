@@ -25,9 +25,11 @@ window (demand constant, nothing to change) measures:
 leader of its shard on a Lease of its own (one replica per shard: no standbys); their figures
 are summed (latency histograms merged, CPU added), RSS is the largest process's.
 
-``--selector-per-model`` gives each ModelBudget a selector of its own model name (the series
-then differ per ModelBudget, as on a real platform); the synthetic server exports one model, so
-all but one see no series (MetricsMissing) -- which costs the same to observe.
+``--selector-per-model`` gives each ModelBudget a selector of its own model name, as on a
+platform serving N models: Prometheus then scrapes the synthetic server's series once per model
+(``FanOut``: the same traffic under N ``model_name`` labels), so every group query's answer
+holds N members' series and each ModelBudget plans from metrics of its own. Without it all
+ModelBudgets read the one model's series.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,10 +115,54 @@ def counter(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name} "))
 
 
+class FanOut:
+    """An exporter that serves the model server's metrics once per model name: each line with
+    ``model_name="bench"`` is repeated for every name. N models' worth of series for Prometheus
+    to scrape, from one simulated fleet."""
+
+    def __init__(self, upstream: str, names: Sequence[str]) -> None:
+        copies = [f'model_name="{name}"' for name in names]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with urllib.request.urlopen(upstream, timeout=5) as answer:
+                    text = answer.read().decode()
+                lines: list[str] = []
+                for line in text.splitlines():
+                    if SERVED_MODEL in line:
+                        lines.extend(line.replace(SERVED_MODEL, copy) for copy in copies)
+                    else:
+                        lines.append(line)
+                body = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SERVED_MODEL = 'model_name="bench"'  # the model server's --deployment, its default model name
+
+
+def model_name(i: int) -> str:
+    return f"llm-{i:04d}"
+
+
 def objects(n: int, prometheus: str, selector_per_model: bool = False) -> str:
     docs: list[dict[str, Any]] = []
     for i in range(n):
-        name = f"llm-{i:04d}"
+        name = model_name(i)
         labels = {"app": name}
         docs.append(
             {
@@ -267,8 +316,11 @@ def run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    upstream = f"http://127.0.0.1:{port}/metrics"
+    fan_out = FanOut(upstream, [model_name(i) for i in range(n)]) if selector_per_model else None
+    scraped = fan_out.address if fan_out is not None else f"127.0.0.1:{port}"
     target = Path(env["MB_PROMETHEUS_TARGETS"]) / f"scale-bench-{port}.json"
-    target.with_suffix(".tmp").write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"]}]))
+    target.with_suffix(".tmp").write_text(json.dumps([{"targets": [scraped]}]))
     target.with_suffix(".tmp").rename(target)
     operators: list[subprocess.Popen[bytes]] = []
     try:
@@ -344,6 +396,8 @@ def run(
                 operator.wait()
         server.terminate()
         target.unlink(missing_ok=True)
+        if fan_out is not None:
+            fan_out.close()
         # ModelBudgets carry kopf's finalizer: drop it so the namespace can go (one replace of
         # the whole list: a patch per object takes minutes at N = 1000).
         listed = json.loads(kube.kubectl("get", "modelbudgets", "-n", NS, "-o", "json"))
