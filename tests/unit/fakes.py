@@ -29,7 +29,9 @@ class FakeMetrics:
     calls: list[tuple[str, PrometheusCredentials]] = field(default_factory=list)
     gates: Callable[[], GateReport] | None = None  # what the gates report, when it is not in ``next``
 
-    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+    async def sample(
+        self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
+    ) -> DemandSample:
         self.calls.append((namespace, credentials))
         if self.gates is None or self.next.at is None:
             return self.next

@@ -3,6 +3,7 @@ and every query bounded by a whole-query deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from modelbudget.adapters.grouping import GroupAnswer, split
 from modelbudget.adapters.metrics import (
     FORGET_AFTER_TICKS,
+    MAX_PARALLEL_QUERIES,
     Endpoint,
     PrometheusCredentials,
     PrometheusHttp,
@@ -27,6 +29,7 @@ from modelbudget.adapters.metrics import (
     queries_for,
 )
 from modelbudget.api.spec import Metrics
+from modelbudget.core.observation import DemandSample
 
 TS = 1_767_614_400.0
 SELECTOR = 'namespace="$namespace",model_name="$target"'
@@ -127,6 +130,11 @@ def test_an_answer_split_once_gives_each_member_what_select_gives(answer: Any, m
         assert split_once.part(other) == shape.select(answer, other)
 
 
+def sample_now(source: PrometheusMetrics, m: Metrics, namespace: str) -> DemandSample:
+    """One ModelBudget's sample, as a reconcile awaits it (on a loop of the calling thread)."""
+    return asyncio.run(source.sample(m, namespace, "llm", PrometheusCredentials()))
+
+
 class FakePrometheus:
     """A real HTTP server answering every query with one series per namespace in ``rates``
     (labelled as every default query groups them), recording the queries."""
@@ -198,7 +206,7 @@ def test_members_share_one_query_per_template_per_tick(prometheus: FakePrometheu
     templates = len(queries_for(m, "a", "llm"))
 
     def tick() -> dict[str, float | None]:
-        return {ns: source.sample(m, ns, "llm", PrometheusCredentials()).request_rate for ns in "abc"}
+        return {ns: sample_now(source, m, ns).request_rate for ns in "abc"}
 
     # The first tick meets the members one by one: each newcomer asks again, for everyone so far.
     assert tick() == {"a": 1.0, "b": 2.0, "c": 3.0}
@@ -223,7 +231,7 @@ def test_an_answer_about_to_expire_is_refreshed_while_members_are_answered_from_
     templates = len(queries_for(m, "a", "llm"))
 
     def rate(ns: str) -> float | None:
-        return source.sample(m, ns, "llm", PrometheusCredentials()).request_rate
+        return sample_now(source, m, ns).request_rate
 
     assert rate("a") == 1.0
     prometheus.rates["a"] = 10.0
@@ -247,14 +255,14 @@ def test_a_member_not_heard_of_for_long_leaves_the_group_query(prometheus: FakeP
     source = PrometheusMetrics(reuse_seconds=15, clock=clock)
     m = member_metrics(prometheus.url)
     for ns in "abc":
-        source.sample(m, ns, "llm", PrometheusCredentials())
+        sample_now(source, m, ns)
     assert 'namespace=~"a|b|c"' in prometheus.queries[-1]
     # c is deleted: a and b go on ticking; once c has been silent for FORGET_AFTER_TICKS reuse
     # periods, the group query asks for a and b only.
     for _ in range(FORGET_AFTER_TICKS + 2):
         clock.now += 15
         for ns in "ab":
-            source.sample(m, ns, "llm", PrometheusCredentials())
+            sample_now(source, m, ns)
     assert 'namespace=~"a|b"' in prometheus.queries[-1]
 
 
@@ -265,10 +273,10 @@ def test_a_failing_group_query_fails_every_member_once_per_tick() -> None:
         source = PrometheusMetrics(reuse_seconds=15, clock=clock)
         m = member_metrics(fake.url)
         for ns in "abc":
-            source.sample(m, ns, "llm", PrometheusCredentials())
+            sample_now(source, m, ns)
         asked = len(fake.queries)
         clock.now += 1
-        errors = [source.sample(m, ns, "llm", PrometheusCredentials()).error for ns in "abc"]
+        errors = [sample_now(source, m, ns).error for ns in "abc"]
     finally:
         fake.close()
     assert all(e is not None and "HTTP Status Code 500" in e for e in errors)
@@ -279,7 +287,7 @@ def test_newcomers_gather_into_one_query(prometheus: FakePrometheus) -> None:
     source = PrometheusMetrics(reuse_seconds=15, gather_seconds=0.5)
     m = member_metrics(prometheus.url)
     with ThreadPoolExecutor(3) as pool:
-        rates = list(pool.map(lambda ns: source.sample(m, ns, "llm", PrometheusCredentials()).request_rate, "abc"))
+        rates = list(pool.map(lambda ns: sample_now(source, m, ns).request_rate, "abc"))
     assert rates == [1.0, 2.0, 3.0]
     assert len(prometheus.queries) == len(queries_for(m, "a", "llm"))
     assert all('namespace=~"a|b|c"' in q for q in prometheus.queries)
@@ -289,9 +297,9 @@ def test_a_member_the_group_does_not_know_yet_asks_at_once(prometheus: FakeProme
     clock = Clock()
     source = PrometheusMetrics(reuse_seconds=15, clock=clock)
     m = member_metrics(prometheus.url)
-    source.sample(m, "a", "llm", PrometheusCredentials())
+    sample_now(source, m, "a")
     asked = len(prometheus.queries)
-    assert source.sample(m, "c", "llm", PrometheusCredentials()).request_rate == 3.0
+    assert sample_now(source, m, "c").request_rate == 3.0
     assert len(prometheus.queries) == 2 * asked and 'namespace=~"a|c"' in prometheus.queries[-1]
 
 
@@ -346,10 +354,43 @@ def test_a_trickling_prometheus_does_not_hold_a_query_past_its_timeout() -> None
     try:
         m = member_metrics(f"http://127.0.0.1:{port}", timeoutSeconds=1)
         started = time.monotonic()
-        s = PrometheusMetrics().sample(m, "a", "llm", PrometheusCredentials())
+        s = sample_now(PrometheusMetrics(), m, "a")
         took = time.monotonic() - started
     finally:
         stop.set()
     # The body would take ~6 s at this pace; every read is quick, so only a deadline stops it.
     assert s.error is not None and "no answer within 1s" in s.error
     assert took < 1.5  # timeoutSeconds is the functional bound; 0.5 s for the threads to wake
+
+
+def test_a_hung_prometheus_holds_neither_threads_nor_another_prometheus_up(prometheus: FakePrometheus) -> None:
+    """Forty ModelBudgets on a Prometheus that answers nothing in time, with queries that cannot be
+    grouped (more than its threads can run at once), and one on a healthy Prometheus: the healthy
+    one is answered, and the forty fail at their own deadline, each waiting without a thread."""
+    stop = threading.Event()
+    port = trickling_server(stop)
+    source = PrometheusMetrics(reuse_seconds=15)
+    hung = Metrics.model_validate(
+        {"prometheusUrl": f"http://127.0.0.1:{port}", "selector": 'namespace=~"$namespace"', "timeoutSeconds": 2}
+    )
+    healthy = member_metrics(prometheus.url)
+
+    async def scenario() -> tuple[list[DemandSample], DemandSample, int]:
+        before = threading.active_count()
+        stuck = [
+            asyncio.create_task(source.sample(hung, f"team-{i}", "llm", PrometheusCredentials())) for i in range(40)
+        ]
+        await asyncio.sleep(0.2)  # every hung query asked: far more than one Prometheus' threads
+        threads = threading.active_count() - before
+        good = await source.sample(healthy, "a", "llm", PrometheusCredentials())
+        return list(await asyncio.gather(*stuck)), good, threads
+
+    try:
+        stuck, good, threads = asyncio.run(scenario())
+    finally:
+        stop.set()
+    assert good.error is None and good.request_rate == 1.0
+    assert all(s.error is not None and "no answer within 2s" in s.error for s in stuck)
+    # 40 x 11 queries in the air, yet no more threads than the hung Prometheus' bounded pool and
+    # the test server's handler per connection (a thread per waiting ModelBudget would add 40).
+    assert threads <= 2 * MAX_PARALLEL_QUERIES + 2

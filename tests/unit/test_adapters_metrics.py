@@ -206,7 +206,7 @@ OK = {
 async def test_prometheus_client_sends_auth_and_parses(kmock: kmock.RawHandler) -> None:
     kmock["get /api/v1/query"] << OK
     creds = PrometheusCredentials(bearer_token="t0ken")
-    s = await asyncio.to_thread(PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", creds)
+    s = await PrometheusMetrics().sample(metrics(str(kmock.url)), "demo", "demo-llm", creds)
     assert s.error is None and s.request_rate == 2.5
     sent = kmock["get /api/v1/query"]
     assert all(r.headers["Authorization"] == "Bearer t0ken" for r in sent)
@@ -219,9 +219,7 @@ async def test_prometheus_client_sends_auth_and_parses(kmock: kmock.RawHandler) 
 @pytest.mark.parametrize("reply", [b"<html>oops</html>", {"status": "success"}, {"data": {"result": "x"}}])
 async def test_prometheus_garbage_is_an_error(kmock: kmock.RawHandler, reply: Any) -> None:
     kmock["get /api/v1/query"] << reply
-    s = await asyncio.to_thread(
-        PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials()
-    )
+    s = await PrometheusMetrics().sample(metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials())
     assert s.error is not None and s.request_rate is None
 
 
@@ -229,13 +227,13 @@ async def test_prometheus_garbage_is_an_error(kmock: kmock.RawHandler, reply: An
 @pytest.mark.kmock(cls=kmock.RawHandler)
 async def test_prometheus_http_error_is_an_error(kmock: kmock.RawHandler) -> None:
     kmock["get /api/v1/query"] << 503 << b"overloaded"
-    s = await asyncio.to_thread(
-        PrometheusMetrics().sample, metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials()
-    )
+    s = await PrometheusMetrics().sample(metrics(str(kmock.url)), "demo", "demo-llm", PrometheusCredentials())
     assert s.error is not None and "503" in s.error
 
 
 def test_unreachable_prometheus_is_an_error_without_credentials() -> None:
     m = metrics("http://user:hunter2@127.0.0.1:9", timeoutSeconds=1)
-    s = PrometheusMetrics().sample(m, "demo", "demo-llm", PrometheusCredentials(basic_auth=("user", "hunter2")))
+    s = asyncio.run(
+        PrometheusMetrics().sample(m, "demo", "demo-llm", PrometheusCredentials(basic_auth=("user", "hunter2")))
+    )
     assert s.error is not None and "unreachable" in s.error and "hunter2" not in s.error

@@ -13,7 +13,6 @@ import io
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,10 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from modelbudget.adapters.errors import Conflict
-from modelbudget.adapters.metrics import PrometheusCredentials, PrometheusMetrics, sample_with
+from modelbudget.adapters.metrics import MAX_PARALLEL_QUERIES, PrometheusCredentials, PrometheusMetrics, sample_with
 from modelbudget.api.spec import Metrics
 from modelbudget.controller.leader import LeaderElector
-from modelbudget.controller.reconciler import METRICS_THREADS, ObjectRef, Reconciler, previous_status
+from modelbudget.controller.reconciler import ObjectRef, Reconciler, previous_status
 from modelbudget.core.observation import DemandSample
 from tests.builders import merge
 from tests.unit.fakes import FakeCluster, FakeLeaseStore, demand, example_reconciler
@@ -84,7 +83,9 @@ class ByNamespace:
 
     answers: dict[str, DemandSample | Exception] = field(default_factory=dict)
 
-    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+    async def sample(
+        self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
+    ) -> DemandSample:
         answer = self.answers[namespace]
         if isinstance(answer, Exception):
             raise answer
@@ -266,7 +267,9 @@ bodies = (
 def test_any_http_answer_from_prometheus_becomes_a_sample(status: int, body: bytes) -> None:
     # At the transport, under the adapter's own session.
     with mock.patch.object(requests.adapters.HTTPAdapter, "send", canned(status, body)):
-        s = PrometheusMetrics().sample(METRICS, "demo", "demo-llm", PrometheusCredentials(bearer_token="t0ken"))
+        s = asyncio.run(
+            PrometheusMetrics().sample(METRICS, "demo", "demo-llm", PrometheusCredentials(bearer_token="t0ken"))
+        )
     if status != 200:
         assert s.error is not None and f"HTTP Status Code {status}" in s.error
     assert s.error is None or ("t0ken" not in s.error and "unreachable" not in s.error)
@@ -310,11 +313,13 @@ class HungFor:
     """Metrics that hang (like a Prometheus that accepts and never answers) for some namespaces."""
 
     hung: set[str]
-    release: threading.Event = field(default_factory=threading.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+    async def sample(
+        self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
+    ) -> DemandSample:
         if namespace in self.hung:
-            self.release.wait(30)
+            await asyncio.wait_for(self.release.wait(), 30)
             return DemandSample(error="request rate: unreachable: ReadTimeout")
         return demand(T0, rps=20)
 
@@ -322,8 +327,8 @@ class HungFor:
 def test_hung_prometheus_calls_do_not_stall_a_neighbour() -> None:
     cluster, _ = two_tenants(demand(T0, rps=20))
     # More ModelBudgets on a hung Prometheus than asyncio's default executor has threads (6 on 2
-    # cores): were their queries on it, the neighbour's apiserver calls would wait 30 s.
-    hung = HungFor({f"hung-{i}" for i in range(METRICS_THREADS - 1)})
+    # cores): were their waits on it, the neighbour's apiserver calls would wait 30 s.
+    hung = HungFor({f"hung-{i}" for i in range(4 * MAX_PARALLEL_QUERIES)})
     cluster.metrics = hung  # type: ignore[assignment]
     r = example_reconciler(cluster.adapters)
 
@@ -364,7 +369,7 @@ def test_the_lease_is_renewed_while_every_default_thread_is_busy() -> None:
 
 
 def test_concurrent_queries_to_one_prometheus_reuse_their_connections(caplog: pytest.LogCaptureFixture) -> None:
-    """As many queries in flight as the controller has metrics threads: none may find the pool
+    """More queries at once than the adapter runs in parallel: none may find the connection pool
     full (urllib3 then opens a connection per query and drops it, as bench/scale.py showed)."""
 
     class Slow(BaseHTTPRequestHandler):
@@ -386,8 +391,12 @@ def test_concurrent_queries_to_one_prometheus_reuse_their_connections(caplog: py
     try:
         m = Metrics.model_validate({"prometheusUrl": f"http://127.0.0.1:{server.server_address[1]}"})
         source = PrometheusMetrics()
-        with ThreadPoolExecutor(METRICS_THREADS) as pool:
-            samples = list(pool.map(lambda _: source.sample(m, "demo", "demo-llm", PrometheusCredentials()), range(64)))
+
+        async def many() -> list[DemandSample]:
+            asks = (source.sample(m, "demo", "demo-llm", PrometheusCredentials()) for _ in range(64))
+            return list(await asyncio.gather(*asks))
+
+        samples = asyncio.run(many())
     finally:
         server.shutdown()
         server.server_close()

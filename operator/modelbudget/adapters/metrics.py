@@ -8,13 +8,14 @@ never raises on a bad answer and never scales anything.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from string import Template
@@ -44,7 +45,7 @@ class PrometheusCredentials:
 
 
 class MetricsSource(Protocol):
-    def sample(
+    async def sample(
         self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
     ) -> DemandSample: ...
 
@@ -60,8 +61,8 @@ def render_query(template: str, metrics: Metrics, namespace: str, target: str) -
     return Template(text).safe_substitute(namespace=namespace, target=target)
 
 
-# Queries in flight at once per process (the controller runs them on this many threads), and so
-# the connections kept open to each Prometheus.
+# Queries in flight at once to one Prometheus (each endpoint has this many threads of its own, so
+# a hung Prometheus holds only its own ModelBudgets' queries), and the connections kept open to it.
 MAX_PARALLEL_QUERIES = 16
 MAX_TIMESTAMP = 253_402_300_800.0  # 10000-01-01T00:00:00Z, past datetime's range
 FORGET_AFTER_TICKS = 10  # a group member unheard of for this many reuse periods leaves it
@@ -304,6 +305,11 @@ class PrometheusHttp:
         no_retry = Retry(total=0)
         session.mount(endpoint.url, HTTPAdapter(max_retries=no_retry, pool_maxsize=MAX_PARALLEL_QUERIES))
         self._session = session
+        self._threads = ThreadPoolExecutor(MAX_PARALLEL_QUERIES, thread_name_prefix="promql")
+
+    def submit(self, query: str) -> Future[Any]:
+        """Run ``query`` on this endpoint's threads."""
+        return self._threads.submit(self.query, query)
 
     def query(self, query: str) -> Any:
         """The ``data.result`` of one instant query; raises ``QueryFailed`` (never past the deadline
@@ -353,6 +359,42 @@ class PrometheusHttp:
         return bytes(body)
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """A query started: its (possibly shared) answer and how this asker's part is read from it."""
+
+    endpoint: Endpoint
+    answer: Future[Any]
+    select: Callable[[Any], Any]
+
+    def read(self) -> Answer:
+        """The answer as it stands: one not in yet is ``no_answer`` (its deadline has passed)."""
+        if not self.answer.done():
+            return self.endpoint.no_answer()
+        try:
+            return self.select(self.answer.result())
+        except QueryFailed as exc:
+            return exc
+
+
+def _landing(loop: asyncio.AbstractEventLoop, answer: Future[Any]) -> asyncio.Future[None]:
+    """An asyncio future done when ``answer`` is. It never cancels ``answer`` (a group's answer is
+    shared: one waiter giving up must not fail the others) and never holds its exception (the
+    asker reads the answer itself), so nothing is logged as never retrieved."""
+    landed: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not landed.done():
+            landed.set_result(None)
+
+    def done(_: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle)
+
+    answer.add_done_callback(done)
+    return landed
+
+
 @dataclass
 class _Flight:
     """One group query for these members, started at this time (members join until it is asked)."""
@@ -380,8 +422,8 @@ class PrometheusMetrics:
     asked (the reconcile interval: then each group is asked once per tick, however many members
     it has). A member the last group query did not include asks a new one for everyone, after
     ``gather_seconds`` in which other newcomers join it (after a start, one query per template
-    for many members, not one each). All queries run on a bounded pool; each is answered or
-    failed within ``timeoutSeconds``.
+    for many members, not one each). Each endpoint's queries run on a bounded pool of its own;
+    each is answered or failed within ``timeoutSeconds``, and nobody holds a thread to wait.
 
     A group's answer is refreshed ahead of its expiry: a member served an answer that expires
     within about twice the time the last query took starts the next query and is answered from
@@ -398,7 +440,6 @@ class PrometheusMetrics:
         self._lock = threading.Lock()
         self._http: dict[Endpoint, PrometheusHttp] = {}
         self._groups: dict[tuple[Endpoint, GroupShape], _Group] = {}
-        self._pool = ThreadPoolExecutor(MAX_PARALLEL_QUERIES, thread_name_prefix="promql")
 
     def _submit(self, endpoint: Endpoint, query: str) -> Future[Any]:
         with self._lock:
@@ -406,7 +447,7 @@ class PrometheusMetrics:
             if http is None:
                 http = self._http[endpoint] = PrometheusHttp(endpoint)
         QUERIES.inc()
-        return self._pool.submit(http.query, query)
+        return http.submit(query)
 
     def _grouped(self, endpoint: Endpoint, shape: GroupShape, member: tuple[str, ...]) -> Future[Any]:
         now = self._clock()
@@ -480,26 +521,13 @@ class PrometheusMetrics:
 
         asked.add_done_callback(landed)
 
-    def _ask(self, endpoint: Endpoint, query: str) -> Callable[[float], Answer]:
-        """Start one query now; the returned function waits for its answer until the deadline."""
+    def _ask(self, endpoint: Endpoint, query: str) -> _Asked:
+        """Start one query now (or join its group's)."""
         grouped = split(query)
         if grouped is None:
-            answer = self._submit(endpoint, query)
-            select: Callable[[Any], Any] = lambda result: result  # noqa: E731
-        else:
-            shape, member = grouped
-            answer = self._grouped(endpoint, shape, member)
-            select = lambda answered: answered.part(member)  # noqa: E731
-
-        def wait(deadline: float) -> Answer:
-            try:
-                return select(answer.result(timeout=max(deadline - time.monotonic(), 0.0)))
-            except FutureTimeout:
-                return endpoint.no_answer()
-            except QueryFailed as exc:
-                return exc
-
-        return wait
+            return _Asked(endpoint, self._submit(endpoint, query), lambda result: result)
+        shape, member = grouped
+        return _Asked(endpoint, self._grouped(endpoint, shape, member), lambda answered: answered.part(member))
 
     def runner(self, metrics: Metrics, credentials: PrometheusCredentials) -> QueryRunner:
         """Ungrouped instant queries against ``metrics.prometheusUrl`` on the same bounded pool and
@@ -507,16 +535,25 @@ class PrometheusMetrics:
         endpoint = Endpoint.of(metrics, credentials)
 
         def run(query: str) -> Any:
-            answer = self._ask(endpoint, query)(time.monotonic() + endpoint.timeout)
+            asked = self._ask(endpoint, query)
+            wait([asked.answer], timeout=endpoint.timeout)
+            answer = asked.read()
             if isinstance(answer, QueryFailed):
                 raise answer
             return answer
 
         return run
 
-    def sample(self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials) -> DemandSample:
+    async def sample(
+        self, metrics: Metrics, namespace: str, target: str, credentials: PrometheusCredentials
+    ) -> DemandSample:
+        """The spec's queries, started at once and awaited without holding a thread: at N = 1,000
+        a thread per waiting reconcile ran out while slow group queries were answered, and every
+        other ModelBudget's reconcile queued behind them (tens of seconds)."""
         endpoint = Endpoint.of(metrics, credentials)
-        deadline = time.monotonic() + endpoint.timeout
-        waits = {name: self._ask(endpoint, q) for name, q in queries_for(metrics, namespace, target).items()}
-        return sample_from({name: wait(deadline) for name, wait in waits.items()})
-
+        asked = {name: self._ask(endpoint, q) for name, q in queries_for(metrics, namespace, target).items()}
+        waiting = [a.answer for a in asked.values() if not a.answer.done()]
+        if waiting:  # most answers are shared ones already in: no trip through the loop for those
+            loop = asyncio.get_running_loop()
+            await asyncio.wait([_landing(loop, answer) for answer in waiting], timeout=endpoint.timeout)
+        return sample_from({name: a.read() for name, a in asked.items()})

@@ -41,11 +41,11 @@ from modelbudget.core.tenancy import pools_not_allowed
 
 T = TypeVar("T")
 DEFAULT_HEARTBEAT = timedelta(seconds=60)
-# Prometheus queries get threads of their own. asyncio's default executor has cpu+4 threads (6 on
-# two cores); a hung Prometheus holds one per ModelBudget for up to metrics.timeoutSeconds, and on
-# the shared executor a handful of such ModelBudgets would stall every apiserver call (and the
-# leader's lease renewals) of all the others.
-METRICS_THREADS = MAX_PARALLEL_QUERIES
+# OpenCost's price queries get threads of their own (demand metrics are awaited without one).
+# asyncio's default executor has cpu+4 threads (6 on two cores); a hung Prometheus holds one per
+# ModelBudget for up to metrics.timeoutSeconds, and on the shared executor a handful of such
+# ModelBudgets would stall every apiserver call (and the leader's lease renewals) of all the others.
+PRICE_THREADS = MAX_PARALLEL_QUERIES
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Reconciler:
         self.adapters = adapters
         self.heartbeat = heartbeat
         self.inline_cluster_pools = inline_cluster_pools  # core/tenancy.py: single-tenant clusters only
-        self._metrics_threads = ThreadPoolExecutor(METRICS_THREADS, thread_name_prefix="metrics")
+        self._price_threads = ThreadPoolExecutor(PRICE_THREADS, thread_name_prefix="prices")
 
     @staticmethod
     async def _call(fn: Callable[..., T], *args: Any) -> T:
@@ -313,14 +313,7 @@ class Reconciler:
         """Demand metrics, never an exception: every failure is an explicit unknown."""
         try:
             creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
-            return await asyncio.get_running_loop().run_in_executor(
-                self._metrics_threads,
-                self.adapters.metrics.sample,
-                spec.metrics,
-                namespace,
-                spec.target_ref.name,
-                creds,
-            )
+            return await self.adapters.metrics.sample(spec.metrics, namespace, spec.target_ref.name, creds)
         except SecretMissing as exc:
             return DemandSample(error=f"credentials: {exc}")
         except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
@@ -334,7 +327,7 @@ class Reconciler:
         try:
             creds = await self._call(prometheus_credentials, self.adapters.secrets, spec.metrics, namespace)
             return await asyncio.get_running_loop().run_in_executor(
-                self._metrics_threads, self.adapters.prices.node_prices, spec.metrics, spec.spend.queries, creds
+                self._price_threads, self.adapters.prices.node_prices, spec.metrics, spec.spend.queries, creds
             )
         except (SecretMissing, AdapterError) as exc:
             return str(exc)
