@@ -250,6 +250,32 @@ def test_an_answer_about_to_expire_is_refreshed_while_members_are_answered_from_
     assert len(prometheus.queries) == 2 * templates
 
 
+def test_a_refresh_that_failed_is_not_asked_again_by_every_member(prometheus: FakePrometheus) -> None:
+    clock = Clock()
+    source = PrometheusMetrics(reuse_seconds=15, clock=clock)
+    m = member_metrics(prometheus.url)
+    templates = len(queries_for(m, "a", "llm"))
+    assert sample_now(source, m, "a").request_rate == 1.0
+    prometheus.status = 500
+    clock.now += 12  # within the refresh lead: this read starts a refresh, which fails
+    assert sample_now(source, m, "a").request_rate == 1.0
+    deadline = time.monotonic() + 5
+    while len(prometheus.queries) < 2 * templates and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the failures land
+    # The member goes on reading the answer it has; the failed refresh is not asked again at once.
+    for _ in range(5):
+        assert sample_now(source, m, "a").request_rate == 1.0
+    assert len(prometheus.queries) == 2 * templates
+    prometheus.status = 200
+    clock.now += 4  # past the first answer's expiry, the failure serves for its tick, as any does
+    assert sample_now(source, m, "a").error is not None
+    assert len(prometheus.queries) == 2 * templates
+    clock.now += 12  # the failed refresh's tick is over: asked again
+    assert sample_now(source, m, "a").request_rate == 1.0
+    assert len(prometheus.queries) == 3 * templates
+
+
 def test_a_member_not_heard_of_for_long_leaves_the_group_query(prometheus: FakePrometheus) -> None:
     clock = Clock()
     source = PrometheusMetrics(reuse_seconds=15, clock=clock)
