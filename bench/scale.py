@@ -98,6 +98,25 @@ class Kube:
         return totals
 
 
+def writes(requests: Counter[str]) -> int:
+    return sum(c for key, c in requests.items() if key.split(" ", 1)[0] in WRITES)
+
+
+def settle(kube: Kube, n: int, interval: float, testbed_writes_per_s: float, most: int = 12) -> None:
+    """Wait until the first decisions have played out: an interval with (about) no writes beyond
+    the testbed's own. With metrics of their own the ModelBudgets scale their Deployments up
+    first, and the pods, ReplicaSets and Events that follow take the control plane a while at
+    N = 1000; the steady window starts after."""
+    for _ in range(most):
+        before = kube.requests()
+        time.sleep(interval)
+        extra = writes(kube.requests() - before) - testbed_writes_per_s * interval
+        print(f"N={n}: settling, {extra:.0f} writes in the last interval", file=sys.stderr)
+        if extra <= max(2.0, n / 200):
+            return
+    print(f"N={n}: still writing after {most} intervals; measuring anyway", file=sys.stderr)
+
+
 def by_verb(requests: Counter[str]) -> Counter[str]:
     totals: Counter[str] = Counter()
     for key, count in requests.items():
@@ -303,7 +322,7 @@ def run(
             "modelbudget.testbed.modelserver",
             "--no-cluster",
             "--pods",
-            "2",
+            "1",  # each ModelBudget's Deployment has at most one replica
             "--namespace",
             NS,
             "--deployment",
@@ -312,6 +331,10 @@ def run(
             f"127.0.0.1:{port}",
             "--rate-curve",
             "0:2",
+            # Evenly spaced arrivals: a steady state is steady demand. Poisson arrivals over the
+            # 30 s window move the rate by about 20% a tick, and the plans (and statuses) with it.
+            "--arrivals",
+            "even",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -348,7 +371,7 @@ def run(
             print(f"N={n}: {done} with a status after {time.monotonic() - started:.0f} s", file=sys.stderr)
             time.sleep(5)
         first_status = time.monotonic() - started
-        time.sleep(2 * interval)  # let the first decisions settle (replicas set once, then nothing)
+        settle(kube, n, interval, writes(baseline) / window)
         h0, c0, q0 = merged([scrape(a) for a in addrs])
         r0, cpu0 = kube.requests(), sum(proc_usage(o.pid)[0] for o in operators)
         time.sleep(window)
