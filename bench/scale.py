@@ -5,10 +5,10 @@
     .venv/bin/python bench/scale.py                # N = 1, 100, 1000, 3000 over 3 shards
     .venv/bin/python bench/scale.py -n 1000 -n 3000/3
 
-For each N: N Deployments with no pods (replicas 0..1, nothing to schedule) and N ModelBudgets
-whose metrics all come from one synthetic model server (so Prometheus' load does not grow with
-N), then ``modelbudget run`` as a subprocess. Once every ModelBudget has a status, a steady
-window (demand constant, nothing to change) measures:
+For each N: N Deployments of one replica whose pod never schedules (replicas 0..1, already at
+what the plan asks) and N ModelBudgets whose metrics come from one synthetic model server, then
+``modelbudget run`` as a subprocess. Once every ModelBudget has a status and the writes of the
+first decisions have died down, a steady window (demand constant, nothing to change) measures:
 
 * reconcile latency p50/p99 from the operator's ``modelbudget_reconcile_duration_seconds``;
 * operator CPU seconds and RSS from /proc;
@@ -189,11 +189,17 @@ def objects(n: int, prometheus: str, selector_per_model: bool = False) -> str:
                 "kind": "Deployment",
                 "metadata": {"name": name, "namespace": NS},
                 "spec": {
-                    "replicas": 0,
+                    # The replica the plan asks for at this demand from the start, so the steady
+                    # state is not preceded by a thousand scale-ups; its pod never schedules (no
+                    # node has the label), so nothing about it changes while the window runs.
+                    "replicas": 1,
                     "selector": {"matchLabels": labels},
                     "template": {
                         "metadata": {"labels": labels},
-                        "spec": {"containers": [{"name": "c", "image": "fake.invalid/x"}]},
+                        "spec": {
+                            "containers": [{"name": "c", "image": "fake.invalid/x"}],
+                            "nodeSelector": {"scale-bench/unschedulable": "true"},
+                        },
                     },
                 },
             }
