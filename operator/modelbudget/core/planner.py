@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from statistics import NormalDist
@@ -375,8 +375,13 @@ class _Search:
 
 def _search(ctx: Context, rates: list[float]) -> list[_Search]:
     """The grid search at each request rate (arriving now, the queue drained as ``Context.demand``
-    says), all rates in one numpy pass."""
-    spec, grid, ladder, facts = ctx.spec, ctx.resolved.grid, ctx.ladder, ctx.grid_facts
+    says), all rates in one numpy pass.
+
+    Every (rate, limit) pair is judged with whole-array integer arithmetic (the replicas for its
+    tokens/s, for its latency, and whether the pools and the allowance hold them): a decision
+    searches 2 x ~60 pairs, and a Python walk over them cost more than the numbers it read.  Only
+    the blocked pairs (their reasons) and the feasible ones (their replicas in time) go on one by one."""
+    spec, ladder, facts = ctx.spec, ctx.ladder, ctx.grid_facts
     assert facts is not None
     queue = (ctx.obs.demand.requests_waiting or 0.0) / spec.behavior.queue_drain_seconds
     demands = [rate + queue for rate in rates]
@@ -384,42 +389,49 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
     loads = np.array(demands)[:, None] * tokens[None, :]  # tokens/s each limit needs, per rate
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    flat: list[int] = ladder.replicas_for_many(loads.ravel()).tolist()
-    need_tokens = [flat[k * grid.size : (k + 1) * grid.size] for k in range(len(rates))]
-    for_latency = _replicas_for_latency(facts, loads)
-    asks: list[tuple[int, int, int]] = []  # (rate, grid index, fewest replicas to try)
+    need_tokens = ladder.replicas_for_many(loads.ravel()).reshape(loads.shape)
+    has_tokens = need_tokens >= 0
+    # The replicas that keep each batch small enough for the SLO's percentile request to meet the
+    # SLO at each limit (sequences in flight per replica within the batch that allows).  The
+    # smallest limit is never blocked by latency: there is nothing lower to serve at
+    # (respect_latency says so); at the others no batch may do, not even a lone sequence.
+    unbatchable = facts.latency_batch <= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for_latency = np.ceil(loads / facts.latency_throughput - _EPS)
+    latency_need = np.where(unbatchable[None, :] | (loads <= 0), 0.0, for_latency).astype(np.int64)
+    latency_need[:, 0] = 0
+    no_batch = np.broadcast_to(unbatchable, loads.shape).copy()
+    no_batch[:, 0] = False
+    need = np.where(has_tokens, np.maximum(need_tokens, latency_need), -1)
+    fits_tokens = has_tokens & (need_tokens <= min(room, ctx.affordable))
+    too_many = ~no_batch & (~has_tokens | (need > room) | (need > ctx.affordable))
+    feasible = ~no_batch & ~too_many
+    # What the economics reads of each limit: the replicas it needs (None: more than the pools
+    # hold), and why each infeasible one is out.
+    needed_of = np.where(no_batch, need_tokens, need).tolist()
     searched = []
     for k in range(len(rates)):
-        needed: list[int | None] = []
+        needed: list[int | None] = [None if n < 0 else n for n in needed_of[k]]
         blocked: list[tuple[int, int, Reason]] = []
-        for i in range(grid.size):
-            need = None if need_tokens[k][i] < 0 else need_tokens[k][i]
-            # The smallest limit is never blocked by latency: there is nothing lower to serve at
-            # (respect_latency says so); the others need batches that meet the SLO.
-            latency_need = 0 if i == 0 else for_latency[k][i]
-            if latency_need is None:  # not even a lone sequence meets the SLO at this limit
-                needed.append(need)
+        for i in np.flatnonzero(no_batch[k] | too_many[k]).tolist():
+            if no_batch[k, i]:  # not even a lone sequence meets the SLO at this limit
                 blocked.append((i, 0, Reason.LATENCY_BOUND))
                 continue
-            fits_tokens = need is not None and need <= min(room, ctx.affordable)
-            need = None if need is None else max(need, latency_need)
-            needed.append(need)
-            if need is None or need > room or need > ctx.affordable:
-                # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
-                why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
-                blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
-                continue
-            asks.append((k, i, max(need, ctx.min_replicas)))
+            n = needed[i]
+            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+            why = Reason.LATENCY_BOUND if fits_tokens[k, i] else _why_blocked(n, room, spec)
+            blocked.append((i, ladder.total_slots + 1 if n is None else n, why))
         searched.append((needed, blocked))
+    asked_rate, asked_limit = np.nonzero(feasible)  # rate by rate, limits in grid order
     found = _best_replicas_in_time(
         ctx,
-        [i for _, i, _ in asks],
-        [demands[k] for k, _, _ in asks],
-        [rates[k] for k, _, _ in asks],
-        [fewest for _, _, fewest in asks],
+        asked_limit,
+        np.array(demands)[asked_rate],
+        np.array(rates)[asked_rate],
+        np.maximum(need[asked_rate, asked_limit], ctx.min_replicas),
     )
     best: list[tuple[int, int, float] | None] = [None] * len(rates)
-    for (k, i, _), (n, net) in zip(asks, found, strict=True):
+    for k, i, (n, net) in zip(asked_rate.tolist(), asked_limit.tolist(), found, strict=True):
         held = best[k]
         if held is None or net >= held[2] - _EPS:
             best[k] = (i, n, net)
@@ -436,7 +448,11 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
 
 
 def _best_replicas_in_time(
-    ctx: Context, limits: list[int], demands: list[float], rates: list[float], fewest: list[int]
+    ctx: Context,
+    limits: Sequence[int] | npt.NDArray[np.int64],
+    demands: Sequence[float] | npt.NDArray[np.float64],
+    rates: Sequence[float] | npt.NDArray[np.float64],
+    fewest: Sequence[int] | npt.NDArray[np.int64],
 ) -> list[tuple[int, float]]:
     """For each limit (an index into the grid) at its demand (requests/s to serve; ``rates``: those
     arriving, whose score is the value), the replicas, from its ``fewest`` up to what the
@@ -453,17 +469,17 @@ def _best_replicas_in_time(
     by more than ``_EPS``."""
     facts, speed, spec = ctx.grid_facts, ctx.resolved.speed, ctx.spec
     assert facts is not None
-    if not fewest:
+    if len(fewest) == 0:
         return []
-    first = np.array(fewest)
+    first = np.asarray(fewest)
     last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
     counts = np.arange(first.min(), last.max() + 1)
     # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
     used, scores = facts.generated[limits], facts.request_scores[limits]
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    value_of_all = np.array([spec.budget.value_of_point * rate * 3600.0 for rate in rates])
+    value_of_all = spec.budget.value_of_point * np.asarray(rates, dtype=float) * 3600.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_replica = (np.array(demands) * facts.tokens[limits])[:, None] / counts[None, :]
+        per_replica = (np.asarray(demands, dtype=float) * facts.tokens[limits])[:, None] / counts[None, :]
     mean = np.where(counts[None, :] > 0, speed.batch_for_many(per_replica), math.inf)
     busy = np.minimum(busy_batch_many(mean, BURST_MARGIN * _slo_z(spec)), speed.max_num_seqs)
     # More than a full batch per replica: the queue grows and nobody is in time.
@@ -488,19 +504,6 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     profile = ctx.verdict.profile
     assert profile is not None
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
-
-
-def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[list[int | None]]:
-    """For each limit (columns; rows: demands), the replicas that keep each batch small enough for
-    the SLO's percentile request to meet the SLO at that limit (sequences in flight per replica
-    within the batch that allows), given the tokens/s it needs; ``None`` when no batch does."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        replicas = np.ceil(tokens_per_second / facts.latency_throughput - _EPS)
-    bound = facts.latency_batch.tolist()
-    return [
-        [None if b <= 0 else (int(r) if x > 0 else 0) for b, r, x in zip(bound, rr, xx, strict=True)]
-        for rr, xx in zip(replicas.tolist(), tokens_per_second.tolist(), strict=True)
-    ]
 
 
 def _slo_z(spec: ModelBudgetSpec) -> float:
