@@ -184,7 +184,7 @@ def grid_facts(resolved: ResolvedSpec, profile: GenerationProfile, prompt_tokens
     request_scores = profile.scores_many(resolved.curve, generated)
     return GridFacts(
         tokens=profile.mean_generated_many(grid),
-        scores=request_scores.mean(axis=1),  # mean_score_many, from what is here already
+        scores=request_scores.sum(axis=1) / profile.wanted.size,  # mean_score_many, from what is here already
         generated=generated,
         request_scores=request_scores,
         latency_batch=batch,
@@ -489,7 +489,7 @@ def _best_replicas_in_time(
     stop = np.where(all_in_time, counts[None, :], last[:, None]).min(axis=1)
     row, column = np.nonzero(walked & (counts[None, :] <= stop[:, None]))
     in_time = used[row] <= within[row, column][:, None] + _EPS
-    share = np.where(in_time, scores[row], 0.0).mean(axis=1)
+    share = np.where(in_time, scores[row], 0.0).sum(axis=1) / scores.shape[1]  # the mean, as generation.py takes it
     net = value_of_all[row] * share - ctx.ladder.spend_table[counts[column]]
     # Row by row, in increasing replicas: the first count better than the best so far by _EPS.
     best: dict[int, tuple[int, float]] = {}
@@ -941,7 +941,12 @@ def _expected_performance(draft: Draft, ctx: Context) -> float:
     curve, profile = ctx.resolved.curve, ctx.verdict.profile
     if profile is None or not ctx.verdict.ok:
         return min(max(curve.performance(draft.limit), 0.0), 1.0)
-    score = float(profile.mean_score_many(curve, np.array([float(draft.limit)]))[0])
+    grid, facts = ctx.resolved.grid, ctx.grid_facts
+    at = int(np.searchsorted(grid, draft.limit))
+    if facts is not None and at < grid.size and grid[at] == draft.limit:  # worked out already
+        score = float(facts.scores[at])
+    else:
+        score = float(profile.mean_score_many(curve, np.array([float(draft.limit)]))[0])
     demand = ctx.obs.demand.request_rate or 0.0
     if demand <= 0:
         return score
