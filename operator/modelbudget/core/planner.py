@@ -48,10 +48,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -229,6 +229,23 @@ class Context:
         return (seen.request_rate or 0.0) + waiting / self.spec.behavior.queue_drain_seconds
 
 
+_Record = TypeVar("_Record", "Context", "Draft")
+
+
+def _evolve(record: _Record, **changes: Any) -> _Record:
+    """``dataclasses.replace`` for the planner's own frozen records, ``Context`` and ``Draft``
+    (plain fields only: no ``__post_init__``, no init-only or cached fields): the fields are
+    copied and the changed ones set, where ``replace`` walks every field into a new ``__init__``.
+    A decision makes a dozen of them, and ``replace`` was a twentieth of its time."""
+    unknown = changes.keys() - record.__dict__.keys()
+    if unknown:
+        raise TypeError(f"{type(record).__name__} has no fields {sorted(unknown)}")
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 @dataclass(frozen=True)
 class Draft:
     """The plan as it passes through the stages."""
@@ -246,7 +263,7 @@ class Draft:
     reasons: tuple[PlanReason, ...] = ()
 
     def because(self, knob: Knob, reason: Reason, message: str, **changes: Any) -> Draft:
-        return replace(self, reasons=(*self.reasons, PlanReason(knob=knob, reason=reason, message=message)), **changes)
+        return _evolve(self, reasons=(*self.reasons, PlanReason(knob=knob, reason=reason, message=message)), **changes)
 
 
 @dataclass(frozen=True)
@@ -350,7 +367,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         seen = obs.demand.request_rate
         found = _search(ctx, [seen] if ahead is None else [seen, max(ahead.upper, seen)])
         need = None if ahead is None or found[1].best is None else found[1].best[1]
-        ctx = replace(ctx, search=found[0], forecast_need=need)
+        ctx = _evolve(ctx, search=found[0], forecast_need=need)
     return ctx, draft
 
 
@@ -529,7 +546,7 @@ def economic_target(draft: Draft, ctx: Context) -> Draft:
         return _admission_capped(draft, ctx, found)
     i, n = found.best
     limit = int(ctx.resolved.grid[i])
-    draft = replace(draft, limit=limit)
+    draft = _evolve(draft, limit=limit)
     rmax = ctx.spec.replicas.max
     if n > ctx.min_replicas and n == ctx.affordable and n < rmax:
         draft = draft.because(Knob.REPLICAS, Reason.BUDGET_LIMITED, f"{n} replicas is all the allowance buys")
@@ -542,7 +559,7 @@ def economic_target(draft: Draft, ctx: Context) -> Draft:
     ladder = ctx.ladder
     while n < min(ctx.affordable, rmax) and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
         n += 1
-    return replace(draft, replicas=n, raw_replicas=n)
+    return _evolve(draft, replicas=n, raw_replicas=n)
 
 
 def _why_not_higher(draft: Draft, ctx: Context, found: _Search, i: int, n: int) -> Draft:
@@ -571,7 +588,7 @@ def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
     n, smallest = ctx.affordable, int(ctx.resolved.grid[0])
     admitted = ctx.ladder.throughput(n) / max(found.tokens[0], 1.0)
     why = found.blocked[0][2]
-    draft = replace(draft, replicas=n, raw_replicas=n, limit=smallest, admitted=admitted)
+    draft = _evolve(draft, replicas=n, raw_replicas=n, limit=smallest, admitted=admitted)
     draft = draft.because(Knob.REPLICAS, why, _held_message(why, n, ctx.spec))
     message = (
         f"even the minimum token limit ({smallest}) needs more than {n} replicas "
@@ -600,7 +617,7 @@ def hold_or_fall_back(draft: Draft, ctx: Context) -> Draft:
     current = ctx.obs.current_replicas
     r = ctx.resolved
     limit = min(max(ctx.previous_limit or r.token_max, r.token_min), r.token_max)
-    draft = replace(draft, replicas=current, raw_replicas=current, limit=limit, missing_since=missing_since)
+    draft = _evolve(draft, replicas=current, raw_replicas=current, limit=limit, missing_since=missing_since)
     fallback = ctx.spec.behavior.fallback
     if blind_for >= fallback.after_seconds and fallback.action is FallbackAction.SCALE_TO:
         assert fallback.replicas is not None
@@ -651,7 +668,7 @@ def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
     if n <= draft.replicas:
         return draft
     if ctx.buffered:  # forecast_buffer sizes the buffer once the replicas are known
-        return replace(draft, headroom=n)
+        return _evolve(draft, headroom=n)
     if ctx.spec.behavior.forecast.headroom is Headroom.CAPACITY_BUFFER:
         message = (
             f"{ahead.explain()}: headroom goes to a CapacityBuffer, and the cluster does not serve "
@@ -672,7 +689,7 @@ def forecast_buffer(draft: Draft, ctx: Context) -> Draft:
     room = max(ctx.affordable - draft.replicas, 0)
     buffer = min(max(draft.headroom - draft.replicas, 0), room)
     if buffer == 0 or not ctx.verdict.ok or ctx.forecast is None:
-        return replace(draft, buffer=0)
+        return _evolve(draft, buffer=0)
     ahead = ctx.forecast
     message = (
         f"{ahead.explain()}: {buffer} placeholder pods beside {draft.replicas} replicas, ready for {draft.headroom}"
@@ -720,7 +737,7 @@ def forecast_release_nodes(draft: Draft, ctx: Context) -> Draft:
             message = f"pool {pool.name}: {keep} nodes, not the {held} the window holds: {ahead.explain()}"
             draft = draft.because(Knob.NODES, Reason.FORECAST_HOLD, message)
             nodes[pool.name] = keep
-    return replace(draft, nodes=nodes)
+    return _evolve(draft, nodes=nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,7 +784,7 @@ def hold_nodes(draft: Draft, ctx: Context) -> Draft:
     nodes = dict(allocation.nodes)
     window = spec.behavior.node_scale_down.stabilization_window_seconds
     placed = ctx.ladder.allocation(draft.replicas).replicas
-    draft = replace(draft, raw_nodes=allocation.nodes, pool_replicas=placed)
+    draft = _evolve(draft, raw_nodes=allocation.nodes, pool_replicas=placed)
     for pool in spec.node_pools:
         current = ctx.obs.current_nodes.get(pool.name, 0)
         wanted = nodes[pool.name]
@@ -777,7 +794,7 @@ def hold_nodes(draft: Draft, ctx: Context) -> Draft:
             message = f"pool {pool.name}: wants {wanted} nodes, holding {held} for {window}s"
             draft = draft.because(Knob.NODES, Reason.NODE_SCALE_DOWN_STABILIZATION, message)
             nodes[pool.name] = held
-    return replace(draft, nodes=nodes)
+    return _evolve(draft, nodes=nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,7 +807,7 @@ def fast_limit(draft: Draft, ctx: Context) -> Draft:
         draft = _step_up(draft, ctx)
         draft = _hold_within_a_step(draft, ctx)
     r = ctx.resolved
-    return replace(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
+    return _evolve(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
 
 
 def _carry_now(draft: Draft, ctx: Context) -> Draft:
