@@ -48,7 +48,9 @@ class RuleCheckedModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_cross_field_rules(self) -> RuleCheckedModel:
-        for rule in rules_of(type(self)):
+        # Read in place, not through ``rules_of``: this runs for every model built, nested ones
+        # included (a ControllerState's recommendations), most of which have no rules at all.
+        for rule in type(self).__dict__.get("__cross_field_rules__", ()):
             if not rule.check(self):
                 raise ValueError(rule.message)
         return self

@@ -17,6 +17,7 @@ the history spans at least ``MIN_HORIZONS`` horizons.  Pure: time is an argument
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -116,9 +117,20 @@ def quantile_of(values: np.ndarray, q: float) -> float:
 def _holt_mean(x: np.ndarray, h: int) -> float:
     """Holt's damped linear trend: the mean of the next ``h`` forecasts, never negative."""
     level, trend = float(x[0]), 0.0
-    for value in x[1:].tolist():  # Python floats: the recursion is scalar
+    # Python floats: the recursion is scalar.  The constant factors are worked out once (the same
+    # products, in the same order), not in each of the history's ~120 steps.
+    alpha, keep, phi, beta, decay = ALPHA, 1 - ALPHA, PHI, BETA, (1 - BETA) * PHI
+    for value in x[1:].tolist():
         previous = level
-        level = ALPHA * value + (1 - ALPHA) * (level + PHI * trend)
-        trend = BETA * (level - previous) + (1 - BETA) * PHI * trend
-    damped = PHI ** np.arange(1, h + 1)
-    return max(float(np.mean(level + trend * np.cumsum(damped))), 0.0)
+        level = alpha * value + keep * (level + phi * trend)
+        trend = beta * (level - previous) + decay * trend
+    ahead = level + trend * _damped_sums(h)
+    return max(float(ahead.sum()) / h, 0.0)  # the mean, as np.mean takes it
+
+
+@functools.lru_cache(maxsize=16)  # one horizon per spec
+def _damped_sums(h: int) -> np.ndarray:
+    """``PHI + PHI**2 + ... + PHI**k`` for k = 1..h: how far the damped trend carries."""
+    sums: np.ndarray = np.cumsum(PHI ** np.arange(1, h + 1))
+    sums.flags.writeable = False  # shared by every forecast
+    return sums

@@ -18,6 +18,12 @@ import numpy.typing as npt
 from modelbudget.core.curve import LogCurve
 
 QUANTILES = 64
+# The quantile levels each profile holds: the midpoints of QUANTILES equal slices (read-only, shared).
+_LEVELS = (np.arange(QUANTILES) + 0.5) / QUANTILES
+_LEVELS.flags.writeable = False
+# Means are written ``sum / count``: numpy's ``mean`` is that same sum and division (the same
+# numbers to the last bit) behind a few microseconds of argument handling, and the planner takes
+# these means several times per decision.
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +38,7 @@ class GenerationProfile:
 
     def mean_generated(self, limit: float) -> float:
         """``G(L) = E[min(W, L)]``."""
-        return float(np.minimum(self.wanted, limit).mean())
+        return float(np.minimum(self.wanted, limit).sum()) / self.wanted.size
 
     def quantile_wanted(self, q: float) -> float:
         """The ``q``-quantile (0..1) of ``W``; under a limit ``L`` that request generates ``min(W_q, L)``."""
@@ -40,12 +46,14 @@ class GenerationProfile:
         return float(self.wanted[index])
 
     def mean_generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        means: npt.NDArray[np.float64] = np.minimum(self.wanted[None, :], limits[:, None]).mean(axis=1)
+        used = np.minimum(self.wanted[None, :], limits[:, None])
+        means: npt.NDArray[np.float64] = used.sum(axis=1) / self.wanted.size
         return means
 
     def mean_score_many(self, curve: LogCurve, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """``E[clamp(a + b ln min(W, L), 0, 1)]`` for each limit: the benchmark's per-request score."""
-        means: npt.NDArray[np.float64] = self.scores_many(curve, self.generated_many(limits)).mean(axis=1)
+        scores = self.scores_many(curve, self.generated_many(limits))
+        means: npt.NDArray[np.float64] = scores.sum(axis=1) / self.wanted.size
         return means
 
     def generated_many(self, limits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -63,8 +71,7 @@ class GenerationProfile:
     def exponential(mean: float) -> GenerationProfile:
         """Wanted tokens exponentially distributed around ``mean``: the usual stand-in when only a
         mean is known (``modelbudget plan``, tests)."""
-        q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-        return GenerationProfile(-np.log1p(-q) * mean)
+        return GenerationProfile(-np.log1p(-_LEVELS) * mean)
 
     @staticmethod
     def from_samples(wanted: Sequence[float] | npt.NDArray[np.float64]) -> GenerationProfile:
@@ -72,8 +79,7 @@ class GenerationProfile:
         w = np.asarray(wanted, dtype=float)
         if w.size == 0:
             raise ValueError("no samples")
-        q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-        return GenerationProfile(np.quantile(w, q))
+        return GenerationProfile(np.quantile(w, _LEVELS))
 
     @staticmethod
     def from_histogram(buckets: Sequence[tuple[float, float]], truncated_fraction: float = 0.0) -> GenerationProfile:
@@ -90,12 +96,12 @@ class GenerationProfile:
         counts = np.maximum.accumulate(counts)  # counter resets can make rates dip
         cdf = counts / counts[-1]
         finite = np.isfinite(edges)
-        q = (np.arange(QUANTILES) + 0.5) / QUANTILES
-        wanted = np.interp(q, cdf[finite], edges[finite])
-        wanted[q > cdf[finite][-1]] = np.inf  # mass in the +Inf bucket
+        known = cdf[finite]
+        wanted = np.interp(_LEVELS, known, edges[finite])
+        wanted[known[-1] < _LEVELS] = np.inf  # mass in the +Inf bucket
         f = min(max(truncated_fraction, 0.0), 1.0)
         if f > 0:
-            wanted[q > 1.0 - f] = np.inf
+            wanted[1.0 - f < _LEVELS] = np.inf
         return GenerationProfile(np.sort(wanted))
 
     @staticmethod

@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -184,7 +184,7 @@ def grid_facts(resolved: ResolvedSpec, profile: GenerationProfile, prompt_tokens
     request_scores = profile.scores_many(resolved.curve, generated)
     return GridFacts(
         tokens=profile.mean_generated_many(grid),
-        scores=request_scores.mean(axis=1),  # mean_score_many, from what is here already
+        scores=request_scores.sum(axis=1) / profile.wanted.size,  # mean_score_many, from what is here already
         generated=generated,
         request_scores=request_scores,
         latency_batch=batch,
@@ -229,6 +229,23 @@ class Context:
         return (seen.request_rate or 0.0) + waiting / self.spec.behavior.queue_drain_seconds
 
 
+_Record = TypeVar("_Record", "Context", "Draft")
+
+
+def _evolve(record: _Record, **changes: Any) -> _Record:
+    """``dataclasses.replace`` for the planner's own frozen records, ``Context`` and ``Draft``
+    (plain fields only: no ``__post_init__``, no init-only or cached fields): the fields are
+    copied and the changed ones set, where ``replace`` walks every field into a new ``__init__``.
+    A decision makes a dozen of them, and ``replace`` was a twentieth of its time."""
+    unknown = changes.keys() - record.__dict__.keys()
+    if unknown:
+        raise TypeError(f"{type(record).__name__} has no fields {sorted(unknown)}")
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 @dataclass(frozen=True)
 class Draft:
     """The plan as it passes through the stages."""
@@ -246,7 +263,7 @@ class Draft:
     reasons: tuple[PlanReason, ...] = ()
 
     def because(self, knob: Knob, reason: Reason, message: str, **changes: Any) -> Draft:
-        return replace(self, reasons=(*self.reasons, PlanReason(knob=knob, reason=reason, message=message)), **changes)
+        return _evolve(self, reasons=(*self.reasons, PlanReason(knob=knob, reason=reason, message=message)), **changes)
 
 
 @dataclass(frozen=True)
@@ -350,7 +367,7 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
         seen = obs.demand.request_rate
         found = _search(ctx, [seen] if ahead is None else [seen, max(ahead.upper, seen)])
         need = None if ahead is None or found[1].best is None else found[1].best[1]
-        ctx = replace(ctx, search=found[0], forecast_need=need)
+        ctx = _evolve(ctx, search=found[0], forecast_need=need)
     return ctx, draft
 
 
@@ -375,8 +392,13 @@ class _Search:
 
 def _search(ctx: Context, rates: list[float]) -> list[_Search]:
     """The grid search at each request rate (arriving now, the queue drained as ``Context.demand``
-    says), all rates in one numpy pass."""
-    spec, grid, ladder, facts = ctx.spec, ctx.resolved.grid, ctx.ladder, ctx.grid_facts
+    says), all rates in one numpy pass.
+
+    Every (rate, limit) pair is judged with whole-array integer arithmetic (the replicas for its
+    tokens/s, for its latency, and whether the pools and the allowance hold them): a decision
+    searches 2 x ~60 pairs, and a Python walk over them cost more than the numbers it read.  Only
+    the blocked pairs (their reasons) and the feasible ones (their replicas in time) go on one by one."""
+    spec, ladder, facts = ctx.spec, ctx.ladder, ctx.grid_facts
     assert facts is not None
     queue = (ctx.obs.demand.requests_waiting or 0.0) / spec.behavior.queue_drain_seconds
     demands = [rate + queue for rate in rates]
@@ -384,42 +406,49 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
     loads = np.array(demands)[:, None] * tokens[None, :]  # tokens/s each limit needs, per rate
     room = min(spec.replicas.max, ladder.total_slots)
     # The replicas for each limit's tokens/s, for the whole grid at once (-1: no fit).
-    flat: list[int] = ladder.replicas_for_many(loads.ravel()).tolist()
-    need_tokens = [flat[k * grid.size : (k + 1) * grid.size] for k in range(len(rates))]
-    for_latency = _replicas_for_latency(facts, loads)
-    asks: list[tuple[int, int, int]] = []  # (rate, grid index, fewest replicas to try)
+    need_tokens = ladder.replicas_for_many(loads.ravel()).reshape(loads.shape)
+    has_tokens = need_tokens >= 0
+    # The replicas that keep each batch small enough for the SLO's percentile request to meet the
+    # SLO at each limit (sequences in flight per replica within the batch that allows).  The
+    # smallest limit is never blocked by latency: there is nothing lower to serve at
+    # (respect_latency says so); at the others no batch may do, not even a lone sequence.
+    unbatchable = facts.latency_batch <= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for_latency = np.ceil(loads / facts.latency_throughput - _EPS)
+    latency_need = np.where(unbatchable[None, :] | (loads <= 0), 0.0, for_latency).astype(np.int64)
+    latency_need[:, 0] = 0
+    no_batch = np.broadcast_to(unbatchable, loads.shape).copy()
+    no_batch[:, 0] = False
+    need = np.where(has_tokens, np.maximum(need_tokens, latency_need), -1)
+    fits_tokens = has_tokens & (need_tokens <= min(room, ctx.affordable))
+    too_many = ~no_batch & (~has_tokens | (need > room) | (need > ctx.affordable))
+    feasible = ~no_batch & ~too_many
+    # What the economics reads of each limit: the replicas it needs (None: more than the pools
+    # hold), and why each infeasible one is out.
+    needed_of = np.where(no_batch, need_tokens, need).tolist()
     searched = []
     for k in range(len(rates)):
-        needed: list[int | None] = []
+        needed: list[int | None] = [None if n < 0 else n for n in needed_of[k]]
         blocked: list[tuple[int, int, Reason]] = []
-        for i in range(grid.size):
-            need = None if need_tokens[k][i] < 0 else need_tokens[k][i]
-            # The smallest limit is never blocked by latency: there is nothing lower to serve at
-            # (respect_latency says so); the others need batches that meet the SLO.
-            latency_need = 0 if i == 0 else for_latency[k][i]
-            if latency_need is None:  # not even a lone sequence meets the SLO at this limit
-                needed.append(need)
+        for i in np.flatnonzero(no_batch[k] | too_many[k]).tolist():
+            if no_batch[k, i]:  # not even a lone sequence meets the SLO at this limit
                 blocked.append((i, 0, Reason.LATENCY_BOUND))
                 continue
-            fits_tokens = need is not None and need <= min(room, ctx.affordable)
-            need = None if need is None else max(need, latency_need)
-            needed.append(need)
-            if need is None or need > room or need > ctx.affordable:
-                # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
-                why = Reason.LATENCY_BOUND if fits_tokens else _why_blocked(need, room, spec)
-                blocked.append((i, ladder.total_slots + 1 if need is None else need, why))
-                continue
-            asks.append((k, i, max(need, ctx.min_replicas)))
+            n = needed[i]
+            # The replicas for its tokens/s would do; those for batches small enough for the SLO would not.
+            why = Reason.LATENCY_BOUND if fits_tokens[k, i] else _why_blocked(n, room, spec)
+            blocked.append((i, ladder.total_slots + 1 if n is None else n, why))
         searched.append((needed, blocked))
+    asked_rate, asked_limit = np.nonzero(feasible)  # rate by rate, limits in grid order
     found = _best_replicas_in_time(
         ctx,
-        [i for _, i, _ in asks],
-        [demands[k] for k, _, _ in asks],
-        [rates[k] for k, _, _ in asks],
-        [fewest for _, _, fewest in asks],
+        asked_limit,
+        np.array(demands)[asked_rate],
+        np.array(rates)[asked_rate],
+        np.maximum(need[asked_rate, asked_limit], ctx.min_replicas),
     )
     best: list[tuple[int, int, float] | None] = [None] * len(rates)
-    for (k, i, _), (n, net) in zip(asks, found, strict=True):
+    for k, i, (n, net) in zip(asked_rate.tolist(), asked_limit.tolist(), found, strict=True):
         held = best[k]
         if held is None or net >= held[2] - _EPS:
             best[k] = (i, n, net)
@@ -436,7 +465,11 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
 
 
 def _best_replicas_in_time(
-    ctx: Context, limits: list[int], demands: list[float], rates: list[float], fewest: list[int]
+    ctx: Context,
+    limits: Sequence[int] | npt.NDArray[np.int64],
+    demands: Sequence[float] | npt.NDArray[np.float64],
+    rates: Sequence[float] | npt.NDArray[np.float64],
+    fewest: Sequence[int] | npt.NDArray[np.int64],
 ) -> list[tuple[int, float]]:
     """For each limit (an index into the grid) at its demand (requests/s to serve; ``rates``: those
     arriving, whose score is the value), the replicas, from its ``fewest`` up to what the
@@ -453,17 +486,17 @@ def _best_replicas_in_time(
     by more than ``_EPS``."""
     facts, speed, spec = ctx.grid_facts, ctx.resolved.speed, ctx.spec
     assert facts is not None
-    if not fewest:
+    if len(fewest) == 0:
         return []
-    first = np.array(fewest)
+    first = np.asarray(fewest)
     last = np.maximum(min(ctx.affordable, spec.replicas.max, ctx.ladder.total_slots), first)
     counts = np.arange(first.min(), last.max() + 1)
     # Rows: limits; columns: replica counts; the last axis: the profile's equally likely requests.
     used, scores = facts.generated[limits], facts.request_scores[limits]
     prompt = ctx.obs.demand.prompt_tokens_per_request or 0.0
-    value_of_all = np.array([spec.budget.value_of_point * rate * 3600.0 for rate in rates])
+    value_of_all = spec.budget.value_of_point * np.asarray(rates, dtype=float) * 3600.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_replica = (np.array(demands) * facts.tokens[limits])[:, None] / counts[None, :]
+        per_replica = (np.asarray(demands, dtype=float) * facts.tokens[limits])[:, None] / counts[None, :]
     mean = np.where(counts[None, :] > 0, speed.batch_for_many(per_replica), math.inf)
     busy = np.minimum(busy_batch_many(mean, BURST_MARGIN * _slo_z(spec)), speed.max_num_seqs)
     # More than a full batch per replica: the queue grows and nobody is in time.
@@ -473,7 +506,7 @@ def _best_replicas_in_time(
     stop = np.where(all_in_time, counts[None, :], last[:, None]).min(axis=1)
     row, column = np.nonzero(walked & (counts[None, :] <= stop[:, None]))
     in_time = used[row] <= within[row, column][:, None] + _EPS
-    share = np.where(in_time, scores[row], 0.0).mean(axis=1)
+    share = np.where(in_time, scores[row], 0.0).sum(axis=1) / scores.shape[1]  # the mean, as generation.py takes it
     net = value_of_all[row] * share - ctx.ladder.spend_table[counts[column]]
     # Row by row, in increasing replicas: the first count better than the best so far by _EPS.
     best: dict[int, tuple[int, float]] = {}
@@ -488,19 +521,6 @@ def _slo_tokens(ctx: Context, limit: float) -> float:
     profile = ctx.verdict.profile
     assert profile is not None
     return min(profile.quantile_wanted(ctx.spec.slo.percentile / 100.0), limit)
-
-
-def _replicas_for_latency(facts: GridFacts, tokens_per_second: npt.NDArray[np.float64]) -> list[list[int | None]]:
-    """For each limit (columns; rows: demands), the replicas that keep each batch small enough for
-    the SLO's percentile request to meet the SLO at that limit (sequences in flight per replica
-    within the batch that allows), given the tokens/s it needs; ``None`` when no batch does."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        replicas = np.ceil(tokens_per_second / facts.latency_throughput - _EPS)
-    bound = facts.latency_batch.tolist()
-    return [
-        [None if b <= 0 else (int(r) if x > 0 else 0) for b, r, x in zip(bound, rr, xx, strict=True)]
-        for rr, xx in zip(replicas.tolist(), tokens_per_second.tolist(), strict=True)
-    ]
 
 
 def _slo_z(spec: ModelBudgetSpec) -> float:
@@ -526,7 +546,7 @@ def economic_target(draft: Draft, ctx: Context) -> Draft:
         return _admission_capped(draft, ctx, found)
     i, n = found.best
     limit = int(ctx.resolved.grid[i])
-    draft = replace(draft, limit=limit)
+    draft = _evolve(draft, limit=limit)
     rmax = ctx.spec.replicas.max
     if n > ctx.min_replicas and n == ctx.affordable and n < rmax:
         draft = draft.because(Knob.REPLICAS, Reason.BUDGET_LIMITED, f"{n} replicas is all the allowance buys")
@@ -539,7 +559,7 @@ def economic_target(draft: Draft, ctx: Context) -> Draft:
     ladder = ctx.ladder
     while n < min(ctx.affordable, rmax) and ladder.spend(n + 1) <= ladder.spend(n) + _EPS:
         n += 1
-    return replace(draft, replicas=n, raw_replicas=n)
+    return _evolve(draft, replicas=n, raw_replicas=n)
 
 
 def _why_not_higher(draft: Draft, ctx: Context, found: _Search, i: int, n: int) -> Draft:
@@ -568,7 +588,7 @@ def _admission_capped(draft: Draft, ctx: Context, found: _Search) -> Draft:
     n, smallest = ctx.affordable, int(ctx.resolved.grid[0])
     admitted = ctx.ladder.throughput(n) / max(found.tokens[0], 1.0)
     why = found.blocked[0][2]
-    draft = replace(draft, replicas=n, raw_replicas=n, limit=smallest, admitted=admitted)
+    draft = _evolve(draft, replicas=n, raw_replicas=n, limit=smallest, admitted=admitted)
     draft = draft.because(Knob.REPLICAS, why, _held_message(why, n, ctx.spec))
     message = (
         f"even the minimum token limit ({smallest}) needs more than {n} replicas "
@@ -597,7 +617,7 @@ def hold_or_fall_back(draft: Draft, ctx: Context) -> Draft:
     current = ctx.obs.current_replicas
     r = ctx.resolved
     limit = min(max(ctx.previous_limit or r.token_max, r.token_min), r.token_max)
-    draft = replace(draft, replicas=current, raw_replicas=current, limit=limit, missing_since=missing_since)
+    draft = _evolve(draft, replicas=current, raw_replicas=current, limit=limit, missing_since=missing_since)
     fallback = ctx.spec.behavior.fallback
     if blind_for >= fallback.after_seconds and fallback.action is FallbackAction.SCALE_TO:
         assert fallback.replicas is not None
@@ -648,7 +668,7 @@ def forecast_headroom(draft: Draft, ctx: Context) -> Draft:
     if n <= draft.replicas:
         return draft
     if ctx.buffered:  # forecast_buffer sizes the buffer once the replicas are known
-        return replace(draft, headroom=n)
+        return _evolve(draft, headroom=n)
     if ctx.spec.behavior.forecast.headroom is Headroom.CAPACITY_BUFFER:
         message = (
             f"{ahead.explain()}: headroom goes to a CapacityBuffer, and the cluster does not serve "
@@ -669,7 +689,7 @@ def forecast_buffer(draft: Draft, ctx: Context) -> Draft:
     room = max(ctx.affordable - draft.replicas, 0)
     buffer = min(max(draft.headroom - draft.replicas, 0), room)
     if buffer == 0 or not ctx.verdict.ok or ctx.forecast is None:
-        return replace(draft, buffer=0)
+        return _evolve(draft, buffer=0)
     ahead = ctx.forecast
     message = (
         f"{ahead.explain()}: {buffer} placeholder pods beside {draft.replicas} replicas, ready for {draft.headroom}"
@@ -717,7 +737,7 @@ def forecast_release_nodes(draft: Draft, ctx: Context) -> Draft:
             message = f"pool {pool.name}: {keep} nodes, not the {held} the window holds: {ahead.explain()}"
             draft = draft.because(Knob.NODES, Reason.FORECAST_HOLD, message)
             nodes[pool.name] = keep
-    return replace(draft, nodes=nodes)
+    return _evolve(draft, nodes=nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,7 +784,7 @@ def hold_nodes(draft: Draft, ctx: Context) -> Draft:
     nodes = dict(allocation.nodes)
     window = spec.behavior.node_scale_down.stabilization_window_seconds
     placed = ctx.ladder.allocation(draft.replicas).replicas
-    draft = replace(draft, raw_nodes=allocation.nodes, pool_replicas=placed)
+    draft = _evolve(draft, raw_nodes=allocation.nodes, pool_replicas=placed)
     for pool in spec.node_pools:
         current = ctx.obs.current_nodes.get(pool.name, 0)
         wanted = nodes[pool.name]
@@ -774,7 +794,7 @@ def hold_nodes(draft: Draft, ctx: Context) -> Draft:
             message = f"pool {pool.name}: wants {wanted} nodes, holding {held} for {window}s"
             draft = draft.because(Knob.NODES, Reason.NODE_SCALE_DOWN_STABILIZATION, message)
             nodes[pool.name] = held
-    return replace(draft, nodes=nodes)
+    return _evolve(draft, nodes=nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,7 +807,7 @@ def fast_limit(draft: Draft, ctx: Context) -> Draft:
         draft = _step_up(draft, ctx)
         draft = _hold_within_a_step(draft, ctx)
     r = ctx.resolved
-    return replace(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
+    return _evolve(draft, limit=min(max(draft.limit, r.token_min), r.token_max))
 
 
 def _carry_now(draft: Draft, ctx: Context) -> Draft:
@@ -938,7 +958,12 @@ def _expected_performance(draft: Draft, ctx: Context) -> float:
     curve, profile = ctx.resolved.curve, ctx.verdict.profile
     if profile is None or not ctx.verdict.ok:
         return min(max(curve.performance(draft.limit), 0.0), 1.0)
-    score = float(profile.mean_score_many(curve, np.array([float(draft.limit)]))[0])
+    grid, facts = ctx.resolved.grid, ctx.grid_facts
+    at = int(np.searchsorted(grid, draft.limit))
+    if facts is not None and at < grid.size and grid[at] == draft.limit:  # worked out already
+        score = float(facts.scores[at])
+    else:
+        score = float(profile.mean_score_many(curve, np.array([float(draft.limit)]))[0])
     demand = ctx.obs.demand.request_rate or 0.0
     if demand <= 0:
         return score

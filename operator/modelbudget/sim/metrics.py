@@ -69,8 +69,9 @@ class Scrape:
 
 def scrape(world: World, now: float, window: float, bounds: list[float]) -> Scrape:
     done = np.asarray(world.completed_since(now - window), dtype=np.int64)
-    tokens = np.minimum(world.wanted[done], world.limit[done])
-    truncated = int(np.count_nonzero(world.wanted[done] > world.limit[done]))
+    wanted, limit = world.wanted[done], world.limit[done]
+    tokens = np.minimum(wanted, limit)
+    truncated = int(np.count_nonzero(wanted > limit))
     counts = np.searchsorted(np.sort(tokens), bounds, side="right")
     histogram = [(le, c / window) for le, c in zip(bounds, counts.tolist(), strict=True)]
     histogram.append((float("inf"), done.size / window))

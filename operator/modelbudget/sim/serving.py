@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import NamedTuple
 
 from modelbudget.core.serving import ServingSpeed
 
@@ -36,16 +37,16 @@ _LOAD = attrgetter("load")
 _DONE_ORDER = attrgetter("finished_at", "job.id")
 
 
-@dataclass(frozen=True)
-class Job:
+# Job and Done are named tuples, not frozen dataclasses: a replay makes one of each per request
+# (millions in a week), and a tuple is built about four times faster.
+class Job(NamedTuple):
     id: int
     arrival: float
     prompt: float
     tokens: int  # tokens it generates (the limit already applied), at least 1
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     job: Job
     pod: str
     first_token_at: float
@@ -82,17 +83,21 @@ class _Replica:
     def enqueue(self, job: Job) -> None:
         self.waiting.append(job)
         self.load += 1
-        self.next_change = min(self.next_change, job.arrival)  # it may start at once
+        if job.arrival < self.next_change:  # it may start at once
+            self.next_change = job.arrival
 
     def advance(self, until: float, timeout: float, events: Events) -> None:
         if not self.load:  # idle: nothing starts, decodes or times out
             self.clock, self.next_change = until, math.inf
             return
-        # The hot loop of every simulation (a few events per request): attributes read into locals,
-        # and the ITL worked out again only when the batch changed.
+        # The hot loop of every simulation (a few events per request): attributes and functions
+        # read into locals, and the ITL worked out again only when the batch changed (``itl``'s
+        # arithmetic written out: the same numbers without a method call).
         speed, t, name = self.speed, self.clock, self.name
         decoding, prefilling, waiting = self.decoding, self.prefilling, self.waiting
         max_num_seqs, done = speed.max_num_seqs, events.done
+        alpha, beta = speed.alpha, speed.beta
+        heappop, heappush = heapq.heappop, heapq.heappush
         decoded, generated = self.decoded, 0.0
         batch, itl = -1, 0.0
         while True:
@@ -100,7 +105,7 @@ class _Replica:
                 self._start(t, timeout, events)
             if self.running != batch:
                 batch = self.running
-                itl = speed.itl(batch)
+                itl = alpha + beta * (batch if batch > 1 else 1.0)
             # The next event: min() and max() spelled out (the same choices, without the calls).
             nxt = until
             if decoding:
@@ -121,18 +126,18 @@ class _Replica:
             t = nxt
             finished = 0
             while decoding and decoding[0][0] <= decoded + _EPS:
-                _, _, job, first = heapq.heappop(decoding)
+                _, _, job, first = heappop(decoding)
                 done.append(Done(job, name, first, t))
                 finished += 1
             while prefilling and prefilling[0][0] <= t + _EPS:
-                first, _, job = heapq.heappop(prefilling)
+                first, _, job = heappop(prefilling)
                 moved = True
                 generated += 1.0  # prefill yields the first token
                 if job.tokens <= 1:
                     done.append(Done(job, name, first, t))
                     finished += 1
                 else:
-                    heapq.heappush(decoding, (decoded + job.tokens - 1, job.id, job, first))
+                    heappush(decoding, (decoded + job.tokens - 1, job.id, job, first))
             self.running -= finished
             self.load -= finished
             if t >= until:
@@ -161,14 +166,16 @@ class _Replica:
 
     def _start(self, t: float, timeout: float, events: Events) -> None:
         waiting, speed, running = self.waiting, self.speed, self.running
-        while waiting and running < speed.max_num_seqs and waiting[0].arrival <= t + _EPS:
+        # ``max`` and ``prefill_seconds`` written out: the same numbers, once per request.
+        most, rate, prefilling = speed.max_num_seqs, speed.prefill_rate, self.prefilling
+        while waiting and running < most and waiting[0].arrival <= t + _EPS:
             job = waiting.popleft()
             if t - job.arrival > timeout:
                 events.timed_out.append(job)
                 self.load -= 1
                 continue
-            start = max(t, job.arrival)
-            heapq.heappush(self.prefilling, (start + speed.prefill_seconds(job.prompt), job.id, job))
+            start = t if t >= job.arrival else job.arrival
+            heapq.heappush(prefilling, (start + job.prompt / rate, job.id, job))
             running += 1
             events.started.append((self.name, job))
         self.running = running
@@ -243,12 +250,13 @@ class ServingEngine:
         """Serve up to ``until``: route each arrival at its time, and every replica starts,
         decodes and finishes what it can."""
         events = Events()
-        replicas = self._replicas
-        while self._arriving and self._arriving[0].arrival < until:
-            job = self._arriving.popleft()
+        replicas, arriving, timeout = self._replicas, self._arriving, self.timeout
+        while arriving and arriving[0].arrival < until:
+            job = arriving.popleft()
+            at = job.arrival
             for replica in replicas:
-                if replica.next_change <= job.arrival:
-                    replica.advance(job.arrival, self.timeout, events)
+                if replica.next_change <= at:
+                    replica.advance(at, timeout, events)
             self._route(job)
         for replica in replicas:
             replica.advance(until, self.timeout, events)

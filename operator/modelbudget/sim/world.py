@@ -275,6 +275,8 @@ class World:
         self.limit[lo:hi] = self.token_limit
         tokens = np.maximum(np.minimum(self.wanted[lo:hi], self.token_limit), 1.0).astype(np.int64).tolist()
         arrival, prompt = self.arrival[lo:hi].tolist(), self.prompt[lo:hi].tolist()
+        if self.admitted_rps is None:  # every arrival: built column by column
+            return list(map(Job, range(lo, hi), arrival, prompt, tokens))
         return [Job(i, arrival[i - lo], prompt[i - lo], tokens[i - lo]) for i in index]
 
     def _serve(self, end: float) -> None:
