@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import platform
 
 import pytest
@@ -34,3 +35,40 @@ def test_keep_releasing_calls_release_each_period_until_cancelled(monkeypatch: p
 
     asyncio.run(run())
     assert len(calls) >= 3
+
+
+def test_keep_releasing_freezes_each_period_and_collects_everything_now_and_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    freezes: list[bool] = []
+    monkeypatch.setattr(memory, "release", lambda: True)
+    monkeypatch.setattr(memory, "freeze", lambda collect_all: freezes.append(collect_all))
+
+    async def run() -> None:
+        task = asyncio.create_task(memory.keep_releasing(period=0, full_collection_every=3))
+        while len(freezes) < 6:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert freezes[:6] == [False, False, True, False, False, True]
+
+
+def test_freeze_moves_what_is_alive_out_of_collections_and_a_full_one_frees_frozen_cycles() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the collector frees it
+
+    try:
+        cycle = Node()
+        memory.freeze(collect_all=False)
+        assert gc.get_freeze_count() > 0
+        del cycle  # garbage now, but frozen: no ordinary collection sees it
+        gc.collect()
+        assert any(type(o) is Node for o in gc.get_objects()) is False  # frozen objects are not listed
+        memory.freeze(collect_all=True)  # unfreeze, collect everything, freeze again
+        assert not any(isinstance(o, Node) for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

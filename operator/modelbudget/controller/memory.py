@@ -1,9 +1,18 @@
-"""Giving freed memory back to the system.
+"""Keeping the heap out of the way: freed memory given back, long-lived objects out of the
+collector's sight.
 
 CPython hands freed blocks back to the C allocator, and glibc's malloc keeps the pages for reuse:
 after a burst (the first round of reconciles after a start, a relist) the process would hold its
 high-water mark for good.  ``malloc_trim(0)`` returns the free pages; once a minute it costs a few
 milliseconds.  Elsewhere (musl, macOS) there is nothing to call and nothing is done.
+
+The cyclic garbage collector's full collections walk every object the process holds, and at
+N = 1,000 (kopf's copy of each object, the watch caches, each ModelBudget's state, group answers of
+a thousand members' series) each took 0.5-1.2 s, every few seconds: the event loop stood still
+that long, and they were the slowest reconciles.  Once a minute what is alive is frozen
+(``gc.freeze``: moved where collections do not look; reference counting still frees it), so a
+collection walks only what is younger than a minute; once an hour everything is collected once,
+so cyclic garbage frozen meanwhile is freed within the hour.
 """
 
 from __future__ import annotations
@@ -12,9 +21,11 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import gc
 from collections.abc import Callable
 
 RELEASE_PERIOD_SECONDS = 60.0
+FULL_COLLECTION_EVERY = 60  # release periods: an hour
 
 
 @functools.cache
@@ -39,8 +50,23 @@ def release() -> bool:
     return True
 
 
-async def keep_releasing(period: float = RELEASE_PERIOD_SECONDS) -> None:
-    """``release`` every ``period`` seconds, off the event loop (it walks the heap), until cancelled."""
+def freeze(collect_all: bool) -> None:
+    """Move every object alive now out of the collector's way; with ``collect_all``, first collect
+    everything, the frozen included (one full pause)."""
+    if collect_all:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
+
+
+async def keep_releasing(
+    period: float = RELEASE_PERIOD_SECONDS, full_collection_every: int = FULL_COLLECTION_EVERY
+) -> None:
+    """Every ``period`` seconds until cancelled: ``freeze`` (a full collection every
+    ``full_collection_every`` periods), then ``release`` off the event loop (it walks the heap)."""
+    periods = 0
     while True:
         await asyncio.sleep(period)
+        periods += 1
+        freeze(collect_all=periods % full_collection_every == 0)
         await asyncio.to_thread(release)
