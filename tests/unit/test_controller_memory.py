@@ -16,43 +16,35 @@ def test_release_trims_on_glibc() -> None:
     assert memory.release() is True
 
 
-def test_keep_releasing_calls_release_each_period_until_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-
-    def release() -> bool:
-        calls.append(1)
-        return True
-
-    monkeypatch.setattr(memory, "release", release)
+def run_periods(monkeypatch: pytest.MonkeyPatch, periods: int, **kwargs: int) -> tuple[int, list[bool]]:
+    """``keep_releasing`` with no wait between periods, cancelled after ``periods``: how often it
+    released, and each period's ``freeze(collect_all=...)`` (the process's own heap untouched)."""
+    released: list[int] = []
+    freezes: list[bool] = []
+    monkeypatch.setattr(memory, "release", lambda: released.append(1) or True)
+    monkeypatch.setattr(memory, "freeze", lambda collect_all: freezes.append(collect_all))
 
     async def run() -> None:
-        task = asyncio.create_task(memory.keep_releasing(period=0))
-        while len(calls) < 3:
+        task = asyncio.create_task(memory.keep_releasing(period=0, **kwargs))
+        while len(released) < periods:
             await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(run())
-    assert len(calls) >= 3
+    return len(released), freezes
+
+
+def test_keep_releasing_calls_release_each_period_until_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    released, _ = run_periods(monkeypatch, 3)
+    assert released >= 3
 
 
 def test_keep_releasing_freezes_each_period_and_collects_everything_now_and_then(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    freezes: list[bool] = []
-    monkeypatch.setattr(memory, "release", lambda: True)
-    monkeypatch.setattr(memory, "freeze", lambda collect_all: freezes.append(collect_all))
-
-    async def run() -> None:
-        task = asyncio.create_task(memory.keep_releasing(period=0, full_collection_every=3))
-        while len(freezes) < 6:
-            await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
+    _, freezes = run_periods(monkeypatch, 6, full_collection_every=3)
     assert freezes[:6] == [False, False, True, False, False, True]
 
 
