@@ -468,7 +468,7 @@ class PrometheusMetrics:
                 flight, lead = group.flight, self._lead(fresh)
                 # A refresh that failed is tried again a lead later, not by the next member at
                 # once: at N = 1000 a group query that timed out was asked again by every
-                # reconcile, each one loading Prometheus further (80 queries a tick, not 11).
+                # reconcile, each one loading Prometheus further (80 queries a tick, not 22).
                 idle = flight is None or flight is fresh or (flight.answer.done() and now - flight.asked_at >= lead)
                 ahead = None
                 if idle and now - fresh.asked_at > self._reuse - lead:
