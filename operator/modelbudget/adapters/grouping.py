@@ -74,9 +74,9 @@ class GroupShape:
         if not isinstance(result, list):
             return result
         wanted = dict(zip(self.labels, member, strict=True))
-        return [item for item in result if self._unattributable(item) or _matches(_labels_of(item), wanted)]
+        return [item for item in result if self.unattributable(item) or _matches(_labels_of(item), wanted)]
 
-    def _unattributable(self, item: Any) -> bool:
+    def unattributable(self, item: Any) -> bool:
         labels = _labels_of(item)
         return labels is None or "value" not in item or any(label not in labels for label in self.labels)
 
@@ -97,7 +97,7 @@ class GroupAnswer:
         parts: dict[tuple[str, ...], list[Any]] = {}
         for item in result:
             labels = _labels_of(item)
-            if labels is None or shape._unattributable(item):
+            if labels is None or shape.unattributable(item):
                 return
             key = tuple(labels[label] for label in shape.labels)
             if not all(isinstance(value, str) for value in key):
