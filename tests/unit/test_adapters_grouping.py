@@ -127,7 +127,35 @@ def test_an_answer_split_once_gives_each_member_what_select_gives(answer: Any, m
     shape, values = found
     split_once = GroupAnswer(shape, answer)
     for other in (values, ("a", "m"), ("b", "m"), ("zz", "m")):
-        assert split_once.part(other) == shape.select(answer, other)
+        scanned = shape.select(answer, other)
+        assert split_once.part(other) == (
+            [shape.own(item) for item in scanned] if isinstance(answer, list) else scanned
+        )
+
+
+@pytest.mark.parametrize(
+    ("query", "series", "own"),
+    [
+        # Under an aggregation the member's own query carries none of the group's labels ...
+        ('sum(rate(x{namespace="a",model_name="m"}[2m]))', {"namespace": "a", "model_name": "m"}, {}),
+        (
+            'sum by (le) (rate(h_bucket{namespace="a",model_name="m"}[2m]))',
+            {"le": "500", "namespace": "a", "model_name": "m"},
+            {"le": "500"},
+        ),
+        # ... and a bare selector all of its series' labels.
+        ('limit{namespace="a",pod_role="gate"}', {"namespace": "a", "pod_role": "gate", "pod": "p1"}, None),
+    ],
+)
+def test_a_member_reads_its_series_as_its_own_query_would_answer_them(
+    query: str, series: dict[str, str], own: dict[str, str] | None
+) -> None:
+    found = split(query)
+    assert found is not None
+    shape, member = found
+    other = {**series, **dict.fromkeys(shape.labels, "b")}
+    answer = [{"metric": series, "value": [TS, "1"]}, {"metric": other, "value": [TS, "2"]}]
+    assert GroupAnswer(shape, answer).part(member) == [{"metric": series if own is None else own, "value": [TS, "1"]}]
 
 
 def sample_now(source: PrometheusMetrics, m: Metrics, namespace: str) -> DemandSample:

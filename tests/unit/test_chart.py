@@ -426,7 +426,7 @@ def test_dashboard_configmap(helm: str) -> None:
 def _exported_metric_names() -> set[str]:
     names = set()
     for value in vars(telemetry).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, MetricWrapperBase | telemetry.PerModelBudget):
             for family in value.describe():
                 names.add(family.name)
                 names |= {family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count")}

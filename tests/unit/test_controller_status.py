@@ -114,6 +114,10 @@ def test_a_status_written_but_not_yet_seen_is_not_written_again() -> None:
     )
     assert st.status_seen(other, "42", None) == other
     assert st.status_seen(other, None, written) == other  # no version: never trust memory over the object
+    # So the copy is kept only while the object is the one it was written over.
+    assert st.ahead_of_watch(written, "41") is written
+    assert st.ahead_of_watch(written, "42") is None
+    assert st.ahead_of_watch(written, None) is None
 
 
 def test_merge_patch_removes_what_is_gone_and_skips_what_is_equal() -> None:

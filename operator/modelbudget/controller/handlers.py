@@ -30,7 +30,7 @@ from modelbudget.controller.leader import LeaderElector
 from modelbudget.controller.pools import PoolReconciler
 from modelbudget.controller.reconciler import ObjectRef, Reconciler
 from modelbudget.controller.spread import Shard, phase
-from modelbudget.controller.status import Written, status_document, status_seen
+from modelbudget.controller.status import Written, ahead_of_watch, status_document, status_seen
 
 FINALIZER = "modelbudget.dev/finalizer"
 # kopf's own HTTP session opens a connection for every request in flight, without bound, and each
@@ -210,7 +210,10 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, interval: float,
         term = rt.term
         carried = memo.get("carried") if memo.get("carried_term") == term else None
         version = meta.get("resourceVersion")
-        seen = status_seen(body.get("status") or {}, version, memo.get("written"))
+        written = ahead_of_watch(memo.get("written"), version)
+        if written is None:
+            memo.pop("written", None)
+        seen = status_seen(body.get("status") or {}, version, written)
         started = time.monotonic()
         try:
             outcome = await rt.reconciler.reconcile(

@@ -11,8 +11,9 @@ N = 1,000 (kopf's copy of each object, the watch caches, each ModelBudget's stat
 a thousand members' series) each took 0.5-1.2 s, every few seconds: the event loop stood still
 that long, and they were the slowest reconciles.  Once a minute what is alive is frozen
 (``gc.freeze``: moved where collections do not look; reference counting still frees it), so a
-collection walks only what is younger than a minute; once an hour everything is collected once,
-so cyclic garbage frozen meanwhile is freed within the hour.
+collection walks only what is younger than a minute; what died in cycles within the minute is
+collected just before (a walk of that minute's objects, not of all); once an hour everything is
+collected, so garbage of cycles that reach into the frozen is freed within the hour.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def release() -> bool:
 
 
 def freeze(collect_all: bool) -> None:
-    """Move every object alive now out of the collector's way; with ``collect_all``, first collect
-    everything, the frozen included (one full pause)."""
+    """Collect, then move every object alive out of the collector's way. The collection walks
+    only what is younger than the last freeze (milliseconds), and keeps that period's cyclic
+    garbage from being frozen with the living; with ``collect_all`` it walks everything, the
+    frozen included (one full pause)."""
     if collect_all:
         gc.unfreeze()
-        gc.collect()
+    gc.collect()
     gc.freeze()
 
 

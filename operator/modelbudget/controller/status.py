@@ -344,9 +344,17 @@ def status_seen(body_status: Mapping[str, Any], version: str | None, written: Wr
     arrive after the next tick: the object then still has the resourceVersion it had when we wrote,
     and its status is older than what we wrote.  Compared with that stale status, every slow tick
     would write the same status again."""
+    ahead = ahead_of_watch(written, version)
+    return body_status if ahead is None else ahead.doc
+
+
+def ahead_of_watch(written: Written | None, version: str | None) -> Written | None:
+    """Our last write while the object the watch shows is still the one it was written over, else
+    None: once the watch has shown a newer object (the write, or anything after it), that copy of
+    the status is never read again, and a thousand ModelBudgets' copies are not kept for nothing."""
     if written is not None and version is not None and written.over_version == version:
-        return written.doc
-    return body_status
+        return written
+    return None
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
