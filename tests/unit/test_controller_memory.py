@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import platform
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -15,6 +17,37 @@ from modelbudget.controller import memory
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_release_trims_on_glibc() -> None:
     assert memory.release() is True
+
+
+# In a process of its own: whether a 256 KiB block, allocated after a 4 MiB one was freed, is mapped
+# on its own (glibc counts mapped blocks in mallinfo2's hblks).
+_MAPPED_AFTER_A_LARGE_FREE = """
+import ctypes, sys
+from modelbudget.controller import memory
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "tuned":
+    assert memory.tune_allocator()
+large = bytearray(4 * 1024 * 1024)
+del large
+before = libc.mallinfo2().hblks
+block = bytearray(256 * 1024)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize(("how", "mapped"), [("untuned", "0"), ("tuned", "1")])
+def test_a_tuned_allocator_maps_large_blocks_even_after_a_larger_one_was_freed(how: str, mapped: str) -> None:
+    """glibc raises its mmap threshold to each mapped block freed, so after one large answer every
+    later one comes from the heap, and its holes stay; tuned, the threshold stays where it is."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MAPPED_AFTER_A_LARGE_FREE, how], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == mapped
 
 
 def run_periods(monkeypatch: pytest.MonkeyPatch, periods: int, **kwargs: int) -> tuple[int, list[bool]]:

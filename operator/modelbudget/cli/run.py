@@ -115,12 +115,13 @@ def run(args: argparse.Namespace) -> int:
     from modelbudget.adapters.scaler import DeploymentScaler
     from modelbudget.adapters.secrets import KubeSecrets
     from modelbudget.adapters.tokenlimit import KubeTokenLimitSink
-    from modelbudget.controller import handlers, telemetry
+    from modelbudget.controller import handlers, memory, telemetry
     from modelbudget.controller.leader import LeaderElector, default_identity
     from modelbudget.controller.pools import PoolReconciler
     from modelbudget.controller.reconciler import Adapters, Reconciler
     from modelbudget.controller.spread import Shard
 
+    memory.tune_allocator()  # before the watch, query and executor threads start
     if args.interval <= 0 or args.status_heartbeat <= 0:
         raise CliError("--interval and --status-heartbeat must be positive")
     try:

@@ -38,7 +38,9 @@ FINALIZER = "modelbudget.dev/finalizer"
 # of status patches and Events had about 2,000 open at once, 250 MiB that the allocator kept after
 # they closed.  A bounded pool queues the excess instead (and reuses connections, so fewer TLS
 # handshakes).  Each watch stream holds a connection for minutes, so the bound is on top of them.
-API_CONNECTIONS = 64
+# 16: with 64, 16.5 MiB of those buffers were live at N = 1,000 (tracemalloc, bench/scale.py), and
+# in the steady state the operator writes nothing; a start's first round of writes queues longer.
+API_CONNECTIONS = 16
 EVENT_SOURCE = "modelbudget-operator"  # Events' "From" column: the operator, not the framework
 
 
