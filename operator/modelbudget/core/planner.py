@@ -278,13 +278,25 @@ class Decision:
     running_spend: float
     allowance: Allowance
     prices: PriceVerdict
+    # The economic target's net value ($/h) at the demand seen, before the dynamics (None: untrusted
+    # metrics, or not even the smallest limit fits): what variants' splits are compared by.
+    target_net_per_hour: float | None = None
 
 
 Stage = Callable[[Draft, Context], Draft]
 
 
-def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> Decision:
-    ctx, draft = context(obs, resolved, state, now)
+def decide(
+    obs: Observation,
+    resolved: ResolvedSpec,
+    state: ControllerState,
+    now: datetime,
+    books: tuple[Ledger, Allowance] | None = None,
+) -> Decision:
+    """``books``: the ledger and allowance when someone else keeps them -- several variants share
+    one budget (``core/variants.py``), each planned within its part of the allowance; None: the
+    ledger is accrued from this spec's own running nodes, as for a single Deployment."""
+    ctx, draft = context(obs, resolved, state, now, books)
     for stage in STAGES:
         draft = stage(draft, ctx)
     return Decision(
@@ -296,6 +308,7 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         running_spend=ctx.running_spend,
         allowance=ctx.allowance,
         prices=ctx.prices,
+        target_net_per_hour=None if ctx.search is None else ctx.search.best_net,
     )
 
 
@@ -306,14 +319,23 @@ def buffers_headroom(look: ForecastSpec, served: bool) -> bool:
     return look.enabled and served and look.headroom is not Headroom.REPLICAS
 
 
-def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
+def context(
+    obs: Observation,
+    resolved: ResolvedSpec,
+    state: ControllerState,
+    now: datetime,
+    books: tuple[Ledger, Allowance] | None = None,
+) -> tuple[Context, Draft]:
     """The facts, and an empty draft carrying the reasons the facts alone give."""
     spec = resolved.spec
     prices = assess_prices(obs.prices, obs.current_nodes, spec, now)
     running = prices.running_per_hour
-    at_spec = prices.source is PriceSource.SPEC
-    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
-    allowance = allowed_rate(spec.budget, ledger, now)
+    if books is None:
+        at_spec = prices.source is PriceSource.SPEC
+        ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
+        allowance = allowed_rate(spec.budget, ledger, now)
+    else:
+        ledger, allowance = books
     draft = Draft(replicas=obs.current_replicas, raw_replicas=obs.current_replicas, limit=resolved.token_max)
     ladder = resolved.ladder
     if ladder.base_spend > allowance.per_hour + _EPS:
@@ -388,6 +410,7 @@ class _Search:
     value_per_hour: npt.NDArray[np.float64]
     blocked: list[tuple[int, int, Reason]]  # infeasible limits: (grid index, replicas needed, why)
     best: tuple[int, int] | None  # (grid index, replicas) of the best feasible limit
+    best_net: float | None = None  # its net value, $/h: what requests in time are worth less the spend
 
 
 def _search(ctx: Context, rates: list[float]) -> list[_Search]:
@@ -459,6 +482,7 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
             spec.budget.value_of_point * rate * 3600.0 * facts.scores,
             blocked,
             None if b is None else (b[0], b[1]),
+            None if b is None else b[2],
         )
         for rate, (needed, blocked), b in zip(rates, searched, best, strict=True)
     ]
