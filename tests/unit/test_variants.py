@@ -83,7 +83,7 @@ def test_a_variant_cheaper_and_better_everywhere_gets_all_traffic(rps, ceiling):
         "small": observe(rps=rps / 2, replicas=2, nodes={"pool-a": 1}),
     }
     out = decide_variants(variants, seen, VariantsState(), NOW)
-    assert out.shares == {"big": 0, "small": 100}
+    assert out.targets == {"big": 0, "small": 100}
     assert out.expected_spend_per_hour <= out.allowance.per_hour + 1e-6
     assert any("split of" in r.message for r in out.split_reasons)
 
@@ -102,8 +102,8 @@ def test_a_cheaper_smaller_variant_takes_traffic_when_the_ceiling_binds():
     poor = decide_variants(
         [Variant("big", resolve(tight_big)), Variant("small", resolve(tight_small))], seen, VariantsState(), NOW
     )
-    assert rich.shares["big"] > 50, rich.explain()
-    assert poor.shares["small"] > 50, poor.explain()
+    assert rich.targets["big"] > 50, rich.explain()
+    assert poor.targets["small"] > 50, poor.explain()
     assert poor.expected_spend_per_hour <= 16.0 + 1e-6
 
 
@@ -186,8 +186,27 @@ def test_a_variant_that_served_nothing_borrows_the_generation_lengths():
     seen = {"big": observe(rps=6.0, replicas=4, nodes={"pool-a": 1}), "small": idle}
     out = decide_variants(variants, seen, VariantsState(shares={"big": 100, "small": 0}), NOW)
     assert out.decisions["small"].verdict.ok
-    assert out.shares["small"] == 100
+    assert out.targets["small"] == 100
     assert out.decisions["small"].plan.replicas > 0
+    # None of its replicas is ready: the traffic stays where replicas serve until they are.
+    assert out.shares == {"big": 100, "small": 0}
+    assert any(r.reason == "CapacityCatchingUp" and r.variant == "small" for r in out.split_reasons)
+
+
+def test_traffic_moves_as_fast_as_ready_replicas_carry_it_and_the_aim_is_held_for_the_window():
+    big, small = _pair(800.0, 2500.0, (0.05, 0.07), (0.15, 0.07), 80.0)
+    variants = [Variant("big", resolve(big)), Variant("small", resolve(small))]
+    seen = {
+        "big": observe(rps=4.0, replicas=4, nodes={"pool-a": 1}),
+        "small": observe(rps=0.0, replicas=2, ready=1, nodes={"pool-a": 1}),
+    }
+    first = decide_variants(variants, seen, VariantsState(shares={"big": 100, "small": 0}), NOW)
+    assert first.targets == {"big": 0, "small": 100}
+    assert 0 < first.shares["small"] < 100  # what one ready replica carries
+    # Once its replicas are ready, all of it.
+    ready = {**seen, "small": observe(rps=first.shares["small"] * 0.04, replicas=8, nodes={"pool-a": 2})}
+    later = decide_variants(variants, ready, first.next_state, NOW + timedelta(seconds=15))
+    assert later.shares == {"big": 0, "small": 100}
 
 
 def test_variants_share_one_budget():

@@ -281,6 +281,7 @@ class Decision:
     # The economic target's net value ($/h) at the demand seen, before the dynamics (None: untrusted
     # metrics, or not even the smallest limit fits): what variants' splits are compared by.
     target_net_per_hour: float | None = None
+    target_limit: int | None = None  # the token limit of that target
 
 
 Stage = Callable[[Draft, Context], Draft]
@@ -309,6 +310,7 @@ def decide(
         allowance=ctx.allowance,
         prices=ctx.prices,
         target_net_per_hour=None if ctx.search is None else ctx.search.best_net,
+        target_limit=None if ctx.search is None or ctx.search.best is None else int(resolved.grid[ctx.search.best[0]]),
     )
 
 

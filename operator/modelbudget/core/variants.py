@@ -47,7 +47,7 @@ from datetime import datetime
 from modelbudget.api.reasons import Reason
 from modelbudget.api.spec import Budget, PriceSource
 from modelbudget.api.status import ControllerState, Ledger, PlanReason
-from modelbudget.core.observation import Observation, assess
+from modelbudget.core.observation import ABSURD_REQUESTS_PER_SECOND, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
 from modelbudget.core.planner import Decision, ResolvedSpec, decide
 from modelbudget.core.prices import assess_prices
@@ -79,6 +79,8 @@ class VariantsState:
     ledger: Ledger | None = None
     states: Mapping[str, ControllerState] = field(default_factory=dict)
     shares: Mapping[str, int] | None = None
+    targets: Mapping[str, int] | None = None  # the split aimed at (shares follow as replicas get ready)
+    challenged_since: datetime | None = None  # since when a better split than the one aimed at is found
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,12 @@ class VariantsDecision:
     running_spend: float  # $/h of all variants' nodes running now
     value_per_hour: float  # the split's net value as step 3 reckons it
     split_reasons: tuple[SplitReason, ...]
+
+    @property
+    def targets(self) -> Mapping[str, int]:
+        """The split aimed at; ``shares`` follow it as the variants' replicas get ready."""
+        assert self.next_state.targets is not None
+        return self.next_state.targets
 
     @property
     def expected_spend_per_hour(self) -> float:
@@ -179,13 +187,26 @@ def decide_variants(
     room = 100 - sum(shares.values())
 
     # 3. The split between the trusted variants.
-    value, chosen, planned = 0.0, dict(held), dict(observations)
+    value, chosen, planned, challenged = 0.0, dict(held), dict(observations), None
+    target_shares = dict(shares)
     if trusted:
-        split = _Split(observations, trusted, room, budget.value_of_point, plan)
-        value, fractions, plans = split.best(left, {n: previous.get(n, 0) for n in trusted}, reasons)
+        drains = {n: by_name[n].resolved.spec.behavior.queue_drain_seconds for n in trusted}
+        split = _Split(observations, trusted, drains, room, budget.value_of_point, plan)
+        aimed = None if state.targets is None else {n: state.targets.get(n, 0) for n in trusted}
+        window = max(by_name[n].resolved.spec.behavior.scale_down.stabilization_window_seconds for n in trusted)
+        value, targets, plans, challenged = split.best(left, aimed, state.challenged_since, now, window, reasons)
+        fractions = _carried(split, targets, plans, {n: by_name[n].resolved for n in trusted}, reasons)
+        if fractions != targets:
+            # Each variant sized for the larger of the two: the one handing traffic over keeps what
+            # serves it until the other's replicas are ready to take it.
+            sized = {n: max(fractions[n], targets[n]) for n in trusted}
+            plans = split.plans_for(sized, left)
+            planned.update({n: split.observation(n, sized[n]) for n in trusted})
+        else:
+            planned.update({n: split.observation(n, fractions[n]) for n in trusted})
         chosen.update(plans)
         shares.update(_percent(fractions, room))
-        planned.update({n: split.observation(n, fractions[n]) for n in trusted})
+        target_shares.update(_percent(targets, room))
 
     # 4. The ceiling over the sum, last.
     combined = _within(chosen, allowance.per_hour, lambda n, a: plan(n, planned[n], a))
@@ -204,6 +225,8 @@ def decide_variants(
             ledger=ledger,
             states={n: d.next_state for n, d in decisions.items()},
             shares={n: shares[n] for n in names},
+            targets={n: target_shares[n] for n in names},
+            challenged_since=challenged,
         ),
         ledger=ledger,
         allowance=allowance,
@@ -245,13 +268,19 @@ class _Split:
         self,
         observations: Mapping[str, Observation],
         trusted: Sequence[str],
+        drains: Mapping[str, float],
         room: int,
         value_of_point: float,
         plan: _Plan,
     ) -> None:
         self.observations, self.trusted, self.room = observations, list(trusted), room
         self.value_of_point, self.plan = value_of_point, plan
-        self.demand = math.fsum(observations[n].demand.request_rate or 0.0 for n in trusted)
+        # Requests waiting count as demand (drained within ``queueDrainSeconds``, as ``decide`` takes
+        # them): after a cold start nothing has completed yet, and a split must still serve them.
+        self.queues = {n: _queued(observations[n], drains[n]) for n in trusted}
+        self.demand = math.fsum(observations[n].demand.request_rate or 0.0 for n in trusted) + math.fsum(
+            self.queues.values()
+        )
         # Requests reach the variants by weight, not by content: the generation lengths one variant
         # saw are what another would get.  A variant that served nothing borrows the busiest one's.
         seen = [n for n in trusted if _knows_lengths(observations[n])]
@@ -259,8 +288,14 @@ class _Split:
         self.cache: dict[tuple[str, float, float], Decision] = {}
 
     def observation(self, name: str, fraction: float) -> Observation:
+        """The variant's observation with its share of the demand arriving (its own queue is its
+        own: ``decide`` adds it).  One trusted variant has all of it: its observation as it is."""
         obs = self.observations[name]
-        demand = replace(obs.demand, request_rate=self.demand * fraction)
+        if len(self.trusted) == 1:
+            return obs
+        # Within what ``assess`` believes: a queue it takes (however long) must not make a rate it rejects.
+        rate = min(max(self.demand * fraction - self.queues[name], 0.0), ABSURD_REQUESTS_PER_SECOND)
+        demand = replace(obs.demand, request_rate=rate)
         ref = self.reference
         if ref is not None and ref != name and not _knows_lengths(obs):
             theirs = self.observations[ref].demand
@@ -302,6 +337,9 @@ class _Split:
             if last >= 0:
                 yield dict(zip(self.trusted, [p / steps for p in (*parts, last)], strict=True))
 
+    def plans_for(self, fractions: Mapping[str, float], left: float) -> dict[str, Decision]:
+        return self._best_for(fractions, left)[1]
+
     def _best_for(self, fractions: Mapping[str, float], left: float) -> tuple[float, dict[str, Decision]]:
         """The best plans for one split within ``left`` $/h together."""
         wants = {n: self._decide(n, f, left) for n, f in fractions.items()}
@@ -330,23 +368,44 @@ class _Split:
         return best
 
     def best(
-        self, left: float, published: Mapping[str, int], reasons: list[SplitReason]
-    ) -> tuple[float, dict[str, float], dict[str, Decision]]:
+        self,
+        left: float,
+        aimed: Mapping[str, int] | None,
+        challenged_since: datetime | None,
+        now: datetime,
+        window: float,
+        reasons: list[SplitReason],
+    ) -> tuple[float, dict[str, float], dict[str, Decision], datetime | None]:
+        """The best split, and since when a better one than the split aimed at has been found.
+
+        The split aimed at is kept while it is within ``SPLIT_HOLD`` of the best, and while a better
+        one has been better for less than ``window`` seconds (the scale-down stabilisation window):
+        each move of the split moves replicas both ways, and one made on a few minutes of noise is
+        paid in replicas started for nothing and requests queued on replicas that are not ready."""
         found: list[tuple[float, dict[str, float], dict[str, Decision]]] = []
         for fractions in self._splits():
             value, plans = self._best_for(fractions, left)
             found.append((value, fractions, plans))
         top = max(found, key=lambda f: f[0])
-        # Keep the split published (when it is on the grid) unless another is clearly better.
-        same = [f for f in found if _percent(f[1], self.room) == dict(published)]
-        if same and same[0] is not top and same[0][0] >= top[0] - max(SPLIT_HOLD * abs(top[0]), 0.01):
+        same = [f for f in found if aimed is not None and _percent(f[1], self.room) == dict(aimed)]
+        if same and same[0] is not top:
             kept = same[0]
-            message = (
-                f"keeping the published split: ${kept[0]:.2f}/h of net value, within {SPLIT_HOLD:.0%} "
-                f"of the best (${top[0]:.2f}/h)"
-            )
-            reasons.append(SplitReason(None, Reason.MARGINAL_VALUE, message))
-            return kept
+            margin = max(SPLIT_HOLD * abs(top[0]), 0.01)
+            if kept[0] >= top[0] - margin:
+                message = (
+                    f"keeping the split aimed at: ${kept[0]:.2f}/h of net value, within {SPLIT_HOLD:.0%} "
+                    f"of the best (${top[0]:.2f}/h)"
+                )
+                reasons.append(SplitReason(None, Reason.MARGINAL_VALUE, message))
+                return (*kept, None)
+            since = challenged_since or now
+            if kept[0] > 0 and (now - since).total_seconds() < window:
+                message = (
+                    f"keeping the split aimed at (${kept[0]:.2f}/h) for the {window:g}s stabilisation window: "
+                    f"a better one (${top[0]:.2f}/h) since {since.isoformat()}"
+                )
+                reasons.append(SplitReason(None, Reason.SCALE_DOWN_STABILIZATION, message))
+                return (*kept, since)
         if len(self.trusted) > 1:
             terms = ", ".join(
                 f"{n} {_percent(top[1], self.room)[n]}% (limit {d.plan.token_limit}, {d.plan.replicas} replicas, "
@@ -358,7 +417,58 @@ class _Split:
                 f"of {len(found)} splits tried: {terms}"
             )
             reasons.append(SplitReason(None, Reason.MARGINAL_VALUE, message))
-        return top
+        return (*top, None)
+
+
+def _carried(
+    split: _Split,
+    targets: Mapping[str, float],
+    plans: Mapping[str, Decision],
+    resolved: Mapping[str, ResolvedSpec],
+    reasons: list[SplitReason],
+) -> dict[str, float]:
+    """The shares published now: the split aimed at, but no variant gets more traffic than its
+    ready replicas carry at its target's limit -- traffic moves as fast as replicas come up, as
+    the token limit drops to what the replicas serving now carry.  What they cannot carry stays
+    with the variants whose ready replicas have room, as far as they have it, and the rest with
+    those that have ready replicas at all."""
+    if split.demand <= 0 or len(targets) == 1:
+        return dict(targets)
+    carry = {}
+    for n, d in plans.items():
+        profile = d.verdict.profile
+        limit = d.target_limit or d.plan.token_limit
+        per_request = max(profile.mean_generated(limit), 1.0) if profile is not None else 1.0
+        serving = resolved[n].ladder.throughput(split.observations[n].ready_replicas)
+        carry[n] = serving / per_request / split.demand
+    out = {n: min(f, carry[n]) for n, f in targets.items()}
+    short = 1.0 - math.fsum(out.values())
+    if short <= _EPS:
+        return dict(targets)
+    room = {n: max(carry[n] - out[n], 0.0) for n in out}
+    spare = math.fsum(room.values())
+    moved = min(short, spare)
+    for n in out:
+        out[n] += moved * room[n] / spare if spare > 0 else 0.0
+    # Beyond what the ready replicas carry: to those that have ready replicas, by what they carry
+    # (a queue on replicas serving drains; one on a variant with none ready waits for a node).
+    rest, carrying = short - moved, math.fsum(carry.values())
+    for n in out:
+        out[n] += rest * (carry[n] / carrying if carrying > 0 else targets[n])
+    for n in out:
+        if out[n] < targets[n] - 0.005:
+            message = (
+                f"aiming at {targets[n]:.0%} of the traffic, {out[n]:.0%} until its replicas are ready "
+                f"({split.observations[n].ready_replicas} ready carry {carry[n]:.0%})"
+            )
+            reasons.append(SplitReason(n, Reason.CAPACITY_CATCHING_UP, message))
+    return out
+
+
+def _queued(obs: Observation, drain_seconds: float) -> float:
+    """Requests/s of the queue drained in ``drain_seconds`` (what ``Context.demand`` adds)."""
+    waiting = obs.demand.requests_waiting or 0.0
+    return waiting / drain_seconds if math.isfinite(waiting) and waiting > 0 else 0.0
 
 
 def _knows_lengths(obs: Observation) -> bool:
