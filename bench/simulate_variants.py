@@ -50,9 +50,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                 "name": "l40s",
                 "gpuType": "nvidia-l40s",
                 "pricePerGpuHour": 1.80,
-                "gpusPerNode": 8,
+                "gpusPerNode": 4,  # a 4-GPU L40S machine (g6e.12xlarge-like): one replica per node
                 "minNodes": 0,
-                "maxNodes": 8,
+                "maxNodes": 12,
                 "tokensPerSecondPerReplica": 1720,  # 4 x ~430 per GPU (vLLM, 70B FP8 on L40S)
                 "serving": {"decodeAlphaSeconds": 0.035, "prefillTokensPerSecond": 4000},
             }
@@ -67,9 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                 "name": "h100",
                 "gpuType": "nvidia-h100-80gb",
                 "pricePerGpuHour": 3.00,
-                "gpusPerNode": 8,
+                "gpusPerNode": 2,  # a 2-GPU H100 machine: two replicas per node
                 "minNodes": 0,
-                "maxNodes": 4,
+                "maxNodes": 8,
                 "tokensPerSecondPerReplica": 5000,  # ~5,000 (vLLM, 8B FP8 on one H100)
                 "serving": {"decodeAlphaSeconds": 0.008, "prefillTokensPerSecond": 20000},
             }

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from modelbudget.api import ControllerState, ModelBudgetSpec
 from modelbudget.core import Observation, decide, resolve
 from modelbudget.core.capacity import spend_of
+from modelbudget.core.planner import Share
 from modelbudget.core.variants import Variant, VariantsState, decide_variants
 from tests.builders import NOW, make_spec, observe
 from tests.unit.test_planner_properties import observations, specs
@@ -214,3 +215,13 @@ def test_variants_share_one_budget():
     other = small.model_copy(update={"budget": small.budget.model_copy(update={"value_per_point": 0.5})})
     with pytest.raises(ValueError, match="budget of its own"):
         decide_variants(_variants(big, other), {"v0": observe(), "v1": observe()}, VariantsState(), NOW)
+
+
+def test_a_variants_forecast_reads_the_whole_demands_history():
+    """A variant's own rate jumps with every change of the split: its forecast is made from the
+    whole demand's history, and scaled by its share."""
+    resolved = resolve(make_spec())
+    part = decide(observe(rps=3.0), resolved, ControllerState(), NOW, share=Share(10.0, 0.3))
+    whole = decide(observe(rps=10.0), resolved, ControllerState(), NOW)
+    assert part.next_state.demand_history is not None
+    assert part.next_state.demand_history == whole.next_state.demand_history

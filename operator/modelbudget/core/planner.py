@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Any, TypeVar
@@ -120,6 +120,16 @@ def token_grid(lo: int, hi: int, anchors: tuple[float, ...] = ()) -> npt.NDArray
     points = min(GRID_MAX_POINTS, max(2, round(np.log2(hi / lo) * GRID_STEPS_PER_DOUBLING) + 1))
     grid = np.concatenate([np.geomspace(lo, hi, points), np.clip(anchors, lo, hi)])
     return np.unique(np.round(grid)).astype(float)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A variant's part of a demand split between variants: the history the forecast is made from is
+    the whole demand's (a variant's own would jump with every change of the split), and the
+    forecast is this variant's fraction of it."""
+
+    total: float  # requests/s arriving at all the variants that split it
+    fraction: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -293,11 +303,13 @@ def decide(
     state: ControllerState,
     now: datetime,
     books: tuple[Ledger, Allowance] | None = None,
+    share: Share | None = None,
 ) -> Decision:
     """``books``: the ledger and allowance when someone else keeps them -- several variants share
     one budget (``core/variants.py``), each planned within its part of the allowance; None: the
-    ledger is accrued from this spec's own running nodes, as for a single Deployment."""
-    ctx, draft = context(obs, resolved, state, now, books)
+    ledger is accrued from this spec's own running nodes, as for a single Deployment.  ``share``:
+    this variant's part of a demand split between variants (None: all of it)."""
+    ctx, draft = context(obs, resolved, state, now, books, share)
     for stage in STAGES:
         draft = stage(draft, ctx)
     return Decision(
@@ -327,6 +339,7 @@ def context(
     state: ControllerState,
     now: datetime,
     books: tuple[Ledger, Allowance] | None = None,
+    share: Share | None = None,
 ) -> tuple[Context, Draft]:
     """The facts, and an empty draft carrying the reasons the facts alone give."""
     spec = resolved.spec
@@ -350,8 +363,11 @@ def context(
     look = spec.behavior.forecast
     history = state.demand_history
     if verdict.ok and obs.demand.request_rate is not None:  # only trusted input enters the history
-        history = record(history, obs.demand.request_rate, now, FORECAST_BUCKET_SECONDS, look.horizon_seconds)
+        seen = obs.demand.request_rate if share is None else share.total
+        history = record(history, seen, now, FORECAST_BUCKET_SECONDS, look.horizon_seconds)
     ahead = forecast(history, now, look.horizon_seconds, look.quantile) if look.enabled and verdict.ok else None
+    if ahead is not None and share is not None:
+        ahead = replace(ahead, expected=ahead.expected * share.fraction, upper=ahead.upper * share.fraction)
     if min_replicas < spec.replicas.min:
         message = f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}"
         draft = draft.because(Knob.REPLICAS, Reason.CEILING_BELOW_MINIMUM, message)

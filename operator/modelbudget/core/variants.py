@@ -32,8 +32,8 @@ whole one, and the same ledger.
 Left out (simple and correct first): variants do not share nodes.  Each variant's replicas go on
 its own pools' nodes, cheapest per token first, its nodes already paid for (``minNodes``) first;
 two variants naming one pool are billed as if each had its own nodes there (an over-count: the
-ceiling still holds), so a node half used by one variant is not filled by the other.  The demand
-history for the forecast is each variant's own planned demand (its share of the total).
+ceiling still holds), so a node half used by one variant is not filled by the other.  The forecast
+is made from the whole demand's history (kept in each variant's state) and scaled by its share.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from modelbudget.api.spec import Budget, PriceSource
 from modelbudget.api.status import ControllerState, Ledger, PlanReason
 from modelbudget.core.observation import ABSURD_REQUESTS_PER_SECOND, Observation, assess
 from modelbudget.core.pacing import Allowance, accrue, allowed_rate
-from modelbudget.core.planner import Decision, ResolvedSpec, decide
+from modelbudget.core.planner import Decision, ResolvedSpec, Share, decide
 from modelbudget.core.prices import assess_prices
 
 # Shares tried per variant: 0, 10, ..., 100 percent for two variants; coarser with more (the
@@ -62,7 +62,7 @@ _EPS = 1e-6
 _MESSAGE_MAX = 1024
 
 _Replan = Callable[[str, float], Decision]  # a variant planned again within a part of the allowance
-_Plan = Callable[[str, Observation, float], Decision]
+_Plan = Callable[[str, Observation, float, Share | None], Decision]
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,10 @@ def decide_variants(
     ledger = accrue(state.ledger, running, now, budget.ceiling.period, at_spec)
     allowance = allowed_rate(budget, ledger, now)
 
-    def plan(name: str, obs: Observation, per_hour: float) -> Decision:
+    def plan(name: str, obs: Observation, per_hour: float, share: Share | None = None) -> Decision:
         part = replace(allowance, per_hour=max(per_hour, 0.0))
         own = state.states.get(name, ControllerState())
-        return decide(obs, by_name[name].resolved, own, now, (ledger, part))
+        return decide(obs, by_name[name].resolved, own, now, (ledger, part), share)
 
     previous = dict(state.shares) if state.shares is not None else _even(names)
     trusted = [n for n in names if assess(observations[n], by_name[n].resolved.spec, now).ok]
@@ -188,6 +188,7 @@ def decide_variants(
 
     # 3. The split between the trusted variants.
     value, chosen, planned, challenged = 0.0, dict(held), dict(observations), None
+    shared: dict[str, Share | None] = {}
     target_shares = dict(shares)
     if trusted:
         drains = {n: by_name[n].resolved.spec.behavior.queue_drain_seconds for n in trusted}
@@ -201,15 +202,16 @@ def decide_variants(
             # serves it until the other's replicas are ready to take it.
             sized = {n: max(fractions[n], targets[n]) for n in trusted}
             plans = split.plans_for(sized, left)
-            planned.update({n: split.observation(n, sized[n]) for n in trusted})
         else:
-            planned.update({n: split.observation(n, fractions[n]) for n in trusted})
+            sized = fractions
+        planned.update({n: split.observation(n, sized[n]) for n in trusted})
+        shared.update({n: split.share(sized[n]) for n in trusted})
         chosen.update(plans)
         shares.update(_percent(fractions, room))
         target_shares.update(_percent(targets, room))
 
     # 4. The ceiling over the sum, last.
-    combined = _within(chosen, allowance.per_hour, lambda n, a: plan(n, planned[n], a))
+    combined = _within(chosen, allowance.per_hour, lambda n, a: plan(n, planned[n], a, shared.get(n)))
     if combined is not chosen:
         total = math.fsum(d.plan.expected_spend_per_hour for d in chosen.values())
         message = (
@@ -278,9 +280,8 @@ class _Split:
         # Requests waiting count as demand (drained within ``queueDrainSeconds``, as ``decide`` takes
         # them): after a cold start nothing has completed yet, and a split must still serve them.
         self.queues = {n: _queued(observations[n], drains[n]) for n in trusted}
-        self.demand = math.fsum(observations[n].demand.request_rate or 0.0 for n in trusted) + math.fsum(
-            self.queues.values()
-        )
+        self.arriving = math.fsum(observations[n].demand.request_rate or 0.0 for n in trusted)
+        self.demand = self.arriving + math.fsum(self.queues.values())
         # Requests reach the variants by weight, not by content: the generation lengths one variant
         # saw are what another would get.  A variant that served nothing borrows the busiest one's.
         seen = [n for n in trusted if _knows_lengths(observations[n])]
@@ -309,10 +310,14 @@ class _Split:
             )
         return replace(obs, demand=demand)
 
+    def share(self, fraction: float) -> Share | None:
+        """What the forecast reads: the whole demand's history (one trusted variant: its own)."""
+        return None if len(self.trusted) == 1 else Share(self.arriving, fraction)
+
     def _decide(self, name: str, fraction: float, per_hour: float) -> Decision:
         key = (name, fraction, round(per_hour, 6))
         if key not in self.cache:
-            self.cache[key] = self.plan(name, self.observation(name, fraction), per_hour)
+            self.cache[key] = self.plan(name, self.observation(name, fraction), per_hour, self.share(fraction))
         return self.cache[key]
 
     def _value(self, fractions: Mapping[str, float], plans: Mapping[str, Decision]) -> float:
