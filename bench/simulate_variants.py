@@ -1,13 +1,13 @@
 """Two model variants under one binding ceiling, on both Azure traces: the planner over variants vs
 each variant alone (the ordinary planner, all traffic to it) vs the oracle over variants.
 
-    .venv/bin/python bench/simulate_variants.py [--ceiling 48] [--reasoning-factor 20] [--data-dir DIR]
+    .venv/bin/python bench/simulate_variants.py [--ceiling 30] [--traces NAME,NAME] [--reasoning-factor 20]
 
 The variants (figures and their sources in docs/variants.md):
 
-- ``llama-70b``: a 70B model in FP8 on L40S nodes (8 GPUs, 4 per replica): vLLM's published
+- ``llama-70b``: a 70B model in FP8 on 4-GPU L40S nodes (one replica each): vLLM's published
   figure of about 430 generated tokens/s per GPU, so 1,720 per replica; a better curve.
-- ``llama-8b``: an 8B model in FP8, one H100 per replica: about 5,000 generated tokens/s.
+- ``llama-8b``: an 8B model in FP8, one H100 per replica (2-GPU nodes): about 5,000 generated tokens/s.
 
 Both curves are on one performance scale, ``a + b ln t`` with the same slope; the 70B's intercept
 is higher by ``b ln 4.5`` (it matches the 8B with 4.5 times fewer tokens), so a 70B held to 512
@@ -34,7 +34,7 @@ from modelbudget.sim.variants import run_variants, score_variants
 TRACES = ("azure_llm_2023_code", "azure_llm_2023_conv")
 
 BASE: dict[str, Any] = {
-    "budget": {"ceiling": {"amount": 48, "period": "Hour"}, "valuePerPoint": 0.05},
+    "budget": {"ceiling": {"amount": 30, "period": "Hour"}, "valuePerPoint": 0.05},
     "metrics": {"prometheusUrl": "http://prometheus:9090"},
     # Reasoning answers are long: two minutes for the SLO's percentile request, as tokens allow.
     "slo": {"latencySeconds": 120},
@@ -89,7 +89,7 @@ def variant_specs(ceiling: float) -> list[tuple[str, ModelBudgetSpec]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ceiling", type=float, default=48.0, help="USD per hour, shared by the variants")
+    parser.add_argument("--ceiling", type=float, default=30.0, help="USD per hour, shared by the variants")
     parser.add_argument("--reasoning-factor", type=float, default=20.0)
     parser.add_argument("--data-dir", type=Path, default=None, help="default: $MODELBUDGET_DATA_DIR or ../shared/data")
     parser.add_argument("--traces", default=",".join(TRACES))
