@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Any, TypeVar
@@ -120,6 +120,16 @@ def token_grid(lo: int, hi: int, anchors: tuple[float, ...] = ()) -> npt.NDArray
     points = min(GRID_MAX_POINTS, max(2, round(np.log2(hi / lo) * GRID_STEPS_PER_DOUBLING) + 1))
     grid = np.concatenate([np.geomspace(lo, hi, points), np.clip(anchors, lo, hi)])
     return np.unique(np.round(grid)).astype(float)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A variant's part of a demand split between variants: the history the forecast is made from is
+    the whole demand's (a variant's own would jump with every change of the split), and the
+    forecast is this variant's fraction of it."""
+
+    total: float  # requests/s arriving at all the variants that split it
+    fraction: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,13 +288,28 @@ class Decision:
     running_spend: float
     allowance: Allowance
     prices: PriceVerdict
+    # The economic target's net value ($/h) at the demand seen, before the dynamics (None: untrusted
+    # metrics, or not even the smallest limit fits): what variants' splits are compared by.
+    target_net_per_hour: float | None = None
+    target_limit: int | None = None  # the token limit of that target
 
 
 Stage = Callable[[Draft, Context], Draft]
 
 
-def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> Decision:
-    ctx, draft = context(obs, resolved, state, now)
+def decide(
+    obs: Observation,
+    resolved: ResolvedSpec,
+    state: ControllerState,
+    now: datetime,
+    books: tuple[Ledger, Allowance] | None = None,
+    share: Share | None = None,
+) -> Decision:
+    """``books``: the ledger and allowance when someone else keeps them -- several variants share
+    one budget (``core/variants.py``), each planned within its part of the allowance; None: the
+    ledger is accrued from this spec's own running nodes, as for a single Deployment.  ``share``:
+    this variant's part of a demand split between variants (None: all of it)."""
+    ctx, draft = context(obs, resolved, state, now, books, share)
     for stage in STAGES:
         draft = stage(draft, ctx)
     return Decision(
@@ -296,6 +321,8 @@ def decide(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now
         running_spend=ctx.running_spend,
         allowance=ctx.allowance,
         prices=ctx.prices,
+        target_net_per_hour=None if ctx.search is None else ctx.search.best_net,
+        target_limit=None if ctx.search is None or ctx.search.best is None else int(resolved.grid[ctx.search.best[0]]),
     )
 
 
@@ -306,14 +333,24 @@ def buffers_headroom(look: ForecastSpec, served: bool) -> bool:
     return look.enabled and served and look.headroom is not Headroom.REPLICAS
 
 
-def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, now: datetime) -> tuple[Context, Draft]:
+def context(
+    obs: Observation,
+    resolved: ResolvedSpec,
+    state: ControllerState,
+    now: datetime,
+    books: tuple[Ledger, Allowance] | None = None,
+    share: Share | None = None,
+) -> tuple[Context, Draft]:
     """The facts, and an empty draft carrying the reasons the facts alone give."""
     spec = resolved.spec
     prices = assess_prices(obs.prices, obs.current_nodes, spec, now)
     running = prices.running_per_hour
-    at_spec = prices.source is PriceSource.SPEC
-    ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
-    allowance = allowed_rate(spec.budget, ledger, now)
+    if books is None:
+        at_spec = prices.source is PriceSource.SPEC
+        ledger = accrue(state.ledger, running, now, spec.budget.ceiling.period, at_spec)
+        allowance = allowed_rate(spec.budget, ledger, now)
+    else:
+        ledger, allowance = books
     draft = Draft(replicas=obs.current_replicas, raw_replicas=obs.current_replicas, limit=resolved.token_max)
     ladder = resolved.ladder
     if ladder.base_spend > allowance.per_hour + _EPS:
@@ -326,8 +363,11 @@ def context(obs: Observation, resolved: ResolvedSpec, state: ControllerState, no
     look = spec.behavior.forecast
     history = state.demand_history
     if verdict.ok and obs.demand.request_rate is not None:  # only trusted input enters the history
-        history = record(history, obs.demand.request_rate, now, FORECAST_BUCKET_SECONDS, look.horizon_seconds)
+        seen = obs.demand.request_rate if share is None else share.total
+        history = record(history, seen, now, FORECAST_BUCKET_SECONDS, look.horizon_seconds)
     ahead = forecast(history, now, look.horizon_seconds, look.quantile) if look.enabled and verdict.ok else None
+    if ahead is not None and share is not None:
+        ahead = replace(ahead, expected=ahead.expected * share.fraction, upper=ahead.upper * share.fraction)
     if min_replicas < spec.replicas.min:
         message = f"replicas.min={spec.replicas.min} costs more than the {allowance.explain()}"
         draft = draft.because(Knob.REPLICAS, Reason.CEILING_BELOW_MINIMUM, message)
@@ -388,6 +428,7 @@ class _Search:
     value_per_hour: npt.NDArray[np.float64]
     blocked: list[tuple[int, int, Reason]]  # infeasible limits: (grid index, replicas needed, why)
     best: tuple[int, int] | None  # (grid index, replicas) of the best feasible limit
+    best_net: float | None = None  # its net value, $/h: what requests in time are worth less the spend
 
 
 def _search(ctx: Context, rates: list[float]) -> list[_Search]:
@@ -459,6 +500,7 @@ def _search(ctx: Context, rates: list[float]) -> list[_Search]:
             spec.budget.value_of_point * rate * 3600.0 * facts.scores,
             blocked,
             None if b is None else (b[0], b[1]),
+            None if b is None else b[2],
         )
         for rate, (needed, blocked), b in zip(rates, searched, best, strict=True)
     ]

@@ -78,14 +78,16 @@ class OraclePolicy:
     def _scores(self, tokens: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         return np.clip(self.a + self.b * np.log(np.maximum(tokens, 1.0)), 0.0, 1.0)
 
-    def _interval(self, t: float) -> _Interval:
-        """What the requests arriving in ``[t, t + interval)`` need and are worth at each limit."""
+    def _interval(self, t: float, which: npt.NDArray[np.int64] | None = None) -> _Interval:
+        """What the requests arriving in ``[t, t + interval)`` need and are worth at each limit
+        (``which``: only these requests, by index -- those routed to one variant)."""
         world, slo = self.world, self.spec.slo
         lo, hi = np.searchsorted(world.arrival, [t, t + self.interval])
-        tokens = np.maximum(np.minimum(world.wanted[lo:hi][None, :], self.grid[:, None]), 1.0)  # (grid, requests)
+        chosen = slice(lo, hi) if which is None else which
+        tokens = np.maximum(np.minimum(world.wanted[chosen][None, :], self.grid[:, None]), 1.0)  # (grid, requests)
         backlog = sum(job.tokens for job in world.engine.waiting_jobs())  # drained within the interval
         load = (tokens.sum(axis=1) + backlog) / self.interval
-        prefill = self.speed.prefill_seconds(world.prompt[lo:hi])
+        prefill = self.speed.prefill_seconds(world.prompt[chosen])
         # The largest inter-token latency at which each request still meets the SLO.
         room = slo.latency_seconds - prefill
         with np.errstate(divide="ignore"):
@@ -100,7 +102,8 @@ class OraclePolicy:
         scores = np.take_along_axis(self._scores(tokens), order, axis=1)
         # value[i, k]: what the requests with the k smallest slacks' complement are worth at limit i.
         tail = np.concatenate([np.cumsum(scores[:, ::-1], axis=1)[:, ::-1], np.zeros((self.grid.size, 1))], axis=1)
-        return _Interval(load, slack, self.value * tail, int(hi - lo), self._lost_by_scale_down(t))
+        arrivals = int(hi - lo) if which is None else int(which.size)
+        return _Interval(load, slack, self.value * tail, arrivals, self._lost_by_scale_down(t))
 
     def _lost_by_scale_down(self, t: float) -> npt.NDArray[np.float64]:
         """``lost[k]``: the value of the requests in flight that miss their deadline if the ``k``
@@ -157,9 +160,11 @@ class OraclePolicy:
         fits = (per_replica <= self.speed.capacity + _EPS) & ((replicas > 0)[None, :] | (now.load <= 0)[:, None])
         return np.where(fits, value, -np.inf)
 
-    def _bounds(self, t: float) -> tuple[CapacityLadder, int, int]:
-        """The ladder the allowance pays for, the most replicas it buys, and the least to run."""
-        allowance = self.world.books.allowance(t)
+    def _bounds(self, t: float, allowance: float | None = None) -> tuple[CapacityLadder, int, int]:
+        """The ladder the allowance pays for, the most replicas it buys, and the least to run
+        (``allowance``: $/h when not the world's own -- a variant's part of a shared one)."""
+        if allowance is None:
+            allowance = self.world.books.allowance(t)
         ladder = self.ladder if self.ladder.base_spend <= allowance + _EPS else self.free_ladder
         affordable = min(self.spec.replicas.max, ladder.total_slots, ladder.max_affordable(allowance))
         return ladder, affordable, min(self.spec.replicas.min, affordable)
@@ -167,8 +172,22 @@ class OraclePolicy:
     def act(self, seen: Scrape, now: datetime) -> Action:
         return self.decide((now - self.world.books.origin).total_seconds())
 
-    def decide(self, t: float) -> Action:
-        ladder, affordable, least = self._bounds(t)
+    def by_count(
+        self, t: float, which: npt.NDArray[np.int64], allowance: float
+    ) -> tuple[CapacityLadder, npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """For the requests ``which`` (one variant's) and every replica count within ``allowance``:
+        the best value less what a scale-down loses (``-inf``: no limit fits), and its limit (ties
+        to the larger).  The spend is left to the caller, which shares one allowance among variants."""
+        ladder, affordable, least = self._bounds(t, allowance)
+        now = self._interval(t, which)
+        counts = np.arange(least, affordable + 1)
+        ready = now.lost.size - 1
+        values = self._values(now, counts) - now.lost[np.clip(ready - counts, 0, ready)][None, :]
+        top = values.shape[0] - 1 - np.argmax(values[::-1] >= values.max(axis=0)[None, :] - _EPS, axis=0)
+        return ladder, counts, values.max(axis=0), self.grid[top].astype(np.int64)
+
+    def decide(self, t: float, allowance: float | None = None) -> Action:
+        ladder, affordable, least = self._bounds(t, allowance)
         now = self._interval(t)
         counts = np.arange(least, affordable + 1)
         cost = ladder.spend_table[counts] * self.interval / 3600.0

@@ -147,6 +147,9 @@ class World:
         self.admitted_rps: float | None = None
         self._bucket = 0.0
         self._next = 0  # the next request to arrive
+        # With variants (``sim/variants.py``): the requests routed to this world (the rest go to the
+        # others' worlds); None: every request arrives here.
+        self.routed: npt.NDArray[np.bool_] | None = None
         self.engine = ServingEngine(timeout)
         self._ready: list[tuple[str, float]] = []  # (pool, serial) of the pods the engine serves with
         self._serial = itertools.count()
@@ -261,6 +264,8 @@ class World:
 
     def _admit(self, lo: int, hi: int, dt: float) -> list[Job]:
         index = range(lo, hi)
+        if self.routed is not None:
+            index = [i for i in index if self.routed[i]]  # type: ignore[assignment]
         if self.admitted_rps is not None:
             depth = max(self.admitted_rps * dt, 1.0)
             self._bucket = min(self._bucket + self.admitted_rps * dt, depth)
@@ -275,7 +280,7 @@ class World:
         self.limit[lo:hi] = self.token_limit
         tokens = np.maximum(np.minimum(self.wanted[lo:hi], self.token_limit), 1.0).astype(np.int64).tolist()
         arrival, prompt = self.arrival[lo:hi].tolist(), self.prompt[lo:hi].tolist()
-        if self.admitted_rps is None:  # every arrival: built column by column
+        if self.admitted_rps is None and self.routed is None:  # every arrival: built column by column
             return list(map(Job, range(lo, hi), arrival, prompt, tokens))
         return [Job(i, arrival[i - lo], prompt[i - lo], tokens[i - lo]) for i in index]
 
