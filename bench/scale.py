@@ -15,7 +15,8 @@ first decisions have died down, a steady window (demand constant, nothing to cha
 * apiserver requests per reconcile by verb, from ``apiserver_request_total`` (kubectl get --raw
   /metrics) diffed over the window, minus the same window's rate measured before the operator
   started (the testbed's own controllers);
-* writes in the steady state (should be ~0: status is written only on change or heartbeat);
+* writes in the steady state to what only the operator writes (ModelBudgets and their status,
+  Deployments, ConfigMaps, ...; should be 0: status is written only on change or heartbeat);
 * Prometheus queries per tick (one tick = one ``--interval``) from the operator's
   ``modelbudget_prometheus_queries_total``: with grouped observation, about one per query
   template, whatever N is;
@@ -53,6 +54,20 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 NS = "scale-bench"
 WRITES = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+# What only the operator writes on the testbed. Events and Leases are written by the control plane
+# too (the scheduler's FailedScheduling for the pods that never schedule, its own Leases): they are
+# listed with the window's writes but not counted as the operator's.
+OPERATOR_WRITES = (
+    "modelbudgets",
+    "modelbudgets/status",
+    "deployments",
+    "deployments/scale",
+    "configmaps",
+    "capacitybuffers",
+    "gpupools/status",
+    "kwoknodepools",
+    "httproutes",
+)
 
 
 def sh(*cmd: str, stdin: str | None = None) -> str:
@@ -414,7 +429,8 @@ def run(
         delta = {le: h1[le] - h0.get(le, 0.0) for le in h1}
         own = {verb: requests[verb] - baseline_by_verb.get(verb, 0) for verb in requests}
         # Which objects the operator's writes went to (a status, an annotation, an Event...).
-        own_writes = beyond(by_resource, baseline, 1.0)
+        window_writes = beyond(by_resource, baseline, 1.0)
+        own_writes = {key: c for key, c in window_writes.items() if key.split(" ", 1)[1] in OPERATOR_WRITES}
         ticks = window / interval
         return {
             "n": n,
@@ -431,7 +447,7 @@ def run(
             "queries_per_tick": queries / ticks,
             "api_requests_per_tick": sum(max(c, 0) for c in own.values()) / ticks,
             "writes_per_tick": sum(own_writes.values()) / ticks,
-            "writes_in_window": dict(sorted(own_writes.items())),
+            "writes_in_window": dict(sorted(window_writes.items())),
         }
     finally:
         for operator in operators:
@@ -511,7 +527,8 @@ def main() -> int:
         )
     for r in rows:
         writes = ", ".join(f"{k} {c}" for k, c in r["writes_in_window"].items()) or "none"
-        print(f"\nN={r['n']}: the operator's writes in the window: {writes}")
+        print(f"\nN={r['n']}: writes beyond the testbed's own rate in the window: {writes}")
+    print(f"(writes/tick counts those to what only the operator writes: {', '.join(OPERATOR_WRITES)})")
     return 0
 
 
