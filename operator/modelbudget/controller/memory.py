@@ -4,7 +4,9 @@ collector's sight.
 CPython hands freed blocks back to the C allocator, and glibc's malloc keeps the pages for reuse:
 after a burst (the first round of reconciles after a start, a relist) the process would hold its
 high-water mark for good.  ``malloc_trim(0)`` returns the free pages; once a minute it costs a few
-milliseconds.  Elsewhere (musl, macOS) there is nothing to call and nothing is done.
+milliseconds.  ``tune_allocator`` keeps large transient blocks (answer bodies) out of the heap
+and the number of malloc arenas small.  Elsewhere (musl, macOS) there is nothing to call and
+nothing is done.
 
 The cyclic garbage collector's full collections walk every object the process holds, and at
 N = 1,000 (kopf's copy of each object, the watch caches, each ModelBudget's state, group answers of
@@ -24,22 +26,25 @@ import ctypes.util
 import functools
 import gc
 from collections.abc import Callable
+from typing import Any
 
 RELEASE_PERIOD_SECONDS = 60.0
 FULL_COLLECTION_EVERY = 60  # release periods: an hour
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc(name: str, restype: Any, *argtypes: Any) -> Callable[..., int] | None:
+    """The C library's function ``name`` with its C signature, or None where there is none (musl
+    has no ``malloc_trim``; macOS neither it nor ``mallopt``)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is None:
+    function = getattr(libc, name, None)
+    if function is None:
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    function.argtypes, function.restype = list(argtypes), restype
+    return function  # type: ignore[no-any-return]
 
 
 # mallopt(3) parameters (glibc's malloc.h).
@@ -55,24 +60,11 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 ARENA_MAX = 2
 
 
-@functools.cache
-def _mallopt() -> Callable[[int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt  # type: ignore[no-any-return]
-
-
 def tune_allocator() -> bool:
     """Set glibc's mmap threshold and arena count (``MMAP_THRESHOLD_BYTES``, ``ARENA_MAX``) for a
     long-running process; call it before threads start. Whether it could (glibc only; mallopt
     answers 1 for each setting it took)."""
-    mallopt = _mallopt()
+    mallopt = _libc("mallopt", ctypes.c_int, ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(_M_ARENA_MAX, ARENA_MAX))
@@ -80,7 +72,7 @@ def tune_allocator() -> bool:
 
 def release() -> bool:
     """Return the allocator's free pages to the system; whether there was a way to."""
-    trim = _malloc_trim()
+    trim = _libc("malloc_trim", ctypes.c_int, ctypes.c_size_t)
     if trim is None:
         return False
     trim(0)
