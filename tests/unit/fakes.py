@@ -41,8 +41,10 @@ class FakeMetrics:
 @dataclass
 class FakeSecrets:
     data: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    reads: list[tuple[str, str, str]] = field(default_factory=list)
 
     def read(self, namespace: str, name: str, key: str) -> str:
+        self.reads.append((namespace, name, key))
         try:
             return self.data[namespace, name, key]
         except KeyError:

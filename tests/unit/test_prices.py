@@ -236,3 +236,14 @@ def test_a_broken_price_source_or_missing_credentials_bill_at_spec_prices(
     h = Harness(cluster, secret)
     tick(h, cluster, T0)
     assert "Secret demo/prom" in h.condition("PricesObserved")["message"]
+
+
+def test_demand_and_prices_share_one_read_of_the_credentials(cluster: FakeCluster) -> None:
+    secret = opencost_spec()
+    secret["metrics"] = {**secret["metrics"], "auth": {"bearerTokenSecretRef": {"name": "prom", "key": "token"}}}
+    cluster.secrets.data[("demo", "prom", "token")] = "s3cret"
+    cluster.prices.prices = priced("gpu-pool", 1, SPEC_NODE_PRICE, T0)
+    tick(Harness(cluster, secret), cluster, T0)
+    assert cluster.secrets.reads == [("demo", "prom", "token")]
+    assert cluster.metrics.calls[-1][1].bearer_token == "s3cret"
+    assert cluster.prices.calls  # and the prices were asked with them

@@ -185,10 +185,13 @@ class Reconciler:
         resolved = resolve(with_views(own_spec, list(views.values()))) if views else parsed
         spec = resolved.spec
 
+        # Read once for both the demand and the prices' queries; each says in its own terms when
+        # the Secret cannot be read.
+        creds = await self._credentials(spec.metrics, ref.namespace)
         cluster, sample, prices = await asyncio.gather(
             self._observe_cluster(own_spec, ref),
-            self._sample(spec, ref.namespace),
-            self._node_prices(own_spec, ref.namespace),
+            self._sample(spec, ref.namespace, creds),
+            self._node_prices(own_spec, ref.namespace, creds),
         )
         obs = _observation(cluster, sample, views, prices)
         decision = decide(obs, resolved, state, now)
@@ -307,29 +310,39 @@ class Reconciler:
         except AdapterError:
             return None  # a missing provider object is reported when resizing it fails
 
-    async def _credentials(self, metrics: Metrics, namespace: str) -> PrometheusCredentials:
-        """The Prometheus credentials; a trip to a thread only when a Secret must be read."""
+    async def _credentials(self, metrics: Metrics, namespace: str) -> PrometheusCredentials | Exception:
+        """The Prometheus credentials, or why they could not be read (for each reader to report);
+        a trip to a thread only when a Secret must be read."""
         if metrics.auth is None and metrics.ca_secret_ref is None:
             return PrometheusCredentials()
-        return await self._call(prometheus_credentials, self.adapters.secrets, metrics, namespace)
+        try:
+            return await self._call(prometheus_credentials, self.adapters.secrets, metrics, namespace)
+        except Exception as exc:
+            return exc
 
-    async def _sample(self, spec: ModelBudgetSpec, namespace: str) -> DemandSample:
+    async def _sample(
+        self, spec: ModelBudgetSpec, namespace: str, creds: PrometheusCredentials | Exception
+    ) -> DemandSample:
         """Demand metrics, never an exception: every failure is an explicit unknown."""
         try:
-            creds = await self._credentials(spec.metrics, namespace)
+            if isinstance(creds, Exception):
+                raise creds
             return await self.adapters.metrics.sample(spec.metrics, namespace, spec.target_ref.name, creds)
         except SecretMissing as exc:
             return DemandSample(error=f"credentials: {exc}")
         except Exception as exc:  # a bug or an unforeseen answer must not stop the reconcile
             return DemandSample(error=f"metrics source failed: {type(exc).__name__}")
 
-    async def _node_prices(self, spec: ModelBudgetSpec, namespace: str) -> dict[str, NodePrice] | str | None:
+    async def _node_prices(
+        self, spec: ModelBudgetSpec, namespace: str, creds: PrometheusCredentials | Exception
+    ) -> dict[str, NodePrice] | str | None:
         """OpenCost's node prices (``spend.source: OpenCost`` only, else None), or why they could
         not be read; never an exception."""
         if spec.spend.source is not PriceSource.OPEN_COST:
             return None
         try:
-            creds = await self._credentials(spec.metrics, namespace)
+            if isinstance(creds, Exception):
+                raise creds
             return await asyncio.get_running_loop().run_in_executor(
                 self._price_threads, self.adapters.prices.node_prices, spec.metrics, spec.spend.queries, creds
             )
