@@ -80,6 +80,15 @@ def test_time_passing_and_demand_noise_are_not_worth_a_write() -> None:
     assert not st.needs_write(old, new, T0 + timedelta(seconds=15), timedelta(seconds=60))
 
 
+def test_an_unchanged_plan_whose_explanation_flips_is_not_worth_a_write() -> None:
+    """Which constraint stops the limit one grid step higher flips with measurement noise while
+    the plan stays; bench/scale.py saw it rewrite 117 statuses a tick at N = 1,000."""
+    old, new = doc(3, T0), doc(3, T0 + timedelta(seconds=15))
+    new["plan"]["reasons"] = [{"knob": "TokenLimit", "reason": "LatencyBound", "message": "a limit of 1024 needs 2"}]
+    assert not st.needs_write(old, new, T0 + timedelta(seconds=15), timedelta(seconds=60))
+    assert st.needs_write(old, new, T0 + timedelta(seconds=61), timedelta(seconds=60))  # the heartbeat carries it
+
+
 def test_whole_numbers_read_back_as_ints_are_not_a_change() -> None:
     new = doc(3, T0)
     assert not st.needs_write(as_the_apiserver_stores_it(new), new, T0 + timedelta(seconds=15), timedelta(seconds=60))
