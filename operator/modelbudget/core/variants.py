@@ -171,7 +171,7 @@ def decide_variants(
         own = state.states.get(name, ControllerState())
         return decide(obs, by_name[name].resolved, own, now, (ledger, part), share)
 
-    previous = dict(state.shares) if state.shares is not None else _even(names)
+    previous = dict(state.shares) if state.shares is not None else even_shares(names)
     trusted = [n for n in names if assess(observations[n], by_name[n].resolved.spec, now).ok]
     untrusted = [n for n in names if n not in trusted]
     reasons: list[SplitReason] = []
@@ -238,8 +238,9 @@ def decide_variants(
     )
 
 
-def _even(names: Sequence[str]) -> dict[str, int]:
-    """Before any split is published: an even one (the router's own is not known)."""
+def even_shares(names: Sequence[str]) -> dict[str, int]:
+    """Before any split is published: an even one (the router's own is not known); whole percents,
+    the first names taking the spare points."""
     return _percent({n: 1.0 / len(names) for n in names}, 100)
 
 

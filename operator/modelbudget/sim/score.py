@@ -17,7 +17,7 @@ import numpy as np
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.curve import resolve_curve
 from modelbudget.sim.run import PolicyRun, Workload
-from modelbudget.sim.world import QUEUED, REJECTED, SERVED, TIMED_OUT
+from modelbudget.sim.world import QUEUED, REJECTED, SERVED, TIMED_OUT, World
 
 _EPS = 1e-9
 
@@ -58,27 +58,37 @@ class PolicyResult:
         return self.value_per_point * self.total_score - self.dollars
 
 
-def request_scores(run: PolicyRun, work: Workload, spec: ModelBudgetSpec) -> np.ndarray:
-    """Each scored request's score (0 unless served within the SLO)."""
-    world = run.world
+def judged(world: World, spec: ModelBudgetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Every request's quality at the limit it started under, and whether it was served within the
+    SLO (what its score counts only when)."""
     curve = resolve_curve(spec.curve)
     used = np.maximum(np.minimum(world.wanted, world.limit), 1.0)
     quality = np.clip(curve.intercept + curve.slope * np.log(used), 0.0, 1.0)
     on_time = (world.status == SERVED) & (world.finish - world.arrival <= spec.slo.latency_seconds)
+    return quality, on_time
+
+
+def request_scores(run: PolicyRun, work: Workload, spec: ModelBudgetSpec) -> np.ndarray:
+    """Each scored request's score (0 unless served within the SLO)."""
+    quality, on_time = judged(run.world, spec)
     return np.where(on_time, quality, 0.0)[work.scored]
+
+
+def minutes_over(t: np.ndarray, spend_rate: np.ndarray, allowance: np.ndarray) -> int:
+    """Minutes in which any step's spend rate was above the allowance."""
+    over = spend_rate > allowance + _EPS
+    return int(np.unique(np.floor(t / 60.0).astype(np.int64)[over]).size)
 
 
 def breach_minutes(run: PolicyRun) -> int:
     s = run.series
-    over = s.spend_rate > s.allowance + _EPS
-    minute = np.floor(s.t / 60.0).astype(np.int64)
-    return int(np.unique(minute[over]).size)
+    return minutes_over(s.t, s.spend_rate, s.allowance)
 
 
 def score(run: PolicyRun, work: Workload, spec: ModelBudgetSpec) -> PolicyResult:
     world = run.world
     status = world.status[work.scored]
-    on_time = (world.status == SERVED) & (world.finish - world.arrival <= spec.slo.latency_seconds)
+    _, on_time = judged(world, spec)
     return PolicyResult(
         policy=run.policy,
         requests=int(status.size),

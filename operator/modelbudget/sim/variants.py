@@ -35,12 +35,19 @@ import numpy.typing as npt
 from modelbudget.api.spec import ModelBudgetSpec
 from modelbudget.core.capacity import CapacityLadder
 from modelbudget.core.planner import resolve
-from modelbudget.core.variants import Variant, VariantsDecision, VariantsState, decide_variants, shared_budget
+from modelbudget.core.variants import (
+    Variant,
+    VariantsDecision,
+    VariantsState,
+    decide_variants,
+    even_shares,
+    shared_budget,
+)
 from modelbudget.sim.metrics import Scrape, buckets_1_2_5, scrape, window_seconds
 from modelbudget.sim.oracle import OraclePolicy
 from modelbudget.sim.policies import observation
 from modelbudget.sim.run import SimConfig, Workload
-from modelbudget.sim.score import PolicyResult
+from modelbudget.sim.score import PolicyResult, judged, minutes_over
 from modelbudget.sim.world import NO_DELAYS, QUEUED, REJECTED, SERVED, TIMED_OUT, Action, Books, World
 
 ORACLE_SHARE_STEPS = 10  # the oracle's split grid: tenths, as the planner's for two variants
@@ -119,7 +126,7 @@ class VariantsOraclePolicy:
         self.worlds, self.router, self.step = worlds, router, step
         self.books = next(iter(worlds.values())).books
         self.splits = [dict(zip(self.names, g, strict=True)) for g in _grid(len(self.names), ORACLE_SHARE_STEPS)]
-        self.shares = _even(self.names)
+        self.shares = even_shares(self.names)
 
     def act(self, seen: Mapping[str, Scrape], now: datetime, t: float) -> VariantsAction:
         allowance = self.books.allowance(t)
@@ -192,11 +199,6 @@ def _grid(n: int, steps: int) -> list[list[int]]:
     return out
 
 
-def _even(names: Sequence[str]) -> dict[str, int]:
-    base = 100 // len(names)
-    return {n: base + (1 if i < 100 - base * len(names) else 0) for i, n in enumerate(names)}
-
-
 @dataclass(frozen=True)
 class VariantsRun:
     policy: str
@@ -253,7 +255,7 @@ def run_variants(
     rows = np.zeros((total, 3))
     share_rows = np.zeros((total, len(names)))
     replica_rows = np.zeros((total, len(names)))
-    shares: Mapping[str, int] = _even(names)
+    shares: Mapping[str, int] = even_shares(names)
     allowance = 0.0
     for k in range(warm + total):
         now = first + k * step
@@ -289,15 +291,11 @@ def score_variants(run: VariantsRun, work: Workload, variants: Sequence[tuple[st
     on_time = np.zeros(n, dtype=bool)
     for k, (name, spec) in enumerate(variants):
         world, mine = run.worlds[name], run.owner == k
-        curve = resolve(spec).curve
-        used = np.maximum(np.minimum(world.wanted, world.limit), 1.0)
+        its_quality, its_on_time = judged(world, spec)
         status[mine] = world.status[mine]
-        quality[mine] = np.clip(curve.intercept + curve.slope * np.log(used[mine]), 0.0, 1.0)
-        in_time = (world.status == SERVED) & (world.finish - world.arrival <= spec.slo.latency_seconds)
-        on_time[mine] = in_time[mine]
+        quality[mine] = its_quality[mine]
+        on_time[mine] = its_on_time[mine]
     scored = work.scored
-    over = run.spend_rate > run.allowance + _EPS
-    minutes = np.unique(np.floor(run.t / 60.0).astype(np.int64)[over]).size
     budget = variants[0][1].budget
     return PolicyResult(
         policy=f"variants-{run.policy}",
@@ -309,7 +307,7 @@ def score_variants(run: VariantsRun, work: Workload, variants: Sequence[tuple[st
         slo_met=int(np.count_nonzero(on_time[scored])),
         total_score=float(np.where(on_time, quality, 0.0)[scored].sum()),
         dollars=float(np.sum(run.spend_rate) * run.step / 3600.0),
-        breach_minutes=int(minutes),
+        breach_minutes=minutes_over(run.t, run.spend_rate, run.allowance),
         limit_changes=0,
         value_per_point=budget.value_of_point,
     )
