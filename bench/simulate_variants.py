@@ -28,7 +28,7 @@ from rich.table import Table
 from modelbudget.api import ModelBudgetSpec
 from modelbudget.sim.run import SimConfig, Workload, run_policy
 from modelbudget.sim.score import score
-from modelbudget.sim.trace import data_dir, read_trace
+from modelbudget.sim.trace import TraceError, data_dir, read_trace
 from modelbudget.sim.variants import run_variants, score_variants
 
 TRACES = ("azure_llm_2023_code", "azure_llm_2023_conv")
@@ -94,12 +94,17 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: $MODELBUDGET_DATA_DIR or ../shared/data")
     parser.add_argument("--traces", default=",".join(TRACES))
     args = parser.parse_args()
+    if not args.ceiling > 0 or not args.reasoning_factor > 0:
+        parser.error("--ceiling and --reasoning-factor must be positive")
     traces_dir = (args.data_dir or data_dir()) / "traces"
+    try:  # every trace read before the first (long) replay: a wrong name fails at once
+        traces = {name: read_trace(traces_dir / f"{name}.csv") for name in args.traces.split(",")}
+    except TraceError as exc:
+        parser.error(str(exc))
     console = Console(width=200)
     config = SimConfig()
     variants = variant_specs(args.ceiling)
-    for trace_name in args.traces.split(","):
-        trace = read_trace(traces_dir / f"{trace_name}.csv")
+    for trace_name, trace in traces.items():
         work = Workload.of(trace, args.reasoning_factor, config.warmup)
         rows = []
         for name, spec in variants:
